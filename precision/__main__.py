@@ -1,0 +1,5 @@
+import sys
+
+from precision.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Analysis: comparisons of captures, and the findings and verdicts drawn from them."""

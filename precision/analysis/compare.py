@@ -1,0 +1,238 @@
+"""Compare two captures (and optionally an FP32 truth) into the comparison document, comparison.json.
+
+comparison.json (schema_version 1):
+    schema_version, format="precision-check-comparison", created_at,
+    expected / actual / truth: {path, backend, dtype, device, manifest_sha256} (truth may be null),
+    definitions: {metric name: definition},
+    prompts: [{
+        id, category, prompt_tokens, forced_tokens, positions (count),
+        tokens: {expected_generated, actual_generated, matching_prefix, match_rate, first_divergence},
+        sites: [{site, layer (int | null), metrics: TensorStats fields, non_finite: {...},
+                 truth: {expected_vs_truth, actual_vs_truth, R} | null}],
+        logits: {kl_mean, kl_max, top1_agreement, top5_overlap_mean, positions: [...],
+                 per_position: {kl, top1_agree, top5_overlap, expected_margin, max_abs},
+                 flips: [{position, expected_token, actual_token, expected_margin, logit_noise, near_tie}],
+                 non_finite_positions: [...]},
+    }],
+    sites: [{site, layer, relative_l2 (pooled over prompts), max_abs, cosine_min, ulp_shares (pooled),
+             expected_vs_truth, actual_vs_truth, R (pooled) }],
+Pooled relative L2 over prompts = sqrt(sum_p ||a_p - e_p||^2) / sqrt(sum_p ||e_p||^2).
+Non-finite values are serialized as the strings "NaN", "Infinity", "-Infinity".
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+
+from precision.analysis.alignment import check_comparable
+from precision.capture import sites as site_names
+from precision.capture.reader import CaptureReader, PromptRecord
+from precision.environment import utc_now
+from precision.metrics import DEFINITIONS, logits_stats, tensor_stats, token_agreement
+from precision.metrics.tensor import ULP_BUCKETS
+
+log = logging.getLogger(__name__)
+SCHEMA_VERSION = 1
+FORMAT_NAME = "precision-check-comparison"
+NEAR_TIE_NOISE_FACTOR = 2.0
+"""A top-1 flip is a near-tie when the reference's margin <= NEAR_TIE_NOISE_FACTOR x the position's max |a - e|."""
+
+
+class _RowReader:
+    """Row slices of a tensor in a safetensors file, read lazily and returned as float64 numpy."""
+
+    def __init__(self, handle: Any, name: str) -> None:
+        self._slice = handle.get_slice(name)
+        self.shape = tuple(self._slice.get_shape())
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        import torch
+
+        return self._slice[rows].to(torch.float64).numpy()
+
+
+def _as_float64(handle: Any, name: str) -> np.ndarray:
+    import torch
+
+    return handle.get_tensor(name).to(torch.float64).numpy()
+
+
+def ratio(numerator: float, denominator: float) -> float:
+    """numerator / denominator with 0/0 = 1 (both exact) and x/0 = inf."""
+    if denominator == 0.0:
+        return 1.0 if numerator == 0.0 else math.inf
+    return numerator / denominator
+
+
+def describe_capture(reader: CaptureReader | None) -> dict | None:
+    if reader is None:
+        return None
+    backend = reader.manifest["backend"]
+    return {
+        "path": str(reader.path.resolve()),
+        "backend": backend.get("spec"),
+        "engine": backend.get("engine"),
+        "dtype": backend.get("dtype"),
+        "device": backend.get("device"),
+        "manifest_sha256": reader.manifest_sha256(),
+    }
+
+
+def compare_captures(expected: CaptureReader, actual: CaptureReader, *, truth: CaptureReader | None = None,
+                     verify: bool = True, show_progress: bool = False) -> dict:
+    """The comparison document of ``actual`` against ``expected`` (see the module docstring)."""
+    from tqdm import tqdm
+
+    check_comparable(expected, actual)
+    if truth is not None:
+        check_comparable(expected, truth, role="truth")
+    truth_records = truth.prompts if truth is not None else [None] * len(expected.prompts)
+    prompts = []
+    for e, a, t in tqdm(list(zip(expected.prompts, actual.prompts, truth_records)), desc="compare", unit="prompt", disable=not show_progress):
+        prompts.append(_compare_prompt(expected, actual, truth, e, a, t, verify=verify))
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "format": FORMAT_NAME,
+        "created_at": utc_now(),
+        "expected": describe_capture(expected),
+        "actual": describe_capture(actual),
+        "truth": describe_capture(truth),
+        "num_layers": expected.num_layers,
+        "skipped_prompts": expected.manifest.get("skipped", []),
+        "definitions": DEFINITIONS,
+        "prompts": prompts,
+        "sites": _pool_sites(prompts),
+    }
+
+
+def _compare_prompt(expected: CaptureReader, actual: CaptureReader, truth: CaptureReader | None,
+                    e_rec: PromptRecord, a_rec: PromptRecord, t_rec: PromptRecord | None, *, verify: bool) -> dict:
+    agreement = token_agreement(e_rec.generated_ids, a_rec.generated_ids)
+    result: dict[str, Any] = {
+        "id": e_rec.id,
+        "category": e_rec.category,
+        "prompt_tokens": len(e_rec.prompt_ids),
+        "forced_tokens": len(e_rec.forced_ids),
+        "tokens": {"expected_generated": list(e_rec.generated_ids), "actual_generated": list(a_rec.generated_ids), **asdict(agreement)},
+        "sites": [],
+    }
+    with expected.open_tensors(e_rec, verify=verify) as eh, actual.open_tensors(a_rec, verify=verify) as ah:
+        truth_ctx = truth.open_tensors(t_rec, verify=verify) if truth is not None else None
+        th = truth_ctx.__enter__() if truth_ctx is not None else None
+        try:
+            positions = eh.get_tensor(site_names.POSITIONS).tolist()
+            result["positions"] = len(positions)
+            for site in e_rec.sites:
+                if site == site_names.LOGITS:
+                    result["logits"] = _compare_logits(eh, ah, positions, e_rec.forced_ids)
+                e = _as_float64(eh, site)
+                a = _as_float64(ah, site)
+                stats = tensor_stats(e, a)
+                entry = {"site": site, "layer": site_names.layer_index(site), "metrics": _stats_json(stats), "truth": None}
+                if th is not None:
+                    tv = _as_float64(th, site)
+                    e_err, a_err = tensor_stats(tv, e), tensor_stats(tv, a)
+                    entry["truth"] = {
+                        "expected_vs_truth": e_err.relative_l2,
+                        "actual_vs_truth": a_err.relative_l2,
+                        "R": ratio(a_err.relative_l2, e_err.relative_l2),
+                        "truth_l2": e_err.expected_l2,
+                    }
+                result["sites"].append(entry)
+        finally:
+            if truth_ctx is not None:
+                truth_ctx.__exit__(None, None, None)
+    return result
+
+
+def _stats_json(stats) -> dict:
+    data = asdict(stats)
+    nf = data.pop("non_finite")
+    nf["first_index"] = list(nf["first_index"]) if nf["first_index"] is not None else None
+    data["non_finite"] = nf
+    return data
+
+
+def _compare_logits(eh: Any, ah: Any, positions: list[int], forced_ids: tuple[int, ...]) -> dict:
+    stats = logits_stats(_RowReader(eh, site_names.LOGITS), _RowReader(ah, site_names.LOGITS))
+    flips = []
+    for row in np.flatnonzero(stats.finite_rows & ~stats.top1_agree):
+        margin, noise = float(stats.expected_margin[row]), float(stats.max_abs[row])
+        flips.append({
+            "position": positions[row],
+            "expected_token": int(stats.expected_top1[row]),
+            "actual_token": int(stats.actual_top1[row]),
+            "expected_margin": margin,
+            "logit_noise": noise,
+            "near_tie": margin <= NEAR_TIE_NOISE_FACTOR * noise,
+        })
+    finite = stats.finite_rows
+    kl = stats.kl[finite]
+    return {
+        "kl_mean": float(kl.mean()) if kl.size else math.nan,
+        "kl_max": float(kl.max()) if kl.size else math.nan,
+        "top1_agreement": float(stats.top1_agree[finite].mean()) if finite.any() else math.nan,
+        "top5_overlap_mean": float(stats.top5_overlap[finite].mean()) if finite.any() else math.nan,
+        "positions": positions,
+        "per_position": {
+            "kl": stats.kl.tolist(),
+            "top1_agree": stats.top1_agree.tolist(),
+            "top5_overlap": stats.top5_overlap.tolist(),
+            "expected_margin": stats.expected_margin.tolist(),
+            "max_abs": stats.max_abs.tolist(),
+        },
+        "flips": flips,
+        "non_finite_positions": [positions[r] for r in np.flatnonzero(~finite)],
+    }
+
+
+def _pool_sites(prompts: list[dict]) -> list[dict]:
+    """Per-site figures pooled over prompts (weights: each prompt's elements and norms)."""
+    pooled: dict[str, dict] = {}
+    for prompt in prompts:
+        for entry in prompt["sites"]:
+            m = entry["metrics"]
+            acc = pooled.setdefault(entry["site"], {"site": entry["site"], "layer": entry["layer"], "e2": 0.0, "d2": 0.0, "max_abs": 0.0,
+                                                    "cosine_min": 1.0, "ulp": dict.fromkeys(ULP_BUCKETS, 0.0), "n": 0,
+                                                    "t2": 0.0, "te2": 0.0, "ta2": 0.0, "has_truth": entry["truth"] is not None, "non_finite": 0})
+            acc["e2"] += m["expected_l2"] ** 2
+            acc["d2"] += (m["relative_l2"] * m["expected_l2"]) ** 2 if math.isfinite(m["relative_l2"]) else math.inf
+            acc["max_abs"] = max(acc["max_abs"], m["max_abs"]) if math.isfinite(m["max_abs"]) else acc["max_abs"]
+            acc["cosine_min"] = min(acc["cosine_min"], m["cosine"]) if math.isfinite(m["cosine"]) else acc["cosine_min"]
+            nf = m["non_finite"]
+            acc["non_finite"] += nf["expected_nan"] + nf["expected_inf"] + nf["actual_nan"] + nf["actual_inf"]
+            for bucket in ULP_BUCKETS:
+                if math.isfinite(m["ulp_shares"][bucket]):
+                    acc["ulp"][bucket] += m["ulp_shares"][bucket] * m["elements"]
+            acc["n"] += m["elements"]
+            if entry["truth"] is not None:
+                t = entry["truth"]
+                acc["t2"] += t["truth_l2"] ** 2
+                acc["te2"] += (t["expected_vs_truth"] * t["truth_l2"]) ** 2
+                acc["ta2"] += (t["actual_vs_truth"] * t["truth_l2"]) ** 2
+    result = []
+    for site in site_names.site_order(list(pooled)):
+        acc = pooled[site]
+        row = {
+            "site": site,
+            "layer": acc["layer"],
+            "relative_l2": ratio(math.sqrt(acc["d2"]), math.sqrt(acc["e2"])),
+            "max_abs": acc["max_abs"],
+            "cosine_min": acc["cosine_min"],
+            "ulp_shares": {b: (v / acc["n"] if acc["n"] else math.nan) for b, v in acc["ulp"].items()},
+            "non_finite": acc["non_finite"],
+            "expected_vs_truth": None,
+            "actual_vs_truth": None,
+            "R": None,
+        }
+        if acc["has_truth"]:
+            e_err = ratio(math.sqrt(acc["te2"]), math.sqrt(acc["t2"]))
+            a_err = ratio(math.sqrt(acc["ta2"]), math.sqrt(acc["t2"]))
+            row.update(expected_vs_truth=e_err, actual_vs_truth=a_err, R=ratio(a_err, e_err))
+        result.append(row)
+    return result

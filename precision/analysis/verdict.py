@@ -1,0 +1,168 @@
+"""Verdicts: PASS / WARN / FAIL per prompt and overall, from one documented rule table.
+
+Rule table (defaults in ``Thresholds``; every finding carries the sentence that explains it):
+
+| rule            | status | when                                                                                   |
+|-----------------|--------|----------------------------------------------------------------------------------------|
+| non-finite      | FAIL   | the target has NaN/Inf where the reference is finite (first site and position named)    |
+| non-finite-ref  | WARN   | the reference itself has NaN/Inf (nothing to compare against there)                    |
+| real-flip       | FAIL   | a teacher-forced top-1 disagreement whose reference margin exceeds the near-tie bound   |
+| near-tie-flip   | PASS   | top-1 disagreements within the near-tie bound (reported, not failed)                    |
+| r-logits        | FAIL   | with FP32 truth: R at the logits > r_logits_fail (1.5)                                  |
+| r-layer         | WARN   | with FP32 truth: R at any hidden-state site > r_layer_warn (1.5)                        |
+| gross-error     | FAIL   | relative L2 at any site > rel_l2_fail (0.1): far beyond what BF16 rounding produces     |
+| large-error     | WARN   | without FP32 truth: relative L2 at any site > rel_l2_warn (0.03)                        |
+| self-check      | PASS   | none of the above                                                                       |
+The overall verdict is the worst prompt verdict.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field, fields
+
+
+class Status(str, enum.Enum):
+    PASS = "PASS"
+    WARN = "WARN"
+    FAIL = "FAIL"
+
+    @property
+    def rank(self) -> int:
+        return {"PASS": 0, "WARN": 1, "FAIL": 2}[self.value]
+
+
+def worst(statuses) -> Status:
+    return max(statuses, key=lambda s: s.rank, default=Status.PASS)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    r_logits_fail: float = 1.5
+    r_layer_warn: float = 1.5
+    rel_l2_fail: float = 0.1
+    rel_l2_warn: float = 0.03
+
+    @classmethod
+    def from_mapping(cls, values: dict) -> "Thresholds":
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            from precision.errors import PrecisionError
+
+            raise PrecisionError(f"unknown threshold(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**{k: float(v) for k, v in values.items()})
+
+
+@dataclass(frozen=True)
+class Finding:
+    rule: str
+    status: Status
+    message: str
+
+
+@dataclass(frozen=True)
+class PromptVerdict:
+    id: str
+    status: Status
+    findings: tuple[Finding, ...]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    status: Status
+    prompts: tuple[PromptVerdict, ...]
+    thresholds: Thresholds = field(default_factory=Thresholds)
+
+    @property
+    def summary(self) -> str:
+        counts = {s: sum(p.status is s for p in self.prompts) for s in Status}
+        return f"{self.status.value}: {counts[Status.PASS]} pass, {counts[Status.WARN]} warn, {counts[Status.FAIL]} fail of {len(self.prompts)} prompts"
+
+    def to_json(self) -> dict:
+        return {
+            "status": self.status.value,
+            "summary": self.summary,
+            "thresholds": {f.name: getattr(self.thresholds, f.name) for f in fields(self.thresholds)},
+            "prompts": [
+                {"id": p.id, "status": p.status.value, "findings": [{"rule": f.rule, "status": f.status.value, "message": f.message} for f in p.findings]}
+                for p in self.prompts
+            ],
+        }
+
+
+def judge(comparison: dict, thresholds: Thresholds | None = None) -> Verdict:
+    thresholds = thresholds or Thresholds()
+    prompts = tuple(_judge_prompt(p, thresholds) for p in comparison["prompts"])
+    return Verdict(status=worst(p.status for p in prompts), prompts=prompts, thresholds=thresholds)
+
+
+def _judge_prompt(prompt: dict, th: Thresholds) -> PromptVerdict:
+    findings: list[Finding] = []
+    findings += _non_finite_findings(prompt)
+    findings += _flip_findings(prompt)
+    hidden = [s for s in prompt["sites"] if s["site"] != "logits"]
+    logits = next((s for s in prompt["sites"] if s["site"] == "logits"), None)
+    if logits is not None and logits["truth"] is not None:
+        r = logits["truth"]["R"]
+        if r > th.r_logits_fail:
+            findings.append(Finding("r-logits", Status.FAIL,
+                f"at the logits the target is {r:.2f}x as far from FP32 truth as the reference "
+                f"({logits['truth']['actual_vs_truth']:.2e} vs {logits['truth']['expected_vs_truth']:.2e}); the limit is {th.r_logits_fail}"))
+        worst_layer = max(hidden, key=lambda s: s["truth"]["R"], default=None)
+        if worst_layer is not None and worst_layer["truth"]["R"] > th.r_layer_warn:
+            t = worst_layer["truth"]
+            findings.append(Finding("r-layer", Status.WARN,
+                f"at {worst_layer['site']} the target is {t['R']:.2f}x as far from FP32 truth as the reference "
+                f"({t['actual_vs_truth']:.2e} vs {t['expected_vs_truth']:.2e}); the limit is {th.r_layer_warn}"))
+    finite_sites = [s for s in prompt["sites"] if math.isfinite(s["metrics"]["relative_l2"])]
+    biggest = max(finite_sites, key=lambda s: s["metrics"]["relative_l2"], default=None)
+    has_truth = logits is not None and logits["truth"] is not None
+    if biggest is not None:
+        err = biggest["metrics"]["relative_l2"]
+        if err > th.rel_l2_fail:
+            findings.append(Finding("gross-error", Status.FAIL,
+                f"relative L2 error {err:.2e} at {biggest['site']} exceeds {th.rel_l2_fail}, far beyond BF16 rounding (unit roundoff 3.9e-3)"))
+        elif err > th.rel_l2_warn and not has_truth:
+            findings.append(Finding("large-error", Status.WARN,
+                f"relative L2 error {err:.2e} at {biggest['site']} exceeds {th.rel_l2_warn}; capture an FP32 truth to tell whether the target or the reference is off"))
+    if not any(f.status is not Status.PASS for f in findings):
+        largest = f"largest relative L2 error {biggest['metrics']['relative_l2']:.2e} at {biggest['site']}" if biggest else "no finite site"
+        r_text = f", R at the logits {logits['truth']['R']:.2f}" if has_truth else ""
+        top1 = prompt.get("logits", {}).get("top1_agreement")
+        top1_text = f", teacher-forced top-1 agreement {top1:.1%}" if top1 is not None and math.isfinite(top1) else ""
+        findings.append(Finding("self-check", Status.PASS, f"{largest}{r_text}{top1_text}"))
+    return PromptVerdict(prompt["id"], worst(f.status for f in findings), tuple(findings))
+
+
+def _non_finite_findings(prompt: dict) -> list[Finding]:
+    for entry in prompt["sites"]:
+        nf = entry["metrics"]["non_finite"]
+        target_bad = nf["actual_nan"] + nf["actual_inf"]
+        reference_bad = nf["expected_nan"] + nf["expected_inf"]
+        if target_bad and not reference_bad:
+            return [Finding("non-finite", Status.FAIL,
+                f"the target has {nf['actual_nan']} NaN and {nf['actual_inf']} Inf values first at {entry['site']}, "
+                f"[row, column] {nf['first_index']}, where the reference is finite")]
+        if reference_bad:
+            return [Finding("non-finite-ref", Status.WARN,
+                f"the reference itself has {nf['expected_nan']} NaN and {nf['expected_inf']} Inf values first at {entry['site']} {nf['first_index']}")]
+    return []
+
+
+def _flip_findings(prompt: dict) -> list[Finding]:
+    flips = prompt.get("logits", {}).get("flips", [])
+    real = [f for f in flips if not f["near_tie"]]
+    findings = []
+    if real:
+        f = real[0]
+        findings.append(Finding("real-flip", Status.FAIL,
+            f"{len(real)} teacher-forced top-1 flip(s) beyond the near-tie bound; first at position {f['position']}: "
+            f"token {f['expected_token']} -> {f['actual_token']} with a reference margin of {f['expected_margin']:.3g} logits "
+            f"against a logit noise of {f['logit_noise']:.3g}"))
+    near = len(flips) - len(real)
+    if near:
+        findings.append(Finding("near-tie-flip", Status.PASS,
+            f"{near} teacher-forced top-1 flip(s) at near-ties (reference margin within twice the position's logit noise)"))
+    return findings

@@ -1,0 +1,114 @@
+"""The transformers backend: any torch device (cpu, cuda, npu), dtype bf16 / fp16 / fp32.
+
+The reference is this backend on CPU in BF16; the numerical truth is the same on CPU in FP32.
+Hidden states come from forward hooks on the embedding, every decoder layer and the final norm; logits are the
+model's lm_head applied to the captured final-norm rows (the same thing LlamaForCausalLM.forward computes,
+restricted to the kept positions so that a 166k vocabulary does not materialize for every position).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+from precision.backends.base import Backend
+from precision.backends.torch_device import describe_device, resolve_device
+from precision.capture import sites
+from precision.capture.sites import CaptureSelection
+from precision.capture.tensorfile import write_tensor_file
+from precision.errors import BackendError, ModelError
+
+log = logging.getLogger(__name__)
+
+
+def _first(output):
+    """Decoder layers return a tensor (transformers 5) or a tuple whose first element is it (4.x)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def load_hf_model(path: str, dtype_name: str, device, *, trust_remote_code: bool = False):
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, dtype_name)
+    # transformers 5 renamed torch_dtype= to dtype=; 4.x only knows torch_dtype.
+    dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, use_safetensors=True, **{dtype_kw: dtype})
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"transformers cannot load the model at {path}: {exc}") from exc
+    return model.to(device).eval()
+
+
+class TransformersBackend(Backend):
+    name = "hf"
+
+    def _activate_impl(self) -> None:
+        self._device = resolve_device(self.spec.device)
+        self._model = load_hf_model(self.model.path, self.spec.torch_dtype_name, self._device, trust_remote_code=self.options.trust_remote_code)
+        decoder = getattr(self._model, "model", None)
+        if decoder is None or not all(hasattr(decoder, a) for a in ("embed_tokens", "layers", "norm")):
+            raise ModelError(f"{self.model.path}: {type(self._model).__name__} has no model.embed_tokens / layers / norm; only Llama-family decoders are supported")
+        self._decoder = decoder
+
+    def _deactivate_impl(self) -> None:
+        self._model = self._decoder = None
+
+    def _generate_impl(self, token_ids: list[int], max_new_tokens: int) -> Sequence[int]:
+        import torch
+        from transformers import GenerationConfig
+
+        stop = list(self.model.stop_token_ids)
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=stop or None,
+            pad_token_id=stop[0] if stop else 0,
+        )
+        ids = torch.tensor([token_ids], device=self._device)
+        with torch.inference_mode():
+            out = self._model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+        return out[0, len(token_ids):].tolist()
+
+    def _capture_impl(self, token_ids: list[int], selection: CaptureSelection, path: Path) -> None:
+        import torch
+
+        positions = selection.position_indices(len(token_ids))
+        keep = torch.tensor(positions, device=self._device)
+        layers = selection.layer_indices(len(self._decoder.layers))
+        captured: dict[str, Any] = {}
+
+        def save(name: str):
+            def hook(_module, _inputs, output):
+                captured[name] = _first(output)[0].index_select(0, keep).clone()
+
+            return hook
+
+        handles = [self._decoder.embed_tokens.register_forward_hook(save(sites.EMBED))]
+        handles += [self._decoder.layers[i].register_forward_hook(save(sites.layer_site(i))) for i in layers]
+        handles.append(self._decoder.norm.register_forward_hook(save(sites.FINAL_NORM)))
+        try:
+            ids = torch.tensor([token_ids], device=self._device)
+            with torch.inference_mode():
+                self._decoder(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+                captured[sites.LOGITS] = self._model.lm_head(captured[sites.FINAL_NORM])
+        finally:
+            for handle in handles:
+                handle.remove()
+        missing = {sites.EMBED, sites.FINAL_NORM} - set(captured)
+        if missing:
+            raise BackendError(f"hooks did not fire for {sorted(missing)}; the model's forward does not call these modules")
+        captured[sites.POSITIONS] = torch.tensor(positions, dtype=torch.int64)
+        write_tensor_file(path, captured)
+
+    def _describe_impl(self) -> dict[str, Any]:
+        config = self._model.config
+        return {
+            "engine": "transformers",
+            "dtype": self.spec.torch_dtype_name,
+            "attn_implementation": getattr(config, "_attn_implementation", None),
+            "settings": {"trust_remote_code": self.options.trust_remote_code, "seed": self.options.seed},
+            **describe_device(self._device),
+        }

@@ -1,0 +1,171 @@
+"""Reading a capture directory: validation first, then tensors one at a time (memory bounded by one tensor)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from precision.capture import manifest as schema
+from precision.capture.sites import POSITIONS, site_order
+from precision.errors import CaptureFormatError
+from precision.model import sha256_file
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    """One prompt of a capture, as listed in the manifest."""
+
+    index: int
+    id: str
+    category: str
+    rendering: str
+    prompt_ids: tuple[int, ...]
+    continuation_ids: tuple[int, ...]
+    """The teacher-forced continuation: the reference's own greedy tokens, fed to every backend."""
+    generated_ids: tuple[int, ...]
+    """This backend's own free-running greedy continuation."""
+    file: str
+    sha256: str
+    bytes: int
+    tensors: dict[str, dict[str, Any]]
+
+    @property
+    def forced_ids(self) -> tuple[int, ...]:
+        return self.prompt_ids + self.continuation_ids
+
+    @property
+    def sites(self) -> list[str]:
+        return site_order([name for name in self.tensors if name != POSITIONS])
+
+    def to_json(self) -> dict:
+        return {
+            "index": self.index, "id": self.id, "category": self.category, "rendering": self.rendering,
+            "prompt_ids": list(self.prompt_ids), "continuation_ids": list(self.continuation_ids),
+            "generated_ids": list(self.generated_ids), "file": self.file, "sha256": self.sha256,
+            "bytes": self.bytes, "tensors": self.tensors,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> "PromptRecord":
+        if not isinstance(data, dict) or any(k not in data for k in schema.PROMPT_KEYS):
+            missing = [k for k in schema.PROMPT_KEYS if not isinstance(data, dict) or k not in data]
+            raise CaptureFormatError(f"{where}: prompt entry lacks {missing}; the manifest is damaged, capture again")
+        try:
+            return cls(
+                index=int(data["index"]), id=str(data["id"]), category=str(data["category"]),
+                rendering=str(data["rendering"]),
+                prompt_ids=tuple(int(t) for t in data["prompt_ids"]),
+                continuation_ids=tuple(int(t) for t in data["continuation_ids"]),
+                generated_ids=tuple(int(t) for t in data["generated_ids"]),
+                file=str(data["file"]), sha256=str(data["sha256"]), bytes=int(data["bytes"]),
+                tensors=dict(data["tensors"]),
+            )
+        except (TypeError, ValueError) as exc:
+            raise CaptureFormatError(f"{where}: prompt entry has a value of the wrong type ({exc}); capture again") from exc
+
+
+class CaptureReader:
+    """A validated, complete capture directory. Tensors are read lazily with ``open_tensors``."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.manifest = self._load_manifest()
+        where = str(self.path / schema.MANIFEST)
+        self.prompts = [PromptRecord.from_json(p, f"{where} prompts[{i}]") for i, p in enumerate(self.manifest["prompts"])]
+        for position, record in enumerate(self.prompts):
+            self._check_record(record, position)
+
+    # -- manifest -------------------------------------------------------------------------------------------
+    def _load_manifest(self) -> dict:
+        if not self.path.is_dir():
+            raise CaptureFormatError(f"capture directory {self.path} does not exist; pass the --out directory of a 'precision-check capture' or run")
+        manifest_path = self.path / schema.MANIFEST
+        if not manifest_path.is_file():
+            if (self.path / schema.PROGRESS).exists():
+                raise CaptureFormatError(
+                    f"{self.path} is an incomplete capture (no manifest.json: it was interrupted); "
+                    "rerun the capture with --resume to finish it, or --force to start over"
+                )
+            raise CaptureFormatError(f"{self.path} is not a capture directory (no manifest.json)")
+        try:
+            data = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CaptureFormatError(f"{manifest_path} is corrupted (not valid JSON: {exc}); capture again") from exc
+        if not isinstance(data, dict):
+            raise CaptureFormatError(f"{manifest_path} is not a JSON object; capture again")
+        if data.get("format") != schema.FORMAT_NAME:
+            raise CaptureFormatError(f"{manifest_path} is not a precision-check capture manifest (format={data.get('format')!r})")
+        version = data.get("schema_version")
+        if version != schema.SCHEMA_VERSION:
+            raise CaptureFormatError(
+                f"{manifest_path} has schema_version {version!r}, this precision-check reads {schema.SCHEMA_VERSION}; "
+                "capture again with this version, or use the precision-check version that wrote it"
+            )
+        missing = [k for k in schema.REQUIRED_KEYS if k not in data]
+        if missing:
+            raise CaptureFormatError(f"{manifest_path} lacks {missing}; the capture is damaged, capture again")
+        return data
+
+    def _check_record(self, record: PromptRecord, position: int) -> None:
+        expected_name = schema.tensor_file_name(record.index)
+        if record.file != expected_name or record.index != position:
+            # Paths come from a file a user may have edited: only our own naming is accepted, so none escapes.
+            raise CaptureFormatError(f"{self.path}: prompt {record.id!r} names tensor file {record.file!r}; expected {expected_name!r}")
+        path = self.tensor_path(record)
+        if not path.is_file():
+            raise CaptureFormatError(f"{path} is missing; the capture of prompt {record.id!r} is incomplete, capture again")
+        size = path.stat().st_size
+        if size != record.bytes:
+            raise CaptureFormatError(f"{path} has {size:,} bytes, the manifest says {record.bytes:,}: the file is truncated or was replaced; capture again")
+
+    # -- facts ------------------------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return int(self.manifest["model"]["num_layers"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["model"]["vocab_size"])
+
+    @property
+    def backend_spec(self) -> str:
+        return str(self.manifest["backend"].get("spec", self.manifest["backend"].get("name")))
+
+    @property
+    def dtype(self) -> str:
+        return str(self.manifest["backend"].get("dtype"))
+
+    def manifest_sha256(self) -> str:
+        return sha256_file(self.path / schema.MANIFEST)
+
+    def tensor_path(self, record: PromptRecord) -> Path:
+        return self.path / record.file
+
+    # -- tensors ----------------------------------------------------------------------------------------------
+    def verify(self, record: PromptRecord) -> None:
+        """Check the tensor file's sha256 against the manifest (detects bit flips and swapped files)."""
+        path = self.tensor_path(record)
+        digest = sha256_file(path)
+        if digest != record.sha256:
+            raise CaptureFormatError(f"{path}: sha256 {digest[:12]}… differs from the manifest's {record.sha256[:12]}…; the file is corrupted or was replaced; capture again")
+
+    @contextlib.contextmanager
+    def open_tensors(self, record: PromptRecord, *, verify: bool = True) -> Iterator[Any]:
+        """A handle whose ``get_tensor(name)`` reads one tensor (as torch) from the prompt's file."""
+        from safetensors import safe_open
+
+        if verify:
+            self.verify(record)
+        path = self.tensor_path(record)
+        try:
+            handle = safe_open(str(path), framework="pt")
+        except Exception as exc:  # safetensors raises its own error types for bad headers
+            raise CaptureFormatError(f"{path} is not a readable safetensors file ({exc}); capture again") from exc
+        names = set(handle.keys())
+        if names != set(record.tensors):
+            raise CaptureFormatError(f"{path} holds tensors {sorted(names)}, the manifest lists {sorted(record.tensors)}; capture again")
+        yield handle

@@ -1,0 +1,179 @@
+"""Running a backend over a prompt plan and writing a capture directory, atomically and resumably.
+
+Each prompt: the backend generates greedily on its own (stored for token agreement), then runs one forward pass
+over prompt + continuation, where the continuation is the reference's greedy output (teacher forcing), so hidden
+states and logits are compared at every position without divergence compounding. A reference capture uses its
+own greedy output as the continuation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from precision.backends.base import Backend
+from precision.capture import manifest as schema
+from precision.capture.reader import CaptureReader, PromptRecord
+from precision.capture.sites import CaptureSelection
+from precision.environment import environment_record, utc_now
+from precision.errors import CaptureFormatError, PrecisionError
+from precision.io import os_error_message, prepare_output_dir, write_json_atomic
+from precision.model import sha256_file
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PlannedPrompt:
+    """What one backend is asked to do for one prompt."""
+
+    id: str
+    category: str
+    rendering: str
+    prompt_ids: tuple[int, ...]
+    max_new_tokens: int
+    continuation_ids: tuple[int, ...] | None = None
+    """The reference's continuation to teacher-force; None for the reference itself (it uses its own)."""
+
+
+@dataclass(frozen=True)
+class CapturePlan:
+    prompts: tuple[PlannedPrompt, ...]
+    tokenizer: dict[str, Any]
+    skipped: tuple[dict[str, str], ...] = ()
+    teacher_capture: str | None = None
+    teacher_manifest_sha256: str | None = None
+
+    @classmethod
+    def following(cls, reference: CaptureReader) -> "CapturePlan":
+        """The plan for a target: the reference's stored token ids and continuations, fed unchanged."""
+        prompts = tuple(
+            PlannedPrompt(r.id, r.category, r.rendering, r.prompt_ids, max(len(r.continuation_ids), 1), r.continuation_ids)
+            for r in reference.prompts
+        )
+        return cls(
+            prompts=prompts,
+            tokenizer=reference.manifest["tokenizer"],
+            skipped=tuple(reference.manifest.get("skipped", [])),
+            teacher_capture=str(reference.path.resolve()),
+            teacher_manifest_sha256=reference.manifest_sha256(),
+        )
+
+
+def _progress_header(backend: Backend, plan: CapturePlan, selection: CaptureSelection) -> dict:
+    return {
+        "backend": str(backend.spec),
+        "model_config_sha256": backend.model.config_sha256,
+        "selection": selection.to_json(),
+        "teacher_manifest_sha256": plan.teacher_manifest_sha256,
+    }
+
+
+def _resume_records(out_dir: Path, header: dict, plan: CapturePlan) -> list[PromptRecord]:
+    progress = out_dir / schema.PROGRESS
+    if not progress.exists():
+        return []
+    lines = [line for line in progress.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records: list[PromptRecord] = []
+    try:
+        first = json.loads(lines[0]) if lines else None
+    except json.JSONDecodeError:
+        first = None
+    if first != {"header": header}:
+        raise PrecisionError(f"{out_dir} was started with other settings (backend, model, selection or reference); use --force to start over")
+    for number, line in enumerate(lines[1:], start=2):
+        try:
+            record = PromptRecord.from_json(json.loads(line), f"{progress}:{number}")
+        except (json.JSONDecodeError, CaptureFormatError):
+            break  # a line cut by the interruption: that prompt is redone
+        planned = plan.prompts[record.index] if record.index < len(plan.prompts) else None
+        path = out_dir / record.file
+        if planned is None or planned.prompt_ids != record.prompt_ids or not path.is_file() or sha256_file(path) != record.sha256:
+            break
+        records.append(record)
+    return records
+
+
+def capture(backend: Backend, plan: CapturePlan, out_dir: str | Path, *, selection: CaptureSelection = CaptureSelection(),
+            resume: bool = False, force: bool = False, show_progress: bool = True) -> CaptureReader:
+    """Run ``backend`` over ``plan`` and write a complete capture directory at ``out_dir``."""
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir)
+    prepare_output_dir(out_dir, force=force, complete_marker=schema.MANIFEST, resume=resume)
+    (out_dir / schema.TENSOR_DIR).mkdir(exist_ok=True)
+    header = _progress_header(backend, plan, selection)
+    records = _resume_records(out_dir, header, plan) if resume else []
+    if records:
+        log.info("resuming %s: %d of %d prompts already captured", out_dir, len(records), len(plan.prompts))
+    progress_path = out_dir / schema.PROGRESS
+    started = time.perf_counter()
+    with backend, open(progress_path, "w", encoding="utf-8") as progress:
+        progress.write(json.dumps({"header": header}) + "\n")
+        for record in records:
+            progress.write(json.dumps(record.to_json()) + "\n")
+        progress.flush()
+        todo = plan.prompts[len(records):]
+        for index, planned in enumerate(tqdm(todo, desc=f"capture {backend.spec}", unit="prompt", disable=not show_progress), start=len(records)):
+            record = _capture_one(backend, planned, index, out_dir, selection)
+            records.append(record)
+            progress.write(json.dumps(record.to_json()) + "\n")
+            progress.flush()
+            os.fsync(progress.fileno())
+        description = backend.describe()
+    manifest = {
+        "schema_version": schema.SCHEMA_VERSION,
+        "format": schema.FORMAT_NAME,
+        "created_at": utc_now(),
+        "backend": description,
+        "model": backend.model.to_json(),
+        "tokenizer": plan.tokenizer,
+        "environment": environment_record(),
+        "selection": selection.to_json(),
+        "teacher_forcing": {
+            "source": "self" if plan.teacher_capture is None else "reference",
+            "reference_capture": plan.teacher_capture,
+            "reference_manifest_sha256": plan.teacher_manifest_sha256,
+        },
+        "prompts": [r.to_json() for r in records],
+        "skipped": list(plan.skipped),
+        "runtime_seconds": round(time.perf_counter() - started, 3),
+    }
+    write_json_atomic(out_dir / schema.MANIFEST, manifest)
+    return CaptureReader(out_dir)
+
+
+def _capture_one(backend: Backend, planned: PlannedPrompt, index: int, out_dir: Path, selection: CaptureSelection) -> PromptRecord:
+    generated = tuple(backend.generate(planned.prompt_ids, planned.max_new_tokens))
+    continuation = generated if planned.continuation_ids is None else planned.continuation_ids
+    name = schema.tensor_file_name(index)
+    final = out_dir / name
+    tmp = final.with_name(f".{final.name}.tmp")
+    try:
+        backend.capture(planned.prompt_ids + continuation, selection, tmp)
+        os.replace(tmp, final)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise PrecisionError(os_error_message(exc, final, "writing")) from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    tensors = _tensor_listing(final)
+    return PromptRecord(
+        index=index, id=planned.id, category=planned.category, rendering=planned.rendering,
+        prompt_ids=planned.prompt_ids, continuation_ids=tuple(continuation), generated_ids=generated,
+        file=name, sha256=sha256_file(final), bytes=final.stat().st_size, tensors=tensors,
+    )
+
+
+def _tensor_listing(path: Path) -> dict[str, dict[str, Any]]:
+    """Names, shapes and dtypes from the safetensors header (no tensor data read)."""
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length))
+    return {name: {"shape": info["shape"], "dtype": info["dtype"]} for name, info in header.items() if name != "__metadata__"}

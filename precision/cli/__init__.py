@@ -1,0 +1,211 @@
+"""Command line: argument parsing and exit codes only; the work is done by the importable API.
+
+Exit codes: 0 pass (or warn), 1 a verdict failed, 2 bad input or configuration.
+Nothing here imports torch or vLLM at module level, so ``precision-check --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from precision.errors import PrecisionError
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+log = logging.getLogger("precision")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own exit code for usage errors is also 2; keep its message short
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+
+
+def _engine_args(pairs: list[str], additional_config: str | None) -> dict:
+    args: dict = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise PrecisionError(f"--engine-arg {pair!r}: write it as key=value, e.g. --engine-arg max_num_seqs=1")
+        try:
+            args[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            args[key.strip()] = value
+    if additional_config:
+        try:
+            args["additional_config"] = json.loads(additional_config)
+        except json.JSONDecodeError as exc:
+            raise PrecisionError(f"--additional-config is not valid JSON ({exc.msg}); pass an object like '{{\"ascend_scheduler_config\": {{}}}}'") from exc
+    return args
+
+
+def _selection(args):
+    from precision.capture.sites import CaptureSelection
+
+    return CaptureSelection.parse(args.positions, args.layers)
+
+
+def _thresholds(path: str | None):
+    from precision.analysis.verdict import Thresholds
+
+    if path is None:
+        return Thresholds()
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise PrecisionError(f"cannot read config file {path}: {exc}") from exc
+    return Thresholds.from_mapping(data.get("thresholds", {}))
+
+
+def _add_capture_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--positions", default="all", help="positions to keep: all, last, or every:K (default: all)")
+    p.add_argument("--layers", default="all", help="decoder layers to keep: all or a list like 0,15,31 (default: all)")
+    p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE", help="option passed to the engine (vLLM LLM(...)); repeatable; values are JSON when they parse")
+    p.add_argument("--additional-config", metavar="JSON", help="vllm-ascend additional_config, as a JSON object")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run (off unless asked)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output directory")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished prompt")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="precision-check", description="Measure, explain and report numerical differences between a reference LLM and an inference engine.")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("run", help="capture reference, FP32 truth and target; compare; report")
+    p.add_argument("--prompts", required=True, help="a .jsonl prompt file or a directory of them (e.g. golden/)")
+    p.add_argument("--model", help="Hugging Face model directory (default: the built-in synthetic Llama)")
+    p.add_argument("--reference", default="hf:cpu:bf16", help="reference backend spec (default: hf:cpu:bf16)")
+    p.add_argument("--target", help="target backend spec (default: vllm when installed, else hf:cpu:fp16)")
+    p.add_argument("--truth", default="hf:cpu:fp32", help="FP32 truth backend spec, or 'none' (default: hf:cpu:fp32)")
+    p.add_argument("--out", help="run directory (default: runs/run-<UTC time>)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="greedy continuation length per prompt unless the prompt sets its own (default: 32)")
+    p.add_argument("--config", help="TOML file with a [thresholds] table overriding the verdict rules")
+    _add_capture_options(p)
+
+    p = sub.add_parser("capture", help="capture one backend into a capture directory")
+    p.add_argument("--backend", required=True, help="backend spec, e.g. hf:cpu:bf16, hf:cuda:bf16, vllm")
+    p.add_argument("--model", help="Hugging Face model directory (default: the built-in synthetic Llama)")
+    p.add_argument("--prompts", help="prompt set (not needed with --teacher-forcing, which reuses the reference's token ids)")
+    p.add_argument("--teacher-forcing", metavar="REFERENCE_CAPTURE", help="feed the token ids and continuations of this reference capture")
+    p.add_argument("--out", required=True, help="capture directory to write")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    _add_capture_options(p)
+
+    p = sub.add_parser("compare", help="compare two capture directories into comparison.json")
+    p.add_argument("expected", help="reference capture directory")
+    p.add_argument("actual", help="target capture directory")
+    p.add_argument("--truth", help="FP32 truth capture directory (enables R)")
+    p.add_argument("--out", required=True, help="directory for comparison.json")
+    p.add_argument("--force", action="store_true")
+
+    p = sub.add_parser("report", help="render report.html, summary.md and summary.json from a comparison")
+    p.add_argument("comparison", help="comparison.json or the directory holding it")
+    p.add_argument("--out", help="output directory (default: beside comparison.json)")
+    p.add_argument("--config", help="TOML file with a [thresholds] table")
+    return parser
+
+
+def _run(args) -> int:
+    from precision.pipeline import RunConfig, run
+
+    out = Path(args.out) if args.out else Path("runs") / datetime.now(timezone.utc).strftime("run-%Y%m%d-%H%M%S")
+    config = RunConfig(
+        prompts=Path(args.prompts), out=out, model=Path(args.model) if args.model else None,
+        reference=args.reference, target=args.target, truth=None if args.truth.lower() == "none" else args.truth,
+        max_new_tokens=args.max_new_tokens, selection=_selection(args),
+        engine_args=_engine_args(args.engine_arg, args.additional_config), trust_remote_code=args.trust_remote_code,
+        thresholds=_thresholds(args.config), force=args.force, resume=args.resume, command=args.command_line,
+    )
+    result = run(config)
+    return _finish(result.verdict, result.files)
+
+
+def _capture(args) -> int:
+    from precision.backends import BackendOptions, create_backend, parse_spec
+    from precision.capture.reader import CaptureReader
+    from precision.capture.writer import CapturePlan, capture
+    from precision.pipeline import resolve_model
+    from precision.planning import plan_from_prompts
+
+    spec = parse_spec(args.backend)
+    model = resolve_model(Path(args.model) if args.model else None)
+    if args.teacher_forcing:
+        plan = CapturePlan.following(CaptureReader(args.teacher_forcing))
+    elif args.prompts:
+        plan = plan_from_prompts(args.prompts, model, max_new_tokens=args.max_new_tokens, trust_remote_code=args.trust_remote_code)
+    else:
+        raise PrecisionError("capture needs --prompts (for a reference) or --teacher-forcing REFERENCE_CAPTURE (for a target)")
+    options = BackendOptions(trust_remote_code=args.trust_remote_code, engine_args=_engine_args(args.engine_arg, args.additional_config))
+    reader = capture(create_backend(spec, model, options), plan, Path(args.out), selection=_selection(args), resume=args.resume, force=args.force)
+    print(f"captured {len(reader.prompts)} prompts with {spec} into {reader.path}")
+    return EXIT_OK
+
+
+def _compare(args) -> int:
+    from precision.analysis.compare import compare_captures
+    from precision.capture.reader import CaptureReader
+    from precision.io import prepare_output_dir, write_json_atomic
+
+    expected, actual = CaptureReader(args.expected), CaptureReader(args.actual)
+    truth = CaptureReader(args.truth) if args.truth else None
+    out = Path(args.out)
+    prepare_output_dir(out, force=args.force, complete_marker="comparison.json")
+    comparison = compare_captures(expected, actual, truth=truth, show_progress=not args.quiet)
+    write_json_atomic(out / "comparison.json", comparison)
+    print(f"wrote {out / 'comparison.json'}")
+    return EXIT_OK
+
+
+def _report(args) -> int:
+    from precision.analysis.verdict import judge
+    from precision.report import write_report
+
+    path = Path(args.comparison)
+    path = path / "comparison.json" if path.is_dir() else path
+    try:
+        comparison = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PrecisionError(f"cannot read comparison {path}: {exc}; pass the comparison.json written by 'precision-check compare'") from exc
+    if not isinstance(comparison, dict) or comparison.get("format") != "precision-check-comparison":
+        raise PrecisionError(f"{path} is not a precision-check comparison.json")
+    out = Path(args.out) if args.out else path.parent
+    out.mkdir(parents=True, exist_ok=True)
+    verdict = judge(comparison, _thresholds(args.config))
+    return _finish(verdict, write_report(out, comparison, verdict, command=args.command_line))
+
+
+def _finish(verdict, files: dict) -> int:
+    print(verdict.summary)
+    for name in ("report.html", "summary.md", "summary.json"):
+        if name in files:
+            print(f"  {name}: {files[name]}")
+    return EXIT_FAILED if verdict.status.value == "FAIL" else EXIT_OK
+
+
+_COMMANDS = {"run": _run, "capture": _capture, "compare": _compare, "report": _report}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    args.command_line = "precision-check " + " ".join(shlex.quote(a) for a in argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _COMMANDS[args.command](args)
+    except PrecisionError as exc:
+        print(f"precision-check: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT

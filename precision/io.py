@@ -1,0 +1,80 @@
+"""Small file helpers: atomic writes and output directories that never overwrite by accident."""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from precision.errors import PrecisionError
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/Inf are legitimate measured values; JSON has no literal for them, so they become strings
+    "NaN", "Infinity", "-Infinity" (the spellings JavaScript's Number() and Python's float() accept)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def os_error_message(exc: OSError, path: Path, action: str) -> str:
+    if exc.errno == errno.ENOSPC:
+        return f"disk full while {action} {path}; free space and rerun (captures continue with --resume)"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"no permission for {action} {path}; choose a writable --out directory"
+    return f"error while {action} {path}: {exc.strerror or exc}"
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary name beside ``path`` and rename it into place, so a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise PrecisionError(os_error_message(exc, path, "writing")) from exc
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(_json_safe(data), indent=1, ensure_ascii=False, allow_nan=False) + "\n")
+
+
+def prepare_output_dir(path: Path, *, force: bool, complete_marker: str, resume: bool = False) -> None:
+    """Create ``path`` for new results. An existing result is never overwritten without ``force``; an
+    interrupted one (no ``complete_marker`` file) is continued only with ``resume``."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise PrecisionError(f"output path {path} exists and is not a directory; choose another --out")
+    if path.is_dir() and any(path.iterdir()):
+        complete = (path / complete_marker).exists()
+        if force:
+            shutil.rmtree(path)
+        elif resume and not complete:
+            return
+        elif complete:
+            raise PrecisionError(f"{path} already holds a finished result; pass --force to overwrite it or choose another --out")
+        else:
+            raise PrecisionError(f"{path} holds an unfinished result; pass --resume to continue it or --force to start over")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise PrecisionError(os_error_message(exc, path, "creating")) from exc

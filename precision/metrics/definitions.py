@@ -1,0 +1,23 @@
+"""Written definitions of every number the reports show, keyed by the name used in comparison.json.
+e is the expected (reference) tensor, a the actual (target) tensor; sums run over elements finite on both sides."""
+
+DEFINITIONS: dict[str, str] = {
+    "relative_l2": "Relative L2 error ||a - e||_2 / ||e||_2, in float64 over all elements of the tensor.",
+    "max_abs": "Max absolute error max_i |a_i - e_i|.",
+    "max_relative": "Max relative error max_i |a_i - e_i| / max(|e_i|, 1e-6); the 1e-6 floor keeps near-zero reference values from dividing by zero.",
+    "mean_abs": "Mean absolute error mean_i |a_i - e_i|.",
+    "cosine": "Cosine similarity <e, a> / (||e|| ||a||); 1 when both are all zero, NaN when only one is.",
+    "one_thousandth_err_ratio": "msprobe's One Thousandth Err Ratio: share of elements with |a_i - e_i| / max(|e_i|, 1e-6) < 0.001.",
+    "five_thousandths_err_ratio": "msprobe's Five Thousandths Err Ratio: share of elements with |a_i - e_i| / max(|e_i|, 1e-6) < 0.005.",
+    "ulp_shares": "Share of elements whose bf16 values (after rounding both sides to bf16) are 0, 1, 2 or more than 2 representable bf16 numbers apart.",
+    "non_finite": "Counts of NaN and Inf on each side, and the first [position, column] where either side is not finite. Never dropped silently.",
+    "kl": "KL(p_e || p_a) = sum_v p_e(v) (log p_e(v) - log p_a(v)) of the softmax of the full-vocabulary logits at one position, in nats, float64.",
+    "top1_agree": "Share of positions where argmax of the target's logits equals argmax of the reference's (teacher-forced, so both saw the same tokens).",
+    "top5_overlap": "Mean over positions of |top5(e) ∩ top5(a)| / 5.",
+    "expected_margin": "The reference's top-1 minus top-2 logit at a position; a flip at a small margin is a near-tie.",
+    "near_tie": "A teacher-forced top-1 disagreement is a near-tie flip when the reference's top-1/top-2 margin is at most twice the largest logit difference measured at that position; otherwise it is a real flip.",
+    "token_match_rate": "Free-running greedy generation: positions where the target's token equals the reference's, over the longer length.",
+    "matching_prefix": "Free-running greedy generation: number of leading tokens identical on both sides.",
+    "first_divergence": "Index of the first generated token that differs (none when identical).",
+    "R": "Three-way ratio R = err(target vs FP32 truth) / err(reference vs FP32 truth), with err the relative L2 error. R near 1: both are equally good roundings of the same computation.",
+}

@@ -1,0 +1,91 @@
+"""Per-position metrics of full-vocabulary logits, float64 inside, processed in row chunks so memory stays
+bounded by a chunk (a 166k vocabulary times 8k positions would be 10 GB in float64 at once)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+TOP_K_OVERLAP = 5
+_ROWS_PER_CHUNK = 64
+
+
+@dataclass(frozen=True)
+class LogitsStats:
+    """Arrays of length P (one value per captured position)."""
+
+    kl: np.ndarray
+    """KL(softmax(e) || softmax(a)) = sum_v p_e(v) (log p_e(v) - log p_a(v)), in nats, float64."""
+    top1_agree: np.ndarray
+    """argmax(e) == argmax(a) (ties: lowest token id wins on both sides)."""
+    top5_overlap: np.ndarray
+    """|top5(e) ∩ top5(a)| / 5: share of the reference's five highest tokens among the target's five."""
+    expected_margin: np.ndarray
+    """e[top1] - e[top2]: the reference's logit gap between its best and second-best token."""
+    expected_top1: np.ndarray
+    actual_top1: np.ndarray
+    max_abs: np.ndarray
+    """max_v |a_v - e_v| at the position: the logit noise that could swap two tokens."""
+    finite_rows: np.ndarray
+    """True where both rows are entirely finite; the other metrics are NaN (or -1 for ids) elsewhere."""
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    shifted = x - x.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def _top_k(x: np.ndarray, k: int) -> np.ndarray:
+    k = min(k, x.shape[-1])
+    # Stable sort on -x gives descending values with the lowest id first among equal values.
+    return np.argsort(-x, axis=-1, kind="stable")[:, :k]
+
+
+def logits_stats(expected, actual) -> LogitsStats:
+    """Per-position logits metrics of two [P, V] arrays; see LogitsStats for definitions.
+
+    ``expected`` and ``actual`` may be numpy arrays or any object with ``shape`` whose row slices convert to
+    numpy (a lazily read file, for instance): only ``_ROWS_PER_CHUNK`` rows are held in float64 at a time."""
+    e_all, a_all = expected, actual
+    e_shape, a_shape = tuple(np.shape(e_all)), tuple(np.shape(a_all))
+    if e_shape != a_shape or len(e_shape) != 2:
+        raise ValueError(f"logits must be two [positions, vocab] arrays of one shape, got {e_shape} and {a_shape}")
+    positions = e_shape[0]
+    out = {name: np.full(positions, np.nan) for name in ("kl", "top5_overlap", "expected_margin", "max_abs")}
+    top1_agree = np.zeros(positions, dtype=bool)
+    e_top1 = np.full(positions, -1, dtype=np.int64)
+    a_top1 = np.full(positions, -1, dtype=np.int64)
+    finite_rows = np.zeros(positions, dtype=bool)
+    for start in range(0, positions, _ROWS_PER_CHUNK):
+        rows = slice(start, min(start + _ROWS_PER_CHUNK, positions))
+        e = np.asarray(e_all[rows], dtype=np.float64)
+        a = np.asarray(a_all[rows], dtype=np.float64)
+        ok = np.isfinite(e).all(axis=1) & np.isfinite(a).all(axis=1)
+        finite_rows[rows] = ok
+        if not ok.any():
+            continue
+        idx = np.arange(rows.start, rows.stop)[ok]
+        e, a = e[ok], a[ok]
+        log_pe, log_pa = _log_softmax(e), _log_softmax(a)
+        out["kl"][idx] = np.maximum((np.exp(log_pe) * (log_pe - log_pa)).sum(axis=1), 0.0)
+        top_e, top_a = _top_k(e, TOP_K_OVERLAP), _top_k(a, TOP_K_OVERLAP)
+        e_top1[idx], a_top1[idx] = top_e[:, 0], top_a[:, 0]
+        top1_agree[idx] = top_e[:, 0] == top_a[:, 0]
+        k = top_e.shape[1]
+        overlap = (top_e[:, :, None] == top_a[:, None, :]).any(axis=2).sum(axis=1)
+        out["top5_overlap"][idx] = overlap / k
+        if e.shape[1] > 1:
+            ranked = np.take_along_axis(e, top_e[:, :2], axis=1)
+            out["expected_margin"][idx] = ranked[:, 0] - ranked[:, 1]
+        out["max_abs"][idx] = np.abs(a - e).max(axis=1)
+    return LogitsStats(
+        kl=out["kl"],
+        top1_agree=top1_agree,
+        top5_overlap=out["top5_overlap"],
+        expected_margin=out["expected_margin"],
+        expected_top1=e_top1,
+        actual_top1=a_top1,
+        max_abs=out["max_abs"],
+        finite_rows=finite_rows,
+    )

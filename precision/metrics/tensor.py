@@ -1,0 +1,225 @@
+"""Element-wise error metrics between two tensors of the same shape, computed in float64.
+
+Conventions: NaN and Inf are never dropped silently. The error metrics below are computed over the elements
+that are finite on both sides, and ``non_finite`` counts and locates the rest; a tensor pair with any
+non-finite element is flagged by the analysis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+BF16_UNIT_ROUNDOFF = 2.0**-8
+"""Unit roundoff u of bfloat16 (8 significand bits incl. the implicit one): |round(x) - x| <= u |x|."""
+
+RELATIVE_ERROR_FLOOR = 1e-6
+"""Denominator floor for element-wise relative error: |a - e| / max(|e|, floor). Keeps elements whose
+expected value is (almost) zero from dividing by zero; 1e-6 matches the magnitude msprobe uses."""
+
+
+def _as_float64(x) -> np.ndarray:
+    return np.asarray(x, dtype=np.float64)
+
+
+def _finite_pair(expected, actual) -> tuple[np.ndarray, np.ndarray]:
+    e, a = _as_float64(expected).ravel(), _as_float64(actual).ravel()
+    if e.shape != a.shape:
+        raise ValueError(f"shape mismatch: expected {np.shape(expected)} vs actual {np.shape(actual)}")
+    keep = np.isfinite(e) & np.isfinite(a)
+    if keep.all():
+        return e, a
+    return e[keep], a[keep]
+
+
+def relative_l2_error(expected, actual) -> float:
+    """Relative L2 error ||a - e||_2 / ||e||_2 over the elements finite on both sides.
+    0 when both are all zero; +inf when only e is all zero; NaN when no element is finite on both sides."""
+    e, a = _finite_pair(expected, actual)
+    return _relative_l2(float(np.linalg.norm(e)), float(np.linalg.norm(a - e))) if e.size else float("nan")
+
+
+def _relative_l2(norm_expected: float, norm_diff: float) -> float:
+    if norm_expected == 0.0:
+        return 0.0 if norm_diff == 0.0 else float("inf")
+    return norm_diff / norm_expected
+
+
+def max_abs_error(expected, actual) -> float:
+    """Max absolute error max_i |a_i - e_i| over elements finite on both sides (NaN if none)."""
+    e, a = _finite_pair(expected, actual)
+    return float(np.max(np.abs(a - e))) if e.size else float("nan")
+
+
+def mean_abs_error(expected, actual) -> float:
+    """Mean absolute error mean_i |a_i - e_i| over elements finite on both sides (NaN if none)."""
+    e, a = _finite_pair(expected, actual)
+    return float(np.mean(np.abs(a - e))) if e.size else float("nan")
+
+
+def _elementwise_relative(e: np.ndarray, a: np.ndarray, floor: float) -> np.ndarray:
+    return np.abs(a - e) / np.maximum(np.abs(e), floor)
+
+
+def max_relative_error(expected, actual, *, floor: float = RELATIVE_ERROR_FLOOR) -> float:
+    """Max relative error max_i |a_i - e_i| / max(|e_i|, floor), floor = RELATIVE_ERROR_FLOOR (1e-6)
+    by default, over elements finite on both sides (NaN if none)."""
+    e, a = _finite_pair(expected, actual)
+    return float(np.max(_elementwise_relative(e, a, floor))) if e.size else float("nan")
+
+
+def err_ratio_below(expected, actual, threshold: float, *, floor: float = RELATIVE_ERROR_FLOOR) -> float:
+    """Share of elements whose relative error |a - e| / max(|e|, floor) is below ``threshold``
+    (msprobe's "Err Ratio"), over elements finite on both sides (NaN if none)."""
+    e, a = _finite_pair(expected, actual)
+    return float(np.mean(_elementwise_relative(e, a, floor) < threshold)) if e.size else float("nan")
+
+
+def one_thousandth_err_ratio(expected, actual) -> float:
+    """msprobe "One Thousandth Err Ratio": share of elements with relative error below 0.001."""
+    return err_ratio_below(expected, actual, 1e-3)
+
+
+def five_thousandths_err_ratio(expected, actual) -> float:
+    """msprobe "Five Thousandths Err Ratio": share of elements with relative error below 0.005."""
+    return err_ratio_below(expected, actual, 5e-3)
+
+
+def cosine_similarity(expected, actual) -> float:
+    """Cosine similarity <e, a> / (||e|| ||a||) over elements finite on both sides.
+    1 when both are all zero (identical); NaN when exactly one is all zero (undefined) or nothing is finite."""
+    e, a = _finite_pair(expected, actual)
+    if e.size == 0:
+        return float("nan")
+    return _cosine(e, a, float(np.linalg.norm(e)), float(np.linalg.norm(a)))
+
+
+def _cosine(e: np.ndarray, a: np.ndarray, norm_e: float, norm_a: float) -> float:
+    if norm_e == 0.0 and norm_a == 0.0:
+        return 1.0
+    if norm_e == 0.0 or norm_a == 0.0:
+        return float("nan")
+    return float(np.clip(np.dot(e, a) / (norm_e * norm_a), -1.0, 1.0))
+
+
+def _bf16_ordered_bits(x: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (round-to-nearest-even from float32) mapped to integers that are ordered like
+    the values, so that the difference of two of them counts the representable bf16 numbers between."""
+    f32 = np.ascontiguousarray(x, dtype=np.float32)
+    bits = f32.view(np.uint32).astype(np.int64)
+    rounding = 0x7FFF + ((bits >> 16) & 1)
+    b16 = ((bits + rounding) >> 16) & 0xFFFF
+    magnitude = b16 & 0x7FFF
+    return np.where(b16 & 0x8000, -magnitude, magnitude)
+
+
+def bf16_ulp_distance(expected, actual) -> np.ndarray:
+    """Element distance in bf16 units in the last place: the number of bf16 values between round_bf16(e)
+    and round_bf16(a) (0 = same bf16 value; +0 and -0 count as the same). Elements are first rounded to
+    bf16 (nearest-even), so bf16 captures are measured exactly. Only finite pairs are included."""
+    e, a = _finite_pair(expected, actual)
+    return np.abs(_bf16_ordered_bits(a) - _bf16_ordered_bits(e))
+
+
+ULP_BUCKETS = ("0", "1", "2", ">2")
+
+
+def ulp_histogram(expected, actual) -> dict[str, float]:
+    """Share of finite element pairs at a bf16 ULP distance of exactly 0, 1, 2, and more than 2.
+    Empty dict values are NaN when no pair is finite."""
+    d = bf16_ulp_distance(expected, actual)
+    if d.size == 0:
+        return {k: float("nan") for k in ULP_BUCKETS}
+    n = float(d.size)
+    return {
+        "0": float(np.count_nonzero(d == 0)) / n,
+        "1": float(np.count_nonzero(d == 1)) / n,
+        "2": float(np.count_nonzero(d == 2)) / n,
+        ">2": float(np.count_nonzero(d > 2)) / n,
+    }
+
+
+@dataclass(frozen=True)
+class NonFinite:
+    """NaN/Inf counts on each side and the first (row-major) index where either side is non-finite."""
+
+    expected_nan: int
+    expected_inf: int
+    actual_nan: int
+    actual_inf: int
+    first_index: tuple[int, ...] | None
+
+    @property
+    def any(self) -> bool:
+        return bool(self.expected_nan or self.expected_inf or self.actual_nan or self.actual_inf)
+
+    @property
+    def actual_only(self) -> bool:
+        """Non-finite values that the target has and the reference has not."""
+        return (self.actual_nan + self.actual_inf) > 0 and (self.expected_nan + self.expected_inf) == 0
+
+
+def non_finite(expected, actual) -> NonFinite:
+    """Counts of NaN and +/-Inf in each tensor, and the index (in the tensor's own shape) of the first
+    element that is non-finite on either side; None when all are finite."""
+    e, a = np.asarray(expected), np.asarray(actual)
+    bad_e, bad_a = ~np.isfinite(e), ~np.isfinite(a)
+    either = bad_e | bad_a
+    first = None
+    if either.any():
+        flat = int(np.flatnonzero(either.ravel())[0])
+        first = tuple(int(i) for i in np.unravel_index(flat, e.shape)) if e.ndim else ()
+    return NonFinite(
+        expected_nan=int(np.isnan(e).sum()),
+        expected_inf=int(np.isinf(e).sum()),
+        actual_nan=int(np.isnan(a).sum()),
+        actual_inf=int(np.isinf(a).sum()),
+        first_index=first,
+    )
+
+
+@dataclass(frozen=True)
+class TensorStats:
+    """Every element-wise metric of one tensor pair (see each function for its definition)."""
+
+    relative_l2: float
+    max_abs: float
+    max_relative: float
+    mean_abs: float
+    cosine: float
+    one_thousandth_err_ratio: float
+    five_thousandths_err_ratio: float
+    ulp_shares: dict[str, float]
+    expected_l2: float
+    elements: int
+    non_finite: NonFinite
+
+
+def tensor_stats(expected, actual) -> TensorStats:
+    """All element-wise metrics of a pair, in one float64 pass over the data."""
+    e_raw, a_raw = np.asarray(expected), np.asarray(actual)
+    if e_raw.shape != a_raw.shape:
+        raise ValueError(f"shape mismatch: expected {e_raw.shape} vs actual {a_raw.shape}")
+    nf = non_finite(e_raw, a_raw)
+    e, a = _finite_pair(e_raw, a_raw)
+    if e.size == 0:
+        nan = float("nan")
+        return TensorStats(nan, nan, nan, nan, nan, nan, nan, ulp_histogram(e, a), nan, int(e_raw.size), nf)
+    diff = a - e
+    abs_diff = np.abs(diff)
+    norm_e, norm_a, norm_d = (float(np.linalg.norm(v)) for v in (e, a, diff))
+    rel = _elementwise_relative(e, a, RELATIVE_ERROR_FLOOR)
+    return TensorStats(
+        relative_l2=_relative_l2(norm_e, norm_d),
+        max_abs=float(abs_diff.max()),
+        max_relative=float(rel.max()),
+        mean_abs=float(abs_diff.mean()),
+        cosine=_cosine(e, a, norm_e, norm_a),
+        one_thousandth_err_ratio=float(np.mean(rel < 1e-3)),
+        five_thousandths_err_ratio=float(np.mean(rel < 5e-3)),
+        ulp_shares=ulp_histogram(e, a),
+        expected_l2=norm_e,
+        elements=int(e_raw.size),
+        non_finite=nf,
+    )

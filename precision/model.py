@@ -1,0 +1,98 @@
+"""Facts about a model directory, read from its files without importing torch: shape, limits, hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from precision.errors import ModelError
+
+_HASH_CHUNK = 8 * 1024 * 1024
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: str
+    architecture: str
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    stop_token_ids: tuple[int, ...]
+    config_sha256: str
+    weights_sha256: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["stop_token_ids"] = list(self.stop_token_ids)
+        return data
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"cannot read {path}: {exc}; the model directory needs a valid config.json") from exc
+
+
+def _as_id_list(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+
+
+def inspect_model(path: str | Path, *, hash_weights: bool = True) -> ModelInfo:
+    """Read config.json (and generation_config.json) of a Hugging Face model directory.
+
+    Only safetensors weights are accepted: *.bin / *.pt checkpoints are pickles, which this tool never loads.
+    """
+    model_dir = Path(path)
+    if not model_dir.is_dir():
+        raise ModelError(f"model directory {model_dir} does not exist or is not a directory; pass --model DIR with config.json and *.safetensors")
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise ModelError(f"{model_dir} has no config.json; pass a Hugging Face model directory")
+    config = _read_json(config_path)
+    architectures = config.get("architectures") or []
+    if not any(str(a).endswith("ForCausalLM") for a in architectures):
+        raise ModelError(f"{config_path}: architectures {architectures} name no *ForCausalLM; precision-check compares causal language models")
+    weights = sorted(model_dir.glob("*.safetensors"))
+    if not weights:
+        pickled = sorted(p.name for p in model_dir.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+        hint = f" (found {pickled}: pickle checkpoints are never loaded; convert them to safetensors)" if pickled else ""
+        raise ModelError(f"{model_dir} has no *.safetensors weights{hint}")
+    text_config = config.get("text_config", config)
+    try:
+        num_layers = int(text_config["num_hidden_layers"])
+        hidden = int(text_config["hidden_size"])
+        vocab = int(text_config["vocab_size"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"{config_path}: missing or invalid {exc}; need num_hidden_layers, hidden_size, vocab_size") from exc
+    max_positions = int(text_config.get("max_position_embeddings") or 0)
+    if max_positions <= 0:
+        raise ModelError(f"{config_path}: max_position_embeddings is missing; precision-check needs the model's context length")
+    stop_ids = _as_id_list(config.get("eos_token_id"))
+    generation_config = model_dir / "generation_config.json"
+    if generation_config.is_file():
+        stop_ids = _as_id_list(_read_json(generation_config).get("eos_token_id")) or stop_ids
+    return ModelInfo(
+        path=str(model_dir.resolve()),
+        architecture=str(architectures[0]),
+        num_layers=num_layers,
+        hidden_size=hidden,
+        vocab_size=vocab,
+        max_position_embeddings=max_positions,
+        stop_token_ids=tuple(dict.fromkeys(stop_ids)),
+        config_sha256=sha256_file(config_path),
+        weights_sha256={p.name: sha256_file(p) for p in weights} if hash_weights else {},
+    )

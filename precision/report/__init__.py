@@ -1,0 +1,78 @@
+"""Rendering findings: report.html (self-contained), summary.md (for a model card), summary.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from precision.analysis.verdict import Verdict
+from precision.io import write_json_atomic, write_text_atomic
+from precision.report.view import build_view, load_decoder
+
+SUMMARY_SCHEMA_VERSION = 1
+TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "reports" / "templates"
+
+
+def _environment(template_dir: Path):
+    import jinja2
+
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(template_dir)),
+        autoescape=jinja2.select_autoescape(enabled_extensions=("html", "html.j2"), default_for_string=True, default=False),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+
+
+def summary_json(comparison: dict, verdict: Verdict) -> dict:
+    """summary.json (schema_version 1): the verdict, the per-site pooled table and per-prompt key numbers."""
+    return {
+        "schema_version": SUMMARY_SCHEMA_VERSION,
+        "format": "precision-check-summary",
+        "created_at": comparison["created_at"],
+        "verdict": verdict.to_json(),
+        "expected": comparison["expected"],
+        "actual": comparison["actual"],
+        "truth": comparison.get("truth"),
+        "sites": comparison["sites"],
+        "prompts": [
+            {
+                "id": p["id"],
+                "category": p["category"],
+                "token_match_rate": p["tokens"]["match_rate"],
+                "matching_prefix": p["tokens"]["matching_prefix"],
+                "first_divergence": p["tokens"]["first_divergence"],
+                "logits_kl_mean": p.get("logits", {}).get("kl_mean"),
+                "logits_top1_agreement": p.get("logits", {}).get("top1_agreement"),
+                "flips": p.get("logits", {}).get("flips", []),
+            }
+            for p in comparison["prompts"]
+        ],
+        "skipped_prompts": comparison.get("skipped_prompts", []),
+    }
+
+
+def _load_manifests(comparison: dict) -> dict[str, dict]:
+    manifests = {}
+    for role in ("expected", "actual", "truth"):
+        side = comparison.get(role)
+        path = Path(side["path"]) / "manifest.json" if side else None
+        if path is not None and path.is_file():
+            manifests[role] = json.loads(path.read_text(encoding="utf-8"))
+    return manifests
+
+
+def write_report(out_dir: str | Path, comparison: dict, verdict: Verdict, *, command: str | None = None,
+                 template_dir: Path = TEMPLATE_DIR) -> dict[str, Path]:
+    """Write report.html, summary.md and summary.json into ``out_dir``; returns their paths."""
+    out_dir = Path(out_dir)
+    manifests = _load_manifests(comparison)
+    model_path = manifests.get("expected", {}).get("model", {}).get("path")
+    view = build_view(comparison, verdict, decode=load_decoder(model_path), command=command, manifests=manifests)
+    env = _environment(template_dir)
+    paths = {"report.html": out_dir / "report.html", "summary.md": out_dir / "summary.md", "summary.json": out_dir / "summary.json"}
+    write_text_atomic(paths["report.html"], env.get_template("report.html.j2").render(**view))
+    write_text_atomic(paths["summary.md"], env.get_template("summary.md.j2").render(**view))
+    write_json_atomic(paths["summary.json"], summary_json(comparison, verdict))
+    return paths
