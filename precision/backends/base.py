@@ -60,13 +60,20 @@ class Backend(abc.ABC):
         self.model = model
         self.options = options or BackendOptions()
         self._active = False
+        self._entered = 0
 
     def __enter__(self) -> "Backend":
-        self.activate()
+        # Re-entrant: capture() enters the backend it is given, and a caller that already holds it active
+        # (tests, notebooks keeping one engine up) must find it still active afterwards.
+        if self._entered == 0:
+            self.activate()
+        self._entered += 1
         return self
 
     def __exit__(self, *exc_info) -> None:
-        self.deactivate()
+        self._entered -= 1
+        if self._entered == 0:
+            self.deactivate()
 
     @property
     def is_active(self) -> bool:

@@ -1,0 +1,64 @@
+"""Shared fixtures. Tests run the real thing: transformers, vLLM's CPU build, the real stories260K model."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+STORIES = REPO.parent / "shared" / "models" / "stories260K"
+GOLDEN = REPO / "golden"
+
+# Keep the built-in model and padded copies out of the user's cache unless CI chose a place.
+os.environ.setdefault("PRECISION_CHECK_HOME", str(Path(tempfile.gettempdir()) / "precision-check-tests"))
+# vLLM's CPU build: stable threading on small machines and an in-process engine (see vllm-facts).
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def stories_path() -> Path:
+    if not (STORIES / "config.json").is_file():
+        pytest.fail(f"{STORIES} is missing: the tests need ../shared/models/stories260K beside the checkout")
+    return STORIES
+
+
+@pytest.fixture(scope="session")
+def builtin_path() -> Path:
+    from precision.default_model import default_model_path
+
+    return default_model_path()
+
+
+def write_prompts(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+SHORT_PROMPTS = [
+    '{"id": "story", "category": "raw", "text": "Once upon a time, there was a little girl named Lily."}',
+    '{"id": "chat", "category": "chat", "messages": [{"role": "user", "content": "Tell me about a big red ball."}]}',
+]
+
+
+@pytest.fixture(scope="session")
+def short_prompts(tmp_path_factory) -> Path:
+    return write_prompts(tmp_path_factory.mktemp("prompts") / "short.jsonl", SHORT_PROMPTS)
+
+
+def vllm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+# CI sets PRECISION_REQUIRE_VLLM=1, so a broken vLLM install fails the vLLM tests instead of skipping them.
+requires_vllm = pytest.mark.skipif(
+    not vllm_available() and os.environ.get("PRECISION_REQUIRE_VLLM") != "1",
+    reason="vLLM's CPU build is not installed (scripts/install.sh installs it)",
+)
