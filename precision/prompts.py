@@ -114,6 +114,8 @@ def _load_file(file: Path) -> list[Prompt]:
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
             raise PromptFileError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno}); each line must be one JSON object") from exc
+        except (RecursionError, ValueError) as exc:  # absurd nesting, integers beyond Python's digit limit
+            raise PromptFileError(f"{where}: JSON that cannot be read ({type(exc).__name__}: {str(exc)[:80]}); each line must be one plain JSON object") from exc
         prompts.append(_parse_prompt(obj, where))
     if not prompts:
         raise PromptFileError(f"{file} holds no prompt; add one JSON object per line (see golden/README.md)")
@@ -127,7 +129,7 @@ def _parse_prompt(obj: Any, where: str) -> Prompt:
     if unknown:
         raise PromptFileError(f"{where}: unknown field(s) {sorted(unknown)}; allowed: {sorted(_KNOWN_FIELDS)}")
     prompt_id = _require_str(obj, "id", where)
-    if not _ID_PATTERN.match(prompt_id):
+    if not _ID_PATTERN.fullmatch(prompt_id):
         raise PromptFileError(f"{where}: id {prompt_id!r} must be 1-128 letters, digits, '.', '_' or '-'")
     category = _require_str(obj, "category", where)
     has_messages, has_text = "messages" in obj, "text" in obj
@@ -146,13 +148,21 @@ def _parse_prompt(obj: Any, where: str) -> Prompt:
     return Prompt(prompt_id, category, messages, text, max_new_tokens, skip, where)
 
 
+def _check_encodable(value: str, where: str, what: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # JSON "\ud800" escapes decode to lone surrogates no tokenizer accepts
+        raise PromptFileError(f"{where}: {what} holds an unpaired surrogate escape at character {exc.start}; write real UTF-8 text") from exc
+    return value
+
+
 def _require_str(obj: dict, key: str, where: str) -> str:
     if key not in obj:
         raise PromptFileError(f"{where}: missing required field {key!r}")
     value = obj[key]
     if not isinstance(value, str) or not value.strip():
         raise PromptFileError(f"{where}: field {key!r} must be a non-empty string, got {value!r:.60}")
-    return value
+    return _check_encodable(value, where, repr(key))
 
 
 def _parse_messages(value: Any, where: str) -> tuple[Message, ...]:
@@ -167,6 +177,7 @@ def _parse_messages(value: Any, where: str) -> tuple[Message, ...]:
             raise PromptFileError(f"{where}: messages[{index}].role is {role!r}; use one of {list(_ROLES)}")
         if not isinstance(content, str):
             raise PromptFileError(f"{where}: messages[{index}].content must be a string")
+        _check_encodable(content, where, f"messages[{index}].content")
         messages.append(Message(role, content))
     if messages[-1].role != "user":
         raise PromptFileError(f"{where}: the last message must be from the user (the model answers it)")

@@ -238,23 +238,17 @@ def test_directory_without_jsonl(tmp_path):
     assert_error_at(tmp_path, None, lambda: load_prompts(tmp_path), "no *.jsonl")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: _ID_PATTERN ends in '$', which also matches before a trailing newline, "
-                                       "so an id such as 'abc\\n' passes validation")
 def test_id_with_trailing_newline_rejected(tmp_path):
     f = write(tmp_path / "p.jsonl", line(id="abc\n", category="c", text="t"))
     assert_error_at(f, 1, lambda: load_prompts(f), "id")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: json.loads raises RecursionError on deeply nested JSON; load_prompts "
-                                       "only catches JSONDecodeError, so the RecursionError escapes")
 def test_deeply_nested_json_gives_prompt_file_error(tmp_path):
     f = tmp_path / "deep.jsonl"
     f.write_text("[" * 100_000 + "\n")
     assert_error_at(f, 1, lambda: load_prompts(f), "JSON")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an integer literal over Python's 4300-digit limit makes json.loads raise "
-                                       "ValueError (not JSONDecodeError), which load_prompts does not catch")
 def test_huge_integer_literal_gives_prompt_file_error(tmp_path):
     f = tmp_path / "bigint.jsonl"
     f.write_text('{"id": "a", "category": "c", "text": "t", "max_new_tokens": ' + "1" * 5000 + "}\n")
@@ -374,9 +368,6 @@ def test_tokenize_empty_result_is_prompt_file_error():
         tokenize_prompts([prompt], EmptyTokenizer())
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a JSON escape of a lone surrogate (\\ud800) passes load_prompts; "
-                                       "tokenize_prompts then crashes with the tokenizer's TypeError instead of a "
-                                       "PromptFileError naming file:line")
 def test_lone_surrogate_gives_prompt_file_error(tmp_path, stories_tokenizer):
     f = tmp_path / "sur.jsonl"
     f.write_text('{"id": "a", "category": "c", "text": "x\\ud800"}\n')

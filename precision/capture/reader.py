@@ -75,6 +75,8 @@ class CaptureReader:
         self.path = Path(path)
         self.manifest = self._load_manifest()
         where = str(self.path / schema.MANIFEST)
+        if not isinstance(self.manifest["prompts"], list) or not self.manifest["prompts"]:
+            raise CaptureFormatError(f"{where}: 'prompts' must be a non-empty list of prompt entries; the manifest is damaged, capture again")
         self.prompts = [PromptRecord.from_json(p, f"{where} prompts[{i}]") for i, p in enumerate(self.manifest["prompts"])]
         for position, record in enumerate(self.prompts):
             self._check_record(record, position)
@@ -111,8 +113,10 @@ class CaptureReader:
         return data
 
     def _check_record(self, record: PromptRecord, position: int) -> None:
+        if record.index != position:
+            raise CaptureFormatError(f"{self.path}: prompt {record.id!r} is entry {position} of the manifest but says index {record.index}; the manifest is damaged, capture again")
         expected_name = schema.tensor_file_name(record.index)
-        if record.file != expected_name or record.index != position:
+        if record.file != expected_name:
             # Paths come from a file a user may have edited: only our own naming is accepted, so none escapes.
             raise CaptureFormatError(f"{self.path}: prompt {record.id!r} names tensor file {record.file!r}; expected {expected_name!r}")
         path = self.tensor_path(record)
