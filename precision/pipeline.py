@@ -1,10 +1,12 @@
-"""The main job as one function: capture reference (+ FP32 truth) and target, compare, judge, report.
+"""The main job as one function: capture reference, FP32 truth, target and the implementation envelope; compare;
+analyse; judge; report.
 
     RUN_DIR/
-      run.json                      the configuration of this run
-      captures/reference|truth|target/   capture directories (see precision.capture)
-      comparison.json               precision.analysis.compare
-      report.html, summary.md, summary.json   precision.report (summary.json is written last)
+      run.json                                 the configuration of this run
+      captures/reference|truth|target/         capture directories (see precision.capture)
+      captures/envelope/<member>/              the reference re-run with each implementation variant
+      comparison.json                          precision.analysis.compare + the analysis section
+      report.html, summary.md, summary.json    precision.report (summary.json is written last)
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from precision.analysis.compare import compare_captures
+from precision.analysis.envelope import DEFAULT_MAX_TOKENS, DEFAULT_MEMBERS, envelope_prompt_ids, member_name
 from precision.analysis.verdict import Thresholds, Verdict, judge
 from precision.backends import BackendOptions, create_backend, parse_spec
 from precision.capture.reader import CaptureReader
 from precision.capture.sites import CaptureSelection
 from precision.capture.writer import CapturePlan, capture
+from precision.errors import MismatchedCapturesError
 from precision.io import prepare_output_dir, write_json_atomic
 from precision.model import ModelInfo, inspect_model
 from precision.planning import plan_from_prompts
@@ -30,6 +34,7 @@ log = logging.getLogger(__name__)
 DEFAULT_REFERENCE = "hf:cpu:bf16"
 DEFAULT_TRUTH = "hf:cpu:fp32"
 FALLBACK_TARGET = "hf:cpu:fp16"
+DEFAULT_REPEATS = 3
 
 
 def default_target() -> str:
@@ -42,16 +47,25 @@ class RunConfig:
     prompts: Path
     out: Path
     model: Path | None = None
+    target_model: Path | None = None
+    """A different checkpoint for the target (a converted or quantized model); same architecture."""
     reference: str = DEFAULT_REFERENCE
     target: str | None = None
+    target_variants: tuple[str, ...] = ()
+    """Implementation variants or planted faults applied to a transformers target (precision.backends.variants)."""
     truth: str | None = DEFAULT_TRUTH
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     selection: CaptureSelection = field(default_factory=CaptureSelection)
     engine_args: dict = field(default_factory=dict)
+    envelope: tuple[tuple[str, ...], ...] = DEFAULT_MEMBERS
+    envelope_max_tokens: int = DEFAULT_MAX_TOKENS
+    replay: bool = True
+    repeats: int = DEFAULT_REPEATS
     trust_remote_code: bool = False
     thresholds: Thresholds = field(default_factory=Thresholds)
     force: bool = False
     resume: bool = False
+    show_progress: bool = True
     command: str | None = None
 
 
@@ -71,41 +85,79 @@ def resolve_model(model: Path | None) -> ModelInfo:
     return inspect_model(model)
 
 
-def capture_role(role: str, spec: str, model: ModelInfo, plan: CapturePlan, run_dir: Path, config: RunConfig) -> CaptureReader:
+def capture_role(role: str, spec: str, model: ModelInfo, plan: CapturePlan, run_dir: Path, config: RunConfig, *,
+                 options: BackendOptions | None = None, repeats: int = 1) -> CaptureReader:
     out = run_dir / "captures" / role
     if config.resume and (out / "manifest.json").is_file():
         log.info("reusing the finished %s capture in %s", role, out)
         return CaptureReader(out)
-    options = BackendOptions(trust_remote_code=config.trust_remote_code, engine_args=config.engine_args if role == "target" else {})
+    options = options or BackendOptions(trust_remote_code=config.trust_remote_code)
+    if options.max_model_len is None:
+        # +1: an engine's capture pass asks for one token after the whole teacher-forced sequence
+        options = BackendOptions(**{**options.__dict__, "max_model_len": min(plan.max_tokens_needed + 1, model.max_position_embeddings)})
     backend = create_backend(parse_spec(spec), model, options)
-    return capture(backend, plan, out, selection=config.selection, resume=config.resume)
+    return capture(backend, plan, out, selection=config.selection, resume=config.resume, show_progress=config.show_progress, repeats=repeats)
+
+
+def _check_same_architecture(reference: ModelInfo, target: ModelInfo) -> None:
+    for key in ("num_layers", "hidden_size", "vocab_size"):
+        if getattr(reference, key) != getattr(target, key):
+            raise MismatchedCapturesError(f"--target-model {target.path} has {key} {getattr(target, key)}, the reference model "
+                                          f"{getattr(reference, key)}; the target must be the same architecture")
 
 
 def run(config: RunConfig) -> RunResult:
-    target = config.target or default_target()
-    for spec in (config.reference, target, config.truth):
+    target_spec = config.target or default_target()
+    for spec in (config.reference, target_spec, config.truth):
         if spec is not None:
             parse_spec(spec)  # fail on a misspelled backend before any model is loaded
     model = resolve_model(config.model)
+    target_model = inspect_model(config.target_model) if config.target_model else model
+    _check_same_architecture(model, target_model)
     plan = plan_from_prompts(config.prompts, model, max_new_tokens=config.max_new_tokens, trust_remote_code=config.trust_remote_code)
     prepare_output_dir(config.out, force=config.force, complete_marker="summary.json", resume=config.resume)
     write_json_atomic(config.out / "run.json", {
-        "prompts": str(config.prompts), "model": model.path, "reference": config.reference, "target": target,
-        "truth": config.truth, "max_new_tokens": config.max_new_tokens, "selection": config.selection.to_json(),
-        "engine_args": config.engine_args, "command": config.command,
+        "prompts": str(config.prompts), "model": model.path, "target_model": target_model.path, "reference": config.reference,
+        "target": target_spec, "target_variants": list(config.target_variants), "truth": config.truth,
+        "max_new_tokens": config.max_new_tokens, "selection": config.selection.to_json(), "engine_args": config.engine_args,
+        "envelope": [member_name(m) for m in config.envelope], "replay": config.replay, "repeats": config.repeats,
+        "command": config.command,
     })
     reference = capture_role("reference", config.reference, model, plan, config.out, config)
     following = CapturePlan.following(reference)
     truth = capture_role("truth", config.truth, model, following, config.out, config) if config.truth else None
-    actual = capture_role("target", target, model, following, config.out, config)
-    return compare_and_report(reference, actual, truth, config.out, thresholds=config.thresholds, command=config.command)
+    target_options = BackendOptions(trust_remote_code=config.trust_remote_code, engine_args=config.engine_args, variants=config.target_variants)
+    actual = capture_role("target", target_spec, target_model, following, config.out, config, options=target_options, repeats=config.repeats)
+    members, envelope_ids = capture_envelope(reference, model, following, config)
+    return compare_and_report(reference, actual, truth, config.out, members=members, envelope_prompts=envelope_ids,
+                              replay=config.replay, thresholds=config.thresholds, command=config.command, show_progress=config.show_progress)
+
+
+def capture_envelope(reference: CaptureReader, model: ModelInfo, following: CapturePlan, config: RunConfig) -> tuple[dict[str, CaptureReader], list[str]]:
+    """The reference re-run with each envelope member, on the prompts short enough for all of them."""
+    ids = envelope_prompt_ids(reference, config.envelope_max_tokens)
+    if not config.envelope or not ids:
+        return {}, ids
+    members = {}
+    for member in config.envelope:
+        name = member_name(member)
+        options = BackendOptions(trust_remote_code=config.trust_remote_code, variants=member)
+        members[name] = capture_role(f"envelope/{name}", config.reference, model, following.subset(ids), config.out, config, options=options)
+    return members, ids
 
 
 def compare_and_report(expected: CaptureReader, actual: CaptureReader, truth: CaptureReader | None, out: Path, *,
-                       thresholds: Thresholds | None = None, command: str | None = None) -> RunResult:
+                       members: dict[str, CaptureReader] | None = None, envelope_prompts: list[str] | None = None,
+                       replay: bool = True, thresholds: Thresholds | None = None, command: str | None = None,
+                       show_progress: bool = True) -> RunResult:
+    from precision.analysis.explain import build_analysis
+    from precision.analysis.replay import Replayer
     from precision.report import write_report
 
-    comparison = compare_captures(expected, actual, truth=truth, show_progress=True)
+    comparison = compare_captures(expected, actual, truth=truth, show_progress=show_progress)
+    replayer = Replayer(expected.manifest["model"]["path"], expected.dtype) if replay else None
+    comparison["analysis"] = build_analysis(comparison, reference=expected, target=actual, members=members,
+                                            envelope_prompts=envelope_prompts, replayer=replayer)
     write_json_atomic(out / "comparison.json", comparison)
     verdict = judge(comparison, thresholds)
     files = write_report(out, comparison, verdict, command=command)

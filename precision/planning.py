@@ -24,9 +24,10 @@ def plan_from_prompts(prompts_path: str | Path, model: ModelInfo, *, max_new_tok
     limit = min(model.max_position_embeddings, max_model_len or model.max_position_embeddings)
     planned, skipped = [], []
     for item in tokenized:
-        needed = len(item.token_ids) + item.max_new_tokens
+        # One position stays free: engines run the teacher-forced sequence and ask for one more token.
+        needed = len(item.token_ids) + item.max_new_tokens + 1
         if needed > limit:
-            reason = f"needs {len(item.token_ids)} prompt + {item.max_new_tokens} new tokens = {needed}, the model's context is {limit}"
+            reason = f"needs {len(item.token_ids)} prompt + {item.max_new_tokens} new tokens + 1 = {needed}, the model's context is {limit}"
             if item.skip_if_too_long:
                 skipped.append({"id": item.id, "reason": reason})
                 continue

@@ -6,8 +6,9 @@ from precision.capture.reader import CaptureReader
 from precision.errors import MismatchedCapturesError
 
 
-def check_comparable(expected: CaptureReader, actual: CaptureReader, *, role: str = "actual") -> None:
-    """Raise MismatchedCapturesError unless both captures ran the same model shape on the same token ids."""
+def check_comparable(expected: CaptureReader, actual: CaptureReader, *, role: str = "actual", prompt_ids: list[str] | None = None) -> None:
+    """Raise MismatchedCapturesError unless both captures ran the same model shape on the same token ids
+    (restricted to ``prompt_ids`` when given)."""
     e_model, a_model = expected.manifest["model"], actual.manifest["model"]
     where = f"{expected.path} (expected) and {actual.path} ({role})"
     for key, what in (("vocab_size", "vocabulary size"), ("num_layers", "layer count"), ("hidden_size", "hidden size")):
@@ -17,12 +18,17 @@ def check_comparable(expected: CaptureReader, actual: CaptureReader, *, role: st
     for key in ("vocab_size", "tokenizer_json_sha256", "chat_template_sha256"):
         if e_tok.get(key) != a_tok.get(key):
             raise MismatchedCapturesError(f"{where} were tokenized differently ({key}: {e_tok.get(key)} vs {a_tok.get(key)}); capture the {role} side with --teacher-forcing pointing at the reference capture")
-    e_ids, a_ids = [r.id for r in expected.prompts], [r.id for r in actual.prompts]
+    if prompt_ids is not None:
+        for capture, name in ((expected, "expected"), (actual, role)):
+            missing = set(prompt_ids) - {r.id for r in capture.prompts}
+            if missing:
+                raise MismatchedCapturesError(f"{capture.path} ({name}) lacks prompt(s) {sorted(missing)}")
+    e_ids, a_ids = [r.id for r in expected.records(prompt_ids)], [r.id for r in actual.records(prompt_ids)]
     if e_ids != a_ids:
         raise MismatchedCapturesError(f"{where} hold different prompts ({e_ids[:5]} vs {a_ids[:5]}); capture both from the same prompt set")
     if expected.manifest["selection"] != actual.manifest["selection"]:
         raise MismatchedCapturesError(f"{where} kept different positions or layers ({expected.manifest['selection']} vs {actual.manifest['selection']}); capture both with the same --positions and --layers")
-    for e, a in zip(expected.prompts, actual.prompts):
+    for e, a in zip(expected.records(prompt_ids), actual.records(prompt_ids)):
         if e.forced_ids != a.forced_ids:
             first = next((i for i, (x, y) in enumerate(zip(e.forced_ids, a.forced_ids)) if x != y), min(len(e.forced_ids), len(a.forced_ids)))
             raise MismatchedCapturesError(

@@ -84,16 +84,20 @@ def describe_capture(reader: CaptureReader | None) -> dict | None:
 
 
 def compare_captures(expected: CaptureReader, actual: CaptureReader, *, truth: CaptureReader | None = None,
-                     verify: bool = True, show_progress: bool = False) -> dict:
-    """The comparison document of ``actual`` against ``expected`` (see the module docstring)."""
+                     verify: bool = True, show_progress: bool = False, prompt_ids: list[str] | None = None) -> dict:
+    """The comparison document of ``actual`` against ``expected`` (see the module docstring).
+
+    ``prompt_ids`` restricts the comparison to those prompts (each capture must hold them all); otherwise both
+    captures must hold the same prompts."""
     from tqdm import tqdm
 
-    check_comparable(expected, actual)
+    check_comparable(expected, actual, prompt_ids=prompt_ids)
     if truth is not None:
-        check_comparable(expected, truth, role="truth")
-    truth_records = truth.prompts if truth is not None else [None] * len(expected.prompts)
+        check_comparable(expected, truth, role="truth", prompt_ids=prompt_ids)
+    e_records, a_records = expected.records(prompt_ids), actual.records(prompt_ids)
+    t_records = truth.records(prompt_ids) if truth is not None else [None] * len(e_records)
     prompts = []
-    for e, a, t in tqdm(list(zip(expected.prompts, actual.prompts, truth_records)), desc="compare", unit="prompt", disable=not show_progress):
+    for e, a, t in tqdm(list(zip(e_records, a_records, t_records)), desc="compare", unit="prompt", disable=not show_progress):
         prompts.append(_compare_prompt(expected, actual, truth, e, a, t, verify=verify))
     return {
         "schema_version": SCHEMA_VERSION,
@@ -106,7 +110,7 @@ def compare_captures(expected: CaptureReader, actual: CaptureReader, *, truth: C
         "skipped_prompts": expected.manifest.get("skipped", []),
         "definitions": DEFINITIONS,
         "prompts": prompts,
-        "sites": _pool_sites(prompts),
+        "sites": pool_sites(prompts),
     }
 
 
@@ -191,7 +195,7 @@ def _compare_logits(eh: Any, ah: Any, positions: list[int], forced_ids: tuple[in
     }
 
 
-def _pool_sites(prompts: list[dict]) -> list[dict]:
+def pool_sites(prompts: list[dict]) -> list[dict]:
     """Per-site figures pooled over prompts (weights: each prompt's elements and norms)."""
     pooled: dict[str, dict] = {}
     for prompt in prompts:

@@ -13,7 +13,16 @@ Rule table (defaults in ``Thresholds``; every finding carries the sentence that 
 | gross-error     | FAIL   | relative L2 at any site > rel_l2_fail (0.1): far beyond what BF16 rounding produces     |
 | large-error     | WARN   | without FP32 truth: relative L2 at any site > rel_l2_warn (0.03)                        |
 | self-check      | PASS   | none of the above                                                                       |
-The overall verdict is the worst prompt verdict.
+Run-level rules, from the analysis section (pooled over prompts; the first offending step is named):
+| local-R         | FAIL   | a step's local R (its distance from an FP32 replay of its own input, over the          |
+|                 |        | reference's BF16 rounding of it) > local_r_fail (1.5)                                   |
+| local-gain      | FAIL   | a step's |local gain| > max(gain_floor (1e-3), gain_fail_factor (4) x the envelope's)   |
+| local-envelope  | FAIL   | a step's local error > local_ratio_fail (3) x the largest local error of any envelope   |
+|                 |        | member                                                                                  |
+| envelope        | WARN   | the target's total error at a site > envelope_warn (2) x the largest envelope member's  |
+| nondeterminism  | WARN   | repeated target runs on the same inputs generated different tokens                      |
+| explained       | PASS   | otherwise: every step's local error is what implementation choices produce              |
+The overall verdict is the worst of the prompt verdicts and the run-level findings.
 """
 
 from __future__ import annotations
@@ -43,6 +52,11 @@ class Thresholds:
     r_layer_warn: float = 1.5
     rel_l2_fail: float = 0.1
     rel_l2_warn: float = 0.03
+    local_r_fail: float = 1.5
+    local_ratio_fail: float = 3.0
+    gain_fail_factor: float = 4.0
+    gain_floor: float = 1e-3
+    envelope_warn: float = 2.0
 
     @classmethod
     def from_mapping(cls, values: dict) -> "Thresholds":
@@ -74,17 +88,22 @@ class Verdict:
     status: Status
     prompts: tuple[PromptVerdict, ...]
     thresholds: Thresholds = field(default_factory=Thresholds)
+    findings: tuple[Finding, ...] = ()
+    """Run-level findings (local error, envelope, determinism)."""
 
     @property
     def summary(self) -> str:
         counts = {s: sum(p.status is s for p in self.prompts) for s in Status}
-        return f"{self.status.value}: {counts[Status.PASS]} pass, {counts[Status.WARN]} warn, {counts[Status.FAIL]} fail of {len(self.prompts)} prompts"
+        text = f"{self.status.value}: {counts[Status.PASS]} pass, {counts[Status.WARN]} warn, {counts[Status.FAIL]} fail of {len(self.prompts)} prompts"
+        failing = [f for f in self.findings if f.status is not Status.PASS]
+        return text + (f"; run-level: {', '.join(f.rule for f in failing)}" if failing else "")
 
     def to_json(self) -> dict:
         return {
             "status": self.status.value,
             "summary": self.summary,
             "thresholds": {f.name: getattr(self.thresholds, f.name) for f in fields(self.thresholds)},
+            "findings": [{"rule": f.rule, "status": f.status.value, "message": f.message} for f in self.findings],
             "prompts": [
                 {"id": p.id, "status": p.status.value, "findings": [{"rule": f.rule, "status": f.status.value, "message": f.message} for f in p.findings]}
                 for p in self.prompts
@@ -95,7 +114,59 @@ class Verdict:
 def judge(comparison: dict, thresholds: Thresholds | None = None) -> Verdict:
     thresholds = thresholds or Thresholds()
     prompts = tuple(_judge_prompt(p, thresholds) for p in comparison["prompts"])
-    return Verdict(status=worst(p.status for p in prompts), prompts=prompts, thresholds=thresholds)
+    findings = tuple(_judge_analysis(comparison.get("analysis"), thresholds))
+    status = worst([p.status for p in prompts] + [f.status for f in findings])
+    return Verdict(status=status, prompts=prompts, thresholds=thresholds, findings=findings)
+
+
+def _judge_analysis(analysis: dict | None, th: Thresholds) -> list[Finding]:
+    if not analysis:
+        return []
+    findings: list[Finding] = []
+    local = analysis.get("local") or {}
+    steps = local.get("steps", [])
+    for step in steps:
+        site = step["site"]
+        if step["local_R"] > th.local_r_fail:
+            findings.append(Finding("local-R", Status.FAIL,
+                f"{site} adds error of its own: replayed on the target's own input, its output is {step['local_R']:.2f}x as far from "
+                f"FP32 as the reference's BF16 rounding of the same step (limit {th.local_r_fail}); local error {step['local']:.2e}, "
+                f"largest envelope member {step['envelope_local_max']:.2e}"))
+            break
+        gain, envelope_gain = step.get("local_gain"), step.get("envelope_gain_max")
+        if gain is not None and abs(gain) > max(th.gain_floor, th.gain_fail_factor * (envelope_gain or 0.0)):
+            findings.append(Finding("local-gain", Status.FAIL,
+                f"{site} computes its update scaled by (1 {'+' if gain > 0 else '-'} {abs(gain):.2e}): a systematic error along what the "
+                f"layer computes, where implementation variants show at most {envelope_gain or 0.0:.1e} "
+                f"(limit max({th.gain_floor:g}, {th.gain_fail_factor:g}x that))"))
+            break
+        if step.get("local_ratio") is not None and step["local_ratio"] > th.local_ratio_fail:
+            findings.append(Finding("local-envelope", Status.FAIL,
+                f"{site}'s local error {step['local']:.2e} is {step['local_ratio']:.1f}x the largest any implementation variant adds there "
+                f"({step['envelope_local_max']:.2e}; limit {th.local_ratio_fail}x)"))
+            break
+    envelope = analysis.get("envelope")
+    if envelope:
+        outside = [row for row in envelope["sites"] if row["ratio"] > th.envelope_warn]
+        if outside:
+            row = outside[0]
+            findings.append(Finding("envelope", Status.WARN,
+                f"at {row['site']} the target differs from the reference by {row['target']:.2e}, {row['ratio']:.1f}x the largest of "
+                f"{len(row['members'])} implementation variants ({row['max']:.2e}); {len(outside)} site(s) are outside {th.envelope_warn}x"))
+    repeat = analysis.get("determinism")
+    if repeat and repeat["tokens_identical"] < repeat["prompts"]:
+        findings.append(Finding("nondeterminism", Status.WARN,
+            f"repeated target runs ({repeat['runs']} per prompt) generated different tokens on {repeat['prompts'] - repeat['tokens_identical']} "
+            f"of {repeat['prompts']} prompts; run-to-run relative L2 up to {repeat['max_relative_l2']:.2e}"))
+    if steps and not any(f.status is Status.FAIL for f in findings):
+        worst_r = max(steps, key=lambda s: s["local_R"])
+        ratios = [s for s in steps if s.get("local_ratio") is not None]
+        worst_ratio = max(ratios, key=lambda s: s["local_ratio"]) if ratios else None
+        ratio_text = f", largest local error relative to the envelope {worst_ratio['local_ratio']:.2f}x at {worst_ratio['site']}" if worst_ratio else ""
+        findings.append(Finding("explained", Status.PASS,
+            f"every step's own error is what implementation choices produce: largest local R {worst_r['local_R']:.2f} at {worst_r['site']}"
+            f"{ratio_text}; the rest is inherited and amplified"))
+    return findings
 
 
 def _judge_prompt(prompt: dict, th: Thresholds) -> PromptVerdict:

@@ -48,6 +48,8 @@ class BackendOptions:
     trust_remote_code: bool = False
     engine_args: dict[str, Any] = field(default_factory=dict)
     max_model_len: int | None = None
+    variants: tuple[str, ...] = ()
+    """Implementation variants or planted faults (precision.backends.variants); transformers backend only."""
 
 
 class Backend(abc.ABC):

@@ -48,6 +48,10 @@ class TransformersBackend(Backend):
     def _activate_impl(self) -> None:
         self._device = resolve_device(self.spec.device)
         self._model = load_hf_model(self.model.path, self.spec.torch_dtype_name, self._device, trust_remote_code=self.options.trust_remote_code)
+        if self.options.variants:
+            from precision.backends.variants import apply_variants
+
+            apply_variants(self._model, self.options.variants)
         decoder = getattr(self._model, "model", None)
         if decoder is None or not all(hasattr(decoder, a) for a in ("embed_tokens", "layers", "norm")):
             raise ModelError(f"{self.model.path}: {type(self._model).__name__} has no model.embed_tokens / layers / norm; only Llama-family decoders are supported")
@@ -110,5 +114,6 @@ class TransformersBackend(Backend):
             "dtype": self.spec.torch_dtype_name,
             "attn_implementation": getattr(config, "_attn_implementation", None),
             "settings": {"trust_remote_code": self.options.trust_remote_code, "seed": self.options.seed},
+            "variants": list(self.options.variants),
             **describe_device(self._device),
         }

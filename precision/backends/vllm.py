@@ -41,6 +41,8 @@ class VllmBackend(Backend):
     # -- settings ---------------------------------------------------------------------------------------------
     def engine_kwargs(self) -> dict[str, Any]:
         """The LLM(...) arguments: capture-safe defaults, then the user's engine args after validation."""
+        if self.options.variants:
+            raise BackendError("implementation variants and planted faults apply to the transformers backend only")
         user = dict(self.options.engine_args)
         for key, (bad_value, why) in _REFUSED.items():
             if key in user and bool(user[key]) == bad_value:

@@ -32,6 +32,8 @@ class PromptRecord:
     sha256: str
     bytes: int
     tensors: dict[str, dict[str, Any]]
+    determinism: dict[str, Any] | None = None
+    """With repeated runs: {"runs", "tokens_identical", "tensors_identical", "max_relative_l2"}."""
 
     @property
     def forced_ids(self) -> tuple[int, ...]:
@@ -46,7 +48,7 @@ class PromptRecord:
             "index": self.index, "id": self.id, "category": self.category, "rendering": self.rendering,
             "prompt_ids": list(self.prompt_ids), "continuation_ids": list(self.continuation_ids),
             "generated_ids": list(self.generated_ids), "file": self.file, "sha256": self.sha256,
-            "bytes": self.bytes, "tensors": self.tensors,
+            "bytes": self.bytes, "tensors": self.tensors, "determinism": self.determinism,
         }
 
     @classmethod
@@ -63,6 +65,7 @@ class PromptRecord:
                 generated_ids=tuple(int(t) for t in data["generated_ids"]),
                 file=str(data["file"]), sha256=str(data["sha256"]), bytes=int(data["bytes"]),
                 tensors=dict(data["tensors"]),
+                determinism=data.get("determinism"),
             )
         except (TypeError, ValueError) as exc:
             raise CaptureFormatError(f"{where}: prompt entry has a value of the wrong type ({exc}); capture again") from exc
@@ -125,6 +128,13 @@ class CaptureReader:
         size = path.stat().st_size
         if size != record.bytes:
             raise CaptureFormatError(f"{path} has {size:,} bytes, the manifest says {record.bytes:,}: the file is truncated or was replaced; capture again")
+
+    def records(self, prompt_ids: list[str] | None = None) -> list[PromptRecord]:
+        """The prompt records, in capture order, restricted to ``prompt_ids`` when given."""
+        if prompt_ids is None:
+            return list(self.prompts)
+        wanted = set(prompt_ids)
+        return [r for r in self.prompts if r.id in wanted]
 
     # -- facts ------------------------------------------------------------------------------------------------
     @property

@@ -49,6 +49,15 @@ class CapturePlan:
     teacher_capture: str | None = None
     teacher_manifest_sha256: str | None = None
 
+    def subset(self, prompt_ids: list[str]) -> "CapturePlan":
+        wanted = set(prompt_ids)
+        return CapturePlan(prompts=tuple(p for p in self.prompts if p.id in wanted), tokenizer=self.tokenizer, skipped=self.skipped,
+                           teacher_capture=self.teacher_capture, teacher_manifest_sha256=self.teacher_manifest_sha256)
+
+    @property
+    def max_tokens_needed(self) -> int:
+        return max(len(p.prompt_ids) + (len(p.continuation_ids) if p.continuation_ids is not None else p.max_new_tokens) for p in self.prompts)
+
     @classmethod
     def following(cls, reference: CaptureReader) -> "CapturePlan":
         """The plan for a target: the reference's stored token ids and continuations, fed unchanged."""
@@ -100,8 +109,11 @@ def _resume_records(out_dir: Path, header: dict, plan: CapturePlan) -> list[Prom
 
 
 def capture(backend: Backend, plan: CapturePlan, out_dir: str | Path, *, selection: CaptureSelection = CaptureSelection(),
-            resume: bool = False, force: bool = False, show_progress: bool = True) -> CaptureReader:
-    """Run ``backend`` over ``plan`` and write a complete capture directory at ``out_dir``."""
+            resume: bool = False, force: bool = False, show_progress: bool = True, repeats: int = 1) -> CaptureReader:
+    """Run ``backend`` over ``plan`` and write a complete capture directory at ``out_dir``.
+
+    ``repeats`` > 1 runs every prompt that many times on the same inputs (generation and capture) and records in
+    the manifest whether the runs were bitwise identical, and how far apart they were if not."""
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
@@ -120,7 +132,7 @@ def capture(backend: Backend, plan: CapturePlan, out_dir: str | Path, *, selecti
         progress.flush()
         todo = plan.prompts[len(records):]
         for index, planned in enumerate(tqdm(todo, desc=f"capture {backend.spec}", unit="prompt", disable=not show_progress), start=len(records)):
-            record = _capture_one(backend, planned, index, out_dir, selection)
+            record = _capture_one(backend, planned, index, out_dir, selection, repeats)
             records.append(record)
             progress.write(json.dumps(record.to_json()) + "\n")
             progress.flush()
@@ -143,12 +155,13 @@ def capture(backend: Backend, plan: CapturePlan, out_dir: str | Path, *, selecti
         "prompts": [r.to_json() for r in records],
         "skipped": list(plan.skipped),
         "runtime_seconds": round(time.perf_counter() - started, 3),
+        "repeats": repeats,
     }
     write_json_atomic(out_dir / schema.MANIFEST, manifest)
     return CaptureReader(out_dir)
 
 
-def _capture_one(backend: Backend, planned: PlannedPrompt, index: int, out_dir: Path, selection: CaptureSelection) -> PromptRecord:
+def _capture_one(backend: Backend, planned: PlannedPrompt, index: int, out_dir: Path, selection: CaptureSelection, repeats: int) -> PromptRecord:
     generated = tuple(backend.generate(planned.prompt_ids, planned.max_new_tokens))
     continuation = generated if planned.continuation_ids is None else planned.continuation_ids
     name = schema.tensor_file_name(index)
@@ -164,11 +177,38 @@ def _capture_one(backend: Backend, planned: PlannedPrompt, index: int, out_dir: 
         tmp.unlink(missing_ok=True)
         raise
     tensors = _tensor_listing(final)
+    determinism = _repeat(backend, planned, continuation, generated, final, selection, repeats) if repeats > 1 else None
     return PromptRecord(
         index=index, id=planned.id, category=planned.category, rendering=planned.rendering,
         prompt_ids=planned.prompt_ids, continuation_ids=tuple(continuation), generated_ids=generated,
-        file=name, sha256=sha256_file(final), bytes=final.stat().st_size, tensors=tensors,
+        file=name, sha256=sha256_file(final), bytes=final.stat().st_size, tensors=tensors, determinism=determinism,
     )
+
+
+def _repeat(backend: Backend, planned: PlannedPrompt, continuation: tuple[int, ...], generated: tuple[int, ...],
+            first: Path, selection: CaptureSelection, repeats: int) -> dict:
+    """Run the prompt again ``repeats - 1`` times; compare tokens and every tensor with the first run."""
+    import torch
+    from safetensors.torch import load_file
+
+    from precision.metrics import relative_l2_error
+
+    reference = load_file(str(first))
+    tokens_identical, tensors_identical, worst = True, True, 0.0
+    scratch = first.with_name(f".{first.name}.repeat")
+    try:
+        for _ in range(repeats - 1):
+            tokens_identical &= tuple(backend.generate(planned.prompt_ids, planned.max_new_tokens)) == generated
+            backend.capture(planned.prompt_ids + continuation, selection, scratch)
+            again = load_file(str(scratch))
+            for name, tensor in reference.items():
+                if not torch.equal(tensor, again[name]):
+                    tensors_identical = False
+                    if tensor.is_floating_point():
+                        worst = max(worst, relative_l2_error(tensor.double().numpy(), again[name].double().numpy()))
+    finally:
+        scratch.unlink(missing_ok=True)
+    return {"runs": repeats, "tokens_identical": tokens_identical, "tensors_identical": tensors_identical, "max_relative_l2": worst}
 
 
 def _tensor_listing(path: Path) -> dict[str, dict[str, Any]]:

@@ -13,7 +13,7 @@ DEFINITIONS: dict[str, str] = {
     "non_finite": "Counts of NaN and Inf on each side, and the first [position, column] where either side is not finite. Never dropped silently.",
     "kl": "KL(p_e || p_a) = sum_v p_e(v) (log p_e(v) - log p_a(v)) of the softmax of the full-vocabulary logits at one position, in nats, float64.",
     "top1_agree": "Share of positions where argmax of the target's logits equals argmax of the reference's (teacher-forced, so both saw the same tokens).",
-    "top5_overlap": "Mean over positions of |top5(e) ∩ top5(a)| / 5.",
+    "top5_overlap": "Mean over positions of |top5(e) ∩ top5(a)| / 5 (/ the vocabulary size when it is below 5).",
     "expected_margin": "The reference's top-1 minus top-2 logit at a position; a flip at a small margin is a near-tie.",
     "near_tie": "A teacher-forced top-1 disagreement is a near-tie flip when the reference's top-1/top-2 margin is at most twice the largest logit difference measured at that position; otherwise it is a real flip.",
     "token_match_rate": "Free-running greedy generation: positions where the target's token equals the reference's, over the longer length.",

@@ -24,20 +24,34 @@ def _as_float64(x) -> np.ndarray:
 
 
 def _finite_pair(expected, actual) -> tuple[np.ndarray, np.ndarray]:
-    e, a = _as_float64(expected).ravel(), _as_float64(actual).ravel()
+    e, a = _as_float64(expected), _as_float64(actual)
     if e.shape != a.shape:
-        raise ValueError(f"shape mismatch: expected {np.shape(expected)} vs actual {np.shape(actual)}")
+        raise ValueError(f"shape mismatch: expected {e.shape} vs actual {a.shape}")
+    e, a = e.ravel(), a.ravel()
     keep = np.isfinite(e) & np.isfinite(a)
     if keep.all():
         return e, a
     return e[keep], a[keep]
 
 
+_SAFE_RANGE = (1e-150, 1e150)
+
+
+def _norm(x: np.ndarray) -> float:
+    """L2 norm that neither underflows nor overflows in float64 (scaled by the largest magnitude when needed)."""
+    if x.size == 0:
+        return 0.0
+    largest = float(np.max(np.abs(x)))
+    if largest == 0.0 or _SAFE_RANGE[0] < largest < _SAFE_RANGE[1]:
+        return float(np.sqrt(np.dot(x, x)))
+    return largest * float(np.sqrt(np.dot(x / largest, x / largest)))
+
+
 def relative_l2_error(expected, actual) -> float:
     """Relative L2 error ||a - e||_2 / ||e||_2 over the elements finite on both sides.
     0 when both are all zero; +inf when only e is all zero; NaN when no element is finite on both sides."""
     e, a = _finite_pair(expected, actual)
-    return _relative_l2(float(np.linalg.norm(e)), float(np.linalg.norm(a - e))) if e.size else float("nan")
+    return _relative_l2(_norm(e), _norm(a - e)) if e.size else float("nan")
 
 
 def _relative_l2(norm_expected: float, norm_diff: float) -> float:
@@ -92,7 +106,7 @@ def cosine_similarity(expected, actual) -> float:
     e, a = _finite_pair(expected, actual)
     if e.size == 0:
         return float("nan")
-    return _cosine(e, a, float(np.linalg.norm(e)), float(np.linalg.norm(a)))
+    return _cosine(e, a, _norm(e), _norm(a))
 
 
 def _cosine(e: np.ndarray, a: np.ndarray, norm_e: float, norm_a: float) -> float:
@@ -100,12 +114,14 @@ def _cosine(e: np.ndarray, a: np.ndarray, norm_e: float, norm_a: float) -> float
         return 1.0
     if norm_e == 0.0 or norm_a == 0.0:
         return float("nan")
-    return float(np.clip(np.dot(e, a) / (norm_e * norm_a), -1.0, 1.0))
+    # Unit vectors first: the dot product of two tiny (or huge) vectors would underflow (overflow).
+    return float(np.clip(np.dot(e / norm_e, a / norm_a), -1.0, 1.0))
 
 
 def _bf16_ordered_bits(x: np.ndarray) -> np.ndarray:
     """bfloat16 bit patterns (round-to-nearest-even from float32) mapped to integers that are ordered like
-    the values, so that the difference of two of them counts the representable bf16 numbers between."""
+    the values, so that the difference of two of them counts the representable bf16 numbers between.
+    float64 inputs are rounded to float32 first, as torch's float64 -> bfloat16 cast does."""
     f32 = np.ascontiguousarray(x, dtype=np.float32)
     bits = f32.view(np.uint32).astype(np.int64)
     rounding = 0x7FFF + ((bits >> 16) & 1)
@@ -164,6 +180,8 @@ def non_finite(expected, actual) -> NonFinite:
     """Counts of NaN and +/-Inf in each tensor, and the index (in the tensor's own shape) of the first
     element that is non-finite on either side; None when all are finite."""
     e, a = np.asarray(expected), np.asarray(actual)
+    if e.shape != a.shape:
+        raise ValueError(f"shape mismatch: expected {e.shape} vs actual {a.shape}")
     bad_e, bad_a = ~np.isfinite(e), ~np.isfinite(a)
     either = bad_e | bad_a
     first = None
@@ -208,7 +226,7 @@ def tensor_stats(expected, actual) -> TensorStats:
         return TensorStats(nan, nan, nan, nan, nan, nan, nan, ulp_histogram(e, a), nan, int(e_raw.size), nf)
     diff = a - e
     abs_diff = np.abs(diff)
-    norm_e, norm_a, norm_d = (float(np.linalg.norm(v)) for v in (e, a, diff))
+    norm_e, norm_a, norm_d = (_norm(v) for v in (e, a, diff))
     rel = _elementwise_relative(e, a, RELATIVE_ERROR_FLOOR)
     return TensorStats(
         relative_l2=_relative_l2(norm_e, norm_d),

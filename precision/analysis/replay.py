@@ -1,0 +1,155 @@
+"""Local versus inherited error: replay each reference step on a capture's own input.
+
+For every step s (decoder layer i, the final norm, the lm_head), with x_in the capture's input to the step (its
+previous site) and x_out its output, the reference model is run once in its dtype (BF16) and once in FP32 on
+x_in:
+    local error       ‖x_out − ref16(x_in)‖ / ‖ref16(x_in)‖   what the step itself adds
+    inherited error   ‖ref16(x_in) − e_out‖ / ‖e_out‖          what the reference step would output from the
+                                                                capture's (already different) input, against the
+                                                                reference's own output e_out
+    input error       ‖x_in − e_in‖ / ‖e_in‖
+    amplification     inherited / input error                   how the step grows the error it is handed
+    local R           ‖x_out − ref32(x_in)‖ / ‖ref16(x_in) − ref32(x_in)‖
+                      how far the step is from FP32 truth, relative to the reference's own BF16 rounding
+    local gain        <x_out − ref16, u> / <u, u> with u = ref16(x_in) − x_in, the step's update: a systematic
+                      error along what the layer computes (a scaled weight, a wrong constant) shows as a gain;
+                      rounding noise, uncorrelated with the update, does not
+Replaying the reference capture itself must give local error 0 (checked by the tests): the replay is exact.
+Needs captures of every position and every layer (attention needs the whole sequence).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from precision.analysis.compare import ratio
+from precision.capture import sites as site_names
+from precision.capture.reader import CaptureReader
+from precision.metrics.tensor import ulp_histogram
+
+log = logging.getLogger(__name__)
+
+
+def replay_steps(num_layers: int) -> list[tuple[str, str]]:
+    """(input site, output site) of every replayable step, in model order."""
+    steps = [(site_names.EMBED, site_names.layer_site(0))]
+    steps += [(site_names.layer_site(i - 1), site_names.layer_site(i)) for i in range(1, num_layers)]
+    steps += [(site_names.layer_site(num_layers - 1), site_names.FINAL_NORM), (site_names.FINAL_NORM, site_names.LOGITS)]
+    return steps
+
+
+def replayable(capture: CaptureReader) -> str | None:
+    """None when the capture can be replayed, else the reason it cannot."""
+    selection = capture.manifest["selection"]
+    if selection["positions"] != "all":
+        return f"positions {selection['positions']!r} were kept; replay needs every position"
+    if selection["layers"] != "all":
+        return "only some layers were kept; replay needs every layer"
+    return None
+
+
+@dataclass
+class _Accumulator:
+    """Sums of squares pooled over prompts, per step."""
+
+    local_num: float = 0.0
+    local_den: float = 0.0
+    truth_num: float = 0.0
+    truth_den: float = 0.0
+    inherited_num: float = 0.0
+    out_den: float = 0.0
+    input_num: float = 0.0
+    input_den: float = 0.0
+    ulp_weighted: dict | None = None
+    elements: int = 0
+    gain_num: float = 0.0
+    update_den: float = 0.0
+
+    def add(self, x_in, x_out, r16, r32, e_in, e_out) -> None:
+        sq = lambda v: float(np.dot(v.ravel(), v.ravel()))  # noqa: E731
+        self.local_num += sq(x_out - r16)
+        self.local_den += sq(r16)
+        self.truth_num += sq(x_out - r32)
+        self.truth_den += sq(r16 - r32)
+        self.inherited_num += sq(r16 - e_out)
+        self.out_den += sq(e_out)
+        self.input_num += sq(x_in - e_in)
+        self.input_den += sq(e_in)
+        if x_in.shape == r16.shape:  # decoder layers and the norm: the step's own update is r16 - x_in
+            update = r16 - x_in
+            self.gain_num += float(np.dot((x_out - r16).ravel(), update.ravel()))
+            self.update_den += sq(update)
+        shares = ulp_histogram(r16, x_out)
+        n = x_out.size
+        self.ulp_weighted = {k: (self.ulp_weighted or {}).get(k, 0.0) + v * n for k, v in shares.items()}
+        self.elements += n
+
+    def result(self, step_in: str, step_out: str) -> dict:
+        local = ratio(math.sqrt(self.local_num), math.sqrt(self.local_den))
+        inherited = ratio(math.sqrt(self.inherited_num), math.sqrt(self.out_den))
+        input_err = ratio(math.sqrt(self.input_num), math.sqrt(self.input_den))
+        return {
+            "site": step_out,
+            "input_site": step_in,
+            "local": local,
+            "inherited": inherited,
+            "input": input_err,
+            "amplification": ratio(inherited, input_err) if input_err > 0 else None,
+            "local_R": ratio(math.sqrt(self.truth_num), math.sqrt(self.truth_den)),
+            # Least-squares gain of the local difference along the step's own update: a layer that computes
+            # (1 + g) times its update has gain g; rounding noise has none (see the gain rule in verdict.py).
+            "local_gain": self.gain_num / self.update_den if self.update_den > 0 else None,
+            "local_ulp_shares": {k: v / self.elements for k, v in (self.ulp_weighted or {}).items()},
+        }
+
+
+class Replayer:
+    """The reference model in BF16 and FP32, kept loaded to replay several captures."""
+
+    def __init__(self, model_path: str, dtype_name: str = "bfloat16") -> None:
+        import torch
+
+        from precision.backends.hf import load_hf_model
+
+        device = torch.device("cpu")
+        self.low = load_hf_model(model_path, dtype_name, device)
+        self.high = load_hf_model(model_path, "float32", device)
+        self.dtype = getattr(torch, dtype_name)
+
+    def _step(self, model, step_out: str, x):
+        import torch
+
+        decoder = model.model
+        index = site_names.layer_index(step_out)
+        if index is not None:
+            positions = torch.arange(x.shape[1]).unsqueeze(0)
+            embeddings = decoder.rotary_emb(x, positions)
+            out = decoder.layers[index](x, attention_mask=None, position_ids=positions, position_embeddings=embeddings)
+            return out[0] if isinstance(out, (tuple, list)) else out
+        if step_out == site_names.FINAL_NORM:
+            return decoder.norm(x)
+        return model.lm_head(x)
+
+    def replay(self, capture: CaptureReader, reference: CaptureReader) -> list[dict]:
+        """Per step, pooled over prompts (see the module docstring)."""
+        import torch
+
+        reason = replayable(capture) or replayable(reference)
+        if reason:
+            raise ValueError(reason)
+        steps = replay_steps(reference.num_layers)
+        pooled = {out: _Accumulator() for _, out in steps}
+        f64 = lambda t: t.to(torch.float64).numpy()  # noqa: E731
+        for x_rec, e_rec in zip(capture.prompts, reference.records([r.id for r in capture.prompts])):
+            with capture.open_tensors(x_rec) as xh, reference.open_tensors(e_rec) as eh, torch.inference_mode():
+                for step_in, step_out in steps:
+                    x_in = xh.get_tensor(step_in)
+                    r16 = self._step(self.low, step_out, x_in.to(self.dtype).unsqueeze(0))[0]
+                    r32 = self._step(self.high, step_out, x_in.to(torch.float32).unsqueeze(0))[0]
+                    pooled[step_out].add(f64(x_in), f64(xh.get_tensor(step_out)), f64(r16), f64(r32),
+                                         f64(eh.get_tensor(step_in)), f64(eh.get_tensor(step_out)))
+        return [pooled[out].result(step_in, out) for step_in, out in steps]

@@ -1,0 +1,181 @@
+"""Implementation variants and planted faults for the transformers backend.
+
+Variants are legitimate ways a correct BF16 engine may compute the same model; the analysis re-runs the reference
+with each to measure the spread that implementation choices alone produce (the envelope):
+    permute-k:SEED   every linear layer sums its inner dimension in another order (a consistent permutation)
+    split-k:CHUNK    every linear layer accumulates CHUNK-long partial products in FP32, then adds the partials
+    attn:eager       attention as one explicit softmax(QK^T)V instead of the fused SDPA kernel
+    norm:fused       RMSNorm computed entirely in FP32 and rounded once (as fused add+RMSNorm kernels do),
+                     instead of rounding the normalized value to BF16 before multiplying by the weight
+    mlp:fused        SiLU(gate) * up computed in FP32 and rounded once (as fused SwiGLU kernels do)
+Faults are not legitimate; they prove the analysis catches real bugs:
+    fault:bf16-accum:LAYER          the matrix products of decoder layer LAYER accumulate in BF16, not FP32
+    fault:scale-weight:LAYER:FACTOR the MLP down-projection weight of layer LAYER multiplied by FACTOR
+    fault:nan:LAYER:POSITION        NaN written into layer LAYER's output at token POSITION
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+
+from precision.errors import BackendError
+
+LEGITIMATE_KINDS = ("permute-k", "split-k", "attn", "norm", "mlp")
+FAULT_KINDS = ("bf16-accum", "scale-weight", "nan")
+
+
+@dataclass(frozen=True)
+class Variant:
+    kind: str
+    args: tuple[str, ...]
+    fault: bool
+
+    def __str__(self) -> str:
+        return ":".join((("fault",) if self.fault else ()) + (self.kind,) + self.args)
+
+
+def parse_variant(text: str) -> Variant:
+    parts = text.strip().split(":")
+    fault = parts[0] == "fault"
+    if fault:
+        parts = parts[1:]
+    kind, args = (parts[0] if parts else ""), tuple(parts[1:])
+    allowed = FAULT_KINDS if fault else LEGITIMATE_KINDS
+    arity = {"permute-k": 1, "split-k": 1, "attn": 1, "norm": 1, "mlp": 1, "bf16-accum": 1, "scale-weight": 2, "nan": 2}
+    if kind not in allowed or len(args) != arity[kind]:
+        raise BackendError(f"variant {text!r} is not one of: permute-k:SEED, split-k:CHUNK, attn:eager, norm:fused, mlp:fused, "
+                           "fault:bf16-accum:LAYER, fault:scale-weight:LAYER:FACTOR, fault:nan:LAYER:POSITION")
+    return Variant(kind, args, fault)
+
+
+def apply_variants(model, variants: tuple[str, ...]) -> None:
+    """Change ``model`` (a transformers Llama-family model) in place."""
+    for text in variants:
+        variant = parse_variant(text)
+        try:
+            _APPLY[variant.kind](model, *variant.args)
+        except (ValueError, IndexError) as exc:
+            raise BackendError(f"variant {text!r}: {exc}") from exc
+
+
+def _linears(module):
+    import torch
+
+    return [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def _permute_k(model, seed: str) -> None:
+    import torch
+
+    generator = torch.Generator().manual_seed(int(seed))
+    for linear in _linears(model):
+        perm = torch.randperm(linear.in_features, generator=generator)
+        with torch.no_grad():
+            linear.weight = torch.nn.Parameter(linear.weight[:, perm].contiguous(), requires_grad=False)
+        linear.register_forward_pre_hook(lambda _m, args, perm=perm: (args[0].index_select(-1, perm.to(args[0].device)),) + args[1:])
+
+
+def _split_k(model, chunk: str) -> None:
+    import torch
+
+    size = int(chunk)
+    if size < 1:
+        raise ValueError("chunk must be >= 1")
+
+    def forward(self, x):
+        w = self.weight
+        total = None
+        for start in range(0, self.in_features, size):
+            # bf16 x bf16 products are exact in FP32, so this is FP32 accumulation of each chunk
+            part = torch.nn.functional.linear(x[..., start:start + size].float(), w[:, start:start + size].float())
+            total = part if total is None else total + part
+        if self.bias is not None:
+            total = total + self.bias.float()
+        return total.to(x.dtype)
+
+    for linear in _linears(model):
+        linear.forward = types.MethodType(forward, linear)
+
+
+def _attention(model, implementation: str) -> None:
+    if implementation != "eager":
+        raise ValueError("only attn:eager is a variant (sdpa is the default)")
+    model.set_attn_implementation("eager")
+
+
+def _fused_norm(model, how: str) -> None:
+    import torch
+
+    if how != "fused":
+        raise ValueError("use norm:fused")
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return (h * self.weight.float()).to(x.dtype)
+
+    for module in model.modules():
+        if type(module).__name__.endswith("RMSNorm"):
+            module.forward = types.MethodType(forward, module)
+
+
+def _fused_mlp(model, how: str) -> None:
+    if how != "fused":
+        raise ValueError("use mlp:fused")
+
+    def forward(self, x):
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj((self.act_fn(gate.float()) * up.float()).to(x.dtype))
+
+    for layer in model.model.layers:
+        layer.mlp.forward = types.MethodType(forward, layer.mlp)
+
+
+def _layer(model, index: str):
+    layers = model.model.layers
+    i = int(index)
+    if not 0 <= i < len(layers):
+        raise ValueError(f"layer {i} does not exist (0..{len(layers) - 1})")
+    return layers[i]
+
+
+def _bf16_accumulation(model, layer: str) -> None:
+    import torch
+
+    def forward(self, x):
+        # Sequential accumulation in the activation dtype: every partial sum is rounded to BF16.
+        w = self.weight
+        total = torch.zeros(*x.shape[:-1], self.out_features, dtype=x.dtype, device=x.device)
+        for k in range(self.in_features):
+            total = total + x[..., k:k + 1] * w[:, k]
+        return total if self.bias is None else total + self.bias
+
+    for linear in _linears(_layer(model, layer)):
+        linear.forward = types.MethodType(forward, linear)
+
+
+def _scale_weight(model, layer: str, factor: str) -> None:
+    import torch
+
+    down = _layer(model, layer).mlp.down_proj
+    with torch.no_grad():
+        down.weight.mul_(float(factor))
+
+
+def _nan(model, layer: str, position: str) -> None:
+    pos = int(position)
+
+    def hook(_module, _inputs, output):
+        hidden = output[0] if isinstance(output, (tuple, list)) else output
+        if hidden.shape[-2] > pos:
+            hidden[..., pos, 0] = float("nan")
+        return output
+
+    _layer(model, layer).register_forward_hook(hook)
+
+
+_APPLY = {
+    "permute-k": _permute_k, "split-k": _split_k, "attn": _attention, "norm": _fused_norm, "mlp": _fused_mlp,
+    "bf16-accum": _bf16_accumulation, "scale-weight": _scale_weight, "nan": _nan,
+}
