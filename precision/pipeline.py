@@ -148,14 +148,16 @@ def capture_envelope(reference: CaptureReader, model: ModelInfo, following: Capt
 
 def compare_and_report(expected: CaptureReader, actual: CaptureReader, truth: CaptureReader | None, out: Path, *,
                        members: dict[str, CaptureReader] | None = None, envelope_prompts: list[str] | None = None,
-                       replay: bool = True, thresholds: Thresholds | None = None, command: str | None = None,
+                       replay: bool = True, replayer=None, thresholds: Thresholds | None = None, command: str | None = None,
                        show_progress: bool = True) -> RunResult:
+    """Compare, analyse (with ``replayer``, or a new one when ``replay``), judge and write the report into ``out``."""
     from precision.analysis.explain import build_analysis
     from precision.analysis.replay import Replayer
     from precision.report import write_report
 
     comparison = compare_captures(expected, actual, truth=truth, show_progress=show_progress)
-    replayer = Replayer(expected.manifest["model"]["path"], expected.dtype) if replay else None
+    if replayer is None and replay:
+        replayer = Replayer(expected.manifest["model"]["path"], expected.dtype)
     comparison["analysis"] = build_analysis(comparison, reference=expected, target=actual, members=members,
                                             envelope_prompts=envelope_prompts, replayer=replayer)
     write_json_atomic(out / "comparison.json", comparison)

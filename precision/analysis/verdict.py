@@ -74,6 +74,8 @@ class Finding:
     rule: str
     status: Status
     message: str
+    site: str | None = None
+    """The site (layer) the finding points at, when it points at one."""
 
 
 @dataclass(frozen=True)
@@ -103,9 +105,9 @@ class Verdict:
             "status": self.status.value,
             "summary": self.summary,
             "thresholds": {f.name: getattr(self.thresholds, f.name) for f in fields(self.thresholds)},
-            "findings": [{"rule": f.rule, "status": f.status.value, "message": f.message} for f in self.findings],
+            "findings": [{"rule": f.rule, "status": f.status.value, "message": f.message, "site": f.site} for f in self.findings],
             "prompts": [
-                {"id": p.id, "status": p.status.value, "findings": [{"rule": f.rule, "status": f.status.value, "message": f.message} for f in p.findings]}
+                {"id": p.id, "status": p.status.value, "findings": [{"rule": f.rule, "status": f.status.value, "message": f.message, "site": f.site} for f in p.findings]}
                 for p in self.prompts
             ],
         }
@@ -131,19 +133,19 @@ def _judge_analysis(analysis: dict | None, th: Thresholds) -> list[Finding]:
             findings.append(Finding("local-R", Status.FAIL,
                 f"{site} adds error of its own: replayed on the target's own input, its output is {step['local_R']:.2f}x as far from "
                 f"FP32 as the reference's BF16 rounding of the same step (limit {th.local_r_fail}); local error {step['local']:.2e}, "
-                f"largest envelope member {step['envelope_local_max']:.2e}"))
+                f"largest envelope member {step['envelope_local_max']:.2e}", site))
             break
         gain, envelope_gain = step.get("local_gain"), step.get("envelope_gain_max")
         if gain is not None and abs(gain) > max(th.gain_floor, th.gain_fail_factor * (envelope_gain or 0.0)):
             findings.append(Finding("local-gain", Status.FAIL,
                 f"{site} computes its update scaled by (1 {'+' if gain > 0 else '-'} {abs(gain):.2e}): a systematic error along what the "
                 f"layer computes, where implementation variants show at most {envelope_gain or 0.0:.1e} "
-                f"(limit max({th.gain_floor:g}, {th.gain_fail_factor:g}x that))"))
+                f"(limit max({th.gain_floor:g}, {th.gain_fail_factor:g}x that))", site))
             break
         if step.get("local_ratio") is not None and step["local_ratio"] > th.local_ratio_fail:
             findings.append(Finding("local-envelope", Status.FAIL,
                 f"{site}'s local error {step['local']:.2e} is {step['local_ratio']:.1f}x the largest any implementation variant adds there "
-                f"({step['envelope_local_max']:.2e}; limit {th.local_ratio_fail}x)"))
+                f"({step['envelope_local_max']:.2e}; limit {th.local_ratio_fail}x)", site))
             break
     envelope = analysis.get("envelope")
     if envelope:
@@ -152,7 +154,7 @@ def _judge_analysis(analysis: dict | None, th: Thresholds) -> list[Finding]:
             row = outside[0]
             findings.append(Finding("envelope", Status.WARN,
                 f"at {row['site']} the target differs from the reference by {row['target']:.2e}, {row['ratio']:.1f}x the largest of "
-                f"{len(row['members'])} implementation variants ({row['max']:.2e}); {len(outside)} site(s) are outside {th.envelope_warn}x"))
+                f"{len(row['members'])} implementation variants ({row['max']:.2e}); {len(outside)} site(s) are outside {th.envelope_warn}x", row["site"]))
     repeat = analysis.get("determinism")
     if repeat and repeat["tokens_identical"] < repeat["prompts"]:
         findings.append(Finding("nondeterminism", Status.WARN,
@@ -215,10 +217,10 @@ def _non_finite_findings(prompt: dict) -> list[Finding]:
         if target_bad and not reference_bad:
             return [Finding("non-finite", Status.FAIL,
                 f"the target has {nf['actual_nan']} NaN and {nf['actual_inf']} Inf values first at {entry['site']}, "
-                f"[row, column] {nf['first_index']}, where the reference is finite")]
+                f"[row, column] {nf['first_index']}, where the reference is finite", entry["site"])]
         if reference_bad:
             return [Finding("non-finite-ref", Status.WARN,
-                f"the reference itself has {nf['expected_nan']} NaN and {nf['expected_inf']} Inf values first at {entry['site']} {nf['first_index']}")]
+                f"the reference itself has {nf['expected_nan']} NaN and {nf['expected_inf']} Inf values first at {entry['site']} {nf['first_index']}", entry["site"])]
     return []
 
 

@@ -90,7 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (default: runs/run-<UTC time>)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="greedy continuation length per prompt unless the prompt sets its own (default: 32)")
     p.add_argument("--config", help="TOML file with a [thresholds] table overriding the verdict rules")
+    p.add_argument("--target-model", help="a different checkpoint for the target (a converted or quantized model of the same architecture)")
+    p.add_argument("--target-variant", action="append", default=[], metavar="VARIANT",
+                   help="implementation variant or planted fault for a transformers target, e.g. fault:scale-weight:2:1.01 (repeatable)")
+    p.add_argument("--envelope", choices=("default", "none"), default="default", help="re-run the reference with implementation variants (default) or not")
+    p.add_argument("--no-replay", action="store_true", help="skip the layer replay (local vs inherited error)")
+    p.add_argument("--repeats", type=int, default=3, help="target runs per prompt for the determinism check (default: 3)")
     _add_capture_options(p)
+
+    p = sub.add_parser("selftest", help="plant faults in a copy of the reference and check the analysis catches them")
+    p.add_argument("--model", help="Hugging Face model directory (default: the built-in synthetic Llama)")
+    p.add_argument("--prompts", default=None, help="prompt set (default: golden/default.jsonl)")
+    p.add_argument("--out", help="work directory (default: runs/selftest-<UTC time>)")
+    p.add_argument("--no-sweep", action="store_true", help="only the four planted faults, no sensitivity sweep")
+    p.add_argument("--force", action="store_true")
 
     p = sub.add_parser("capture", help="capture one backend into a capture directory")
     p.add_argument("--backend", required=True, help="backend spec, e.g. hf:cpu:bf16, hf:cuda:bf16, vllm")
@@ -116,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args) -> int:
+    from precision.analysis.envelope import DEFAULT_MEMBERS
     from precision.pipeline import RunConfig, run
 
     out = Path(args.out) if args.out else Path("runs") / datetime.now(timezone.utc).strftime("run-%Y%m%d-%H%M%S")
@@ -125,6 +139,9 @@ def _run(args) -> int:
         max_new_tokens=args.max_new_tokens, selection=_selection(args),
         engine_args=_engine_args(args.engine_arg, args.additional_config), trust_remote_code=args.trust_remote_code,
         thresholds=_thresholds(args.config), force=args.force, resume=args.resume, command=args.command_line,
+        target_model=Path(args.target_model) if args.target_model else None, target_variants=tuple(args.target_variant),
+        envelope=DEFAULT_MEMBERS if args.envelope == "default" else (), replay=not args.no_replay, repeats=args.repeats,
+        show_progress=not args.quiet,
     )
     result = run(config)
     return _finish(result.verdict, result.files)
@@ -184,6 +201,28 @@ def _report(args) -> int:
     return _finish(verdict, write_report(out, comparison, verdict, command=args.command_line))
 
 
+def _selftest(args) -> int:
+    from precision.selftest import all_as_expected, format_table, run_selftest, sensitivity
+
+    prompts = Path(args.prompts) if args.prompts else Path(__file__).resolve().parents[2] / "golden" / "default.jsonl"
+    out = Path(args.out) if args.out else Path("runs") / datetime.now(timezone.utc).strftime("selftest-%Y%m%d-%H%M%S")
+    results = run_selftest(prompts, out, model=Path(args.model) if args.model else None, sweep=not args.no_sweep, force=args.force,
+                           show_progress=not args.quiet)
+    print(format_table(results))
+    print("\nsensitivity (smallest planted error still failed at the right layer):")
+    for check, text in sensitivity(results).items():
+        print(f"  {check}: {text}")
+    from precision.io import write_json_atomic
+
+    write_json_atomic(out / "selftest.json", {
+        "cases": [{"name": r.case.name, "variants": list(r.case.variants), "expected": r.case.expected.value, "verdict": r.verdict.status.value,
+                   "named_site": r.named_site, "rule": r.rule, "ok": r.ok, "changed": r.changed} for r in results],
+        "sensitivity": sensitivity(results),
+    })
+    print(f"details: {out}/cases/*/report.html")
+    return EXIT_OK if all_as_expected(results) else EXIT_FAILED
+
+
 def _finish(verdict, files: dict) -> int:
     print(verdict.summary)
     for name in ("report.html", "summary.md", "summary.json"):
@@ -192,7 +231,7 @@ def _finish(verdict, files: dict) -> int:
     return EXIT_FAILED if verdict.status.value == "FAIL" else EXIT_OK
 
 
-_COMMANDS = {"run": _run, "capture": _capture, "compare": _compare, "report": _report}
+_COMMANDS = {"run": _run, "capture": _capture, "compare": _compare, "report": _report, "selftest": _selftest}
 
 
 def main(argv: list[str] | None = None) -> int:
