@@ -133,3 +133,10 @@ def test_main_job_on_stories260k_with_vllm_as_default_target(stories_path, tmp_p
     summary = json.loads((out / "summary.json").read_text())
     assert summary["verdict"]["status"] == "PASS"
     assert [s["id"] for s in summary["skipped_prompts"]] == ["long-context-01"]  # 3,000+ tokens > 512
+    # every layer explained: local errors within the implementation envelope, R near 1
+    assert [f["rule"] for f in summary["verdict"]["findings"]] == ["explained"]
+    analysis = json.loads((out / "comparison.json").read_text())["analysis"]
+    assert analysis["local"]["available"] and len(analysis["envelope"]["members"]) == 8
+    assert all(step["local_R"] < 1.5 for step in analysis["local"]["steps"])
+    logits = next(s for s in summary["sites"] if s["site"] == "logits")
+    assert 0.5 < logits["R"] < 1.5
