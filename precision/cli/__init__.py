@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-sweep", action="store_true", help="only the four planted faults, no sensitivity sweep")
     p.add_argument("--force", action="store_true")
 
+    p = sub.add_parser("verify", help="recompute a run's comparison and verdict from its captures and check every hash")
+    p.add_argument("run_dir", help="the --out directory of 'precision-check run'")
+
     p = sub.add_parser("capture", help="capture one backend into a capture directory")
     p.add_argument("--backend", required=True, help="backend spec, e.g. hf:cpu:bf16, hf:cuda:bf16, vllm")
     p.add_argument("--model", help="Hugging Face model directory (default: the built-in synthetic Llama)")
@@ -223,6 +226,16 @@ def _selftest(args) -> int:
     return EXIT_OK if all_as_expected(results) else EXIT_FAILED
 
 
+def _verify(args) -> int:
+    from precision.verify import verify_run
+
+    problems = verify_run(args.run_dir)
+    for problem in problems:
+        print(f"MISMATCH: {problem}")
+    print(f"{args.run_dir}: " + ("verified: the report, summaries and comparison are what the stored captures give" if not problems else f"{len(problems)} problem(s)"))
+    return EXIT_FAILED if problems else EXIT_OK
+
+
 def _finish(verdict, files: dict) -> int:
     print(verdict.summary)
     for name in ("report.html", "summary.md", "summary.json"):
@@ -231,7 +244,7 @@ def _finish(verdict, files: dict) -> int:
     return EXIT_FAILED if verdict.status.value == "FAIL" else EXIT_OK
 
 
-_COMMANDS = {"run": _run, "capture": _capture, "compare": _compare, "report": _report, "selftest": _selftest}
+_COMMANDS = {"run": _run, "capture": _capture, "compare": _compare, "report": _report, "selftest": _selftest, "verify": _verify}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,15 +6,18 @@ Templates only format; every number they print is taken from comparison.json (or
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from precision.analysis.verdict import Verdict
+from precision.analysis.verdict import Status, Verdict
 from precision.metrics.tensor import BF16_UNIT_ROUNDOFF
-from precision.report.svg import Series, line_chart
+from precision.report.explanation import explain
+from precision.report.svg import Band, Series, bar_chart, line_chart
 
 Decoder = Callable[[list[int]], str]
+_THINK = re.compile(r"<think>(.*?)(</think>|$)", re.S)
 
 
 def load_decoder(model_path: str | None) -> Decoder | None:
@@ -35,18 +38,25 @@ def _ids_text(ids: list[int]) -> str:
 
 
 @dataclass(frozen=True)
-class GeneratedPair:
-    common: str
-    expected_rest: str
-    actual_rest: str
+class Segment:
+    text: str
+    thinking: bool
     diverged: bool
 
 
-def _texts(tokens: dict, decode: Decoder | None) -> GeneratedPair:
-    e, a = tokens["expected_generated"], tokens["actual_generated"]
-    k = tokens["matching_prefix"]
-    render = decode or _ids_text
-    return GeneratedPair(render(e[:k]), render(e[k:]), render(a[k:]), tokens["first_divergence"] is not None)
+def _segments(common: str, rest: str) -> list[Segment]:
+    """Split a generated text into thinking / answer parts, marking what follows the divergence point."""
+    pieces: list[Segment] = []
+    for text, diverged in ((common, False), (rest, True)):
+        position = 0
+        for match in _THINK.finditer(text):
+            if match.start() > position:
+                pieces.append(Segment(text[position:match.start()], False, diverged))
+            pieces.append(Segment(match.group(0), True, diverged))
+            position = match.end()
+        if position < len(text):
+            pieces.append(Segment(text[position:], False, diverged))
+    return pieces
 
 
 def fmt(value: Any, spec: str = ".3e") -> str:
@@ -59,61 +69,142 @@ def fmt(value: Any, spec: str = ".3e") -> str:
     return format(value, spec)
 
 
-def build_view(comparison: dict, verdict: Verdict, *, decode: Decoder | None = None, command: str | None = None,
-               manifests: dict[str, dict] | None = None) -> dict:
-    verdicts = {p.id: p for p in verdict.prompts}
-    has_truth = comparison.get("truth") is not None
-    prompts = []
-    for p in comparison["prompts"]:
-        logits = p.get("logits", {})
-        flips = logits.get("flips", [])
-        worst_site = max((s for s in p["sites"] if math.isfinite(s["metrics"]["relative_l2"])), key=lambda s: s["metrics"]["relative_l2"], default=None)
-        prompts.append({
-            "id": p["id"],
-            "category": p["category"],
-            "status": verdicts[p["id"]].status.value,
-            "findings": verdicts[p["id"]].findings,
-            "prompt_tokens": p["prompt_tokens"],
-            "forced_tokens": p["forced_tokens"],
-            "tokens": p["tokens"],
-            "kl_mean": logits.get("kl_mean"),
-            "kl_max": logits.get("kl_max"),
-            "top1": logits.get("top1_agreement"),
-            "top5": logits.get("top5_overlap_mean"),
-            "near_tie_flips": sum(f["near_tie"] for f in flips),
-            "real_flips": sum(not f["near_tie"] for f in flips),
-            "worst_site": worst_site["site"] if worst_site else None,
-            "worst_rel_l2": worst_site["metrics"]["relative_l2"] if worst_site else None,
-            "texts": _texts(p["tokens"], decode),
-        })
-    sites = comparison["sites"]
+def _prompt_view(p: dict, verdict, decode: Decoder | None, prompt_ids: list[int] | None) -> dict:
+    logits = p.get("logits", {})
+    flips = logits.get("flips", [])
+    render = decode or _ids_text
+    tokens = p["tokens"]
+    k = tokens["matching_prefix"]
+    common = render(tokens["expected_generated"][:k])
+    worst_site = max((s for s in p["sites"] if math.isfinite(s["metrics"]["relative_l2"])), key=lambda s: s["metrics"]["relative_l2"], default=None)
+    per_position = logits.get("per_position", {})
+    positions = [str(x) for x in logits.get("positions", [])]
+    kl_chart = None
+    if positions:
+        flip_positions = {f["position"] for f in flips}
+        flip_series = tuple(v if int(pos) in flip_positions else None for pos, v in zip(positions, per_position["kl"]))
+        kl_chart = line_chart(positions, [Series("KL per position", tuple(per_position["kl"])), Series("top-1 flip", flip_series, dashed=True)],
+                              y_label="KL (nats)", title=f"{p['id']}: logits KL per teacher-forced position", height=220)
+    return {
+        "id": p["id"], "category": p["category"], "status": verdict.status.value, "findings": verdict.findings,
+        "prompt_tokens": p["prompt_tokens"], "forced_tokens": p["forced_tokens"], "tokens": tokens,
+        "kl_mean": logits.get("kl_mean"), "kl_max": logits.get("kl_max"), "top1": logits.get("top1_agreement"), "top5": logits.get("top5_overlap_mean"),
+        "flips": [{**f, "expected_text": render([f["expected_token"]]), "actual_text": render([f["actual_token"]])} for f in flips],
+        "near_tie_flips": sum(f["near_tie"] for f in flips), "real_flips": sum(not f["near_tie"] for f in flips),
+        "worst_site": worst_site["site"] if worst_site else None, "worst_rel_l2": worst_site["metrics"]["relative_l2"] if worst_site else None,
+        "reference_text": _segments(common, render(tokens["expected_generated"][k:])),
+        "target_text": _segments(common, render(tokens["actual_generated"][k:])),
+        "kl_chart": kl_chart,
+        "prompt_text": render(prompt_ids) if prompt_ids is not None else None,
+    }
+
+
+def _charts(sites: list[dict], analysis: dict, has_truth: bool) -> dict:
     labels = [s["site"] for s in sites]
     series = [Series("target vs reference", tuple(s["relative_l2"] for s in sites))]
     if has_truth:
         series.append(Series("reference vs FP32 truth", tuple(s["expected_vs_truth"] for s in sites), dashed=True))
         series.append(Series("target vs FP32 truth", tuple(s["actual_vs_truth"] for s in sites), dashed=True))
-    chart = line_chart(labels, series, y_label="relative L2 error", title="Error versus depth (pooled over prompts)")
-    r_chart = None
+    bands = []
+    envelope = {row["site"]: row for row in (analysis.get("envelope") or {}).get("sites", [])}
+    if envelope:
+        series.append(Series("implementation envelope: largest variant vs reference", tuple(envelope[s]["max"] if s in envelope else None for s in labels), dashed=True))
+    theory = {row["site"]: row for row in analysis.get("theory") or []}
+    if theory:
+        bands.append(Band("theory band between two BF16 engines",
+                          tuple(theory[s]["between_engines_low"] if s in theory else None for s in labels),
+                          tuple(theory[s]["between_engines_high"] if s in theory else None for s in labels)))
+    charts = {"error": line_chart(labels, series, y_label="relative L2 error", title="Error versus depth (pooled over prompts)", bands=tuple(bands), height=320)}
     if has_truth:
-        r_chart = line_chart(labels, [Series("R = err(target, truth) / err(reference, truth)", tuple(s["R"] for s in sites))],
-                             y_label="R", title="R per site (1 = as accurate as the reference)", log=False, height=240)
+        charts["r"] = line_chart(labels, [Series("R = err(target, truth) / err(reference, truth)", tuple(s["R"] for s in sites))],
+                                 y_label="R", title="R per site (1 = as accurate as the reference)", log=False, height=240,
+                                 hlines=((1.0, "R = 1"),))
+    steps = (analysis.get("local") or {}).get("steps") or []
+    if steps:
+        step_labels = [s["site"] for s in steps]
+        charts["local"] = line_chart(step_labels, [
+            Series("local: error the step adds itself", tuple(s["local"] for s in steps)),
+            Series("inherited: what the reference step makes of the target's input", tuple(s["inherited"] for s in steps)),
+            Series("largest local error of any variant", tuple(s.get("envelope_local_max") for s in steps), dashed=True),
+        ], y_label="relative L2 error", title="Local versus inherited error (reference layers replayed on the target's inputs)", height=300)
+    chosen = [sites[i] for i in sorted({1, len(sites) // 2, len(sites) - 2, len(sites) - 1}) if 0 <= i < len(sites)]
+    charts["ulp"] = [bar_chart(["0", "1", "2", ">2"], [s["ulp_shares"][k] for k in ("0", "1", "2", ">2")], title=f"{s['site']}: ULP distance",
+                               y_label="share") for s in chosen]
+    return charts
+
+
+def _verdict_rows(comparison: dict, verdict: Verdict, manifests: dict, prompts: list[dict]) -> list[dict]:
+    """The adaptation-report table: each row a status and the number behind it."""
+    model = manifests.get("expected", {}).get("model", {})
+    target = manifests.get("actual", {}).get("backend", {})
+    sites = {s["site"]: s for s in comparison["sites"]}
+    rows = [{"item": "Architecture and engine", "status": "PASS",
+             "evidence": f"{model.get('architecture', '?')}, {model.get('num_layers', '?')} layers, hidden {model.get('hidden_size', '?')}, "
+                         f"vocabulary {model.get('vocab_size', '?')}; target {target.get('engine', '?')} on {target.get('device', '?')} "
+                         f"({target.get('dtype', '?')}), every layer captured"}]
+    categories: dict[str, list[dict]] = {}
+    for p in prompts:
+        categories.setdefault(p["category"], []).append(p)
+    for category, members in categories.items():
+        status = max((Status(p["status"]) for p in members), key=lambda s: s.rank).value
+        agree = sum(p["tokens"]["first_divergence"] is None for p in members)
+        rows.append({"item": f"Inference: {category}", "status": status,
+                     "evidence": f"{agree}/{len(members)} greedy generations identical; teacher-forced top-1 {fmt(min(p['top1'] for p in members), '.1%')} (lowest)"})
+    all_agree = sum(p["tokens"]["first_divergence"] is None for p in prompts)
+    worst_layer = max((s for s in comparison["sites"] if s["layer"] is not None), key=lambda s: s["relative_l2"], default=None)
+    logits = sites.get("logits")
+    if worst_layer and logits:
+        prompt_status = max((Status(p["status"]) for p in prompts), key=lambda s: s.rank).value
+        rows.append({"item": "Precision versus CPU reference", "status": prompt_status,
+                     "evidence": f"greedy tokens identical on {all_agree}/{len(prompts)} prompts; largest relative L2 error ‖a−e‖/‖e‖ "
+                                 f"{fmt(worst_layer['relative_l2'])} at {worst_layer['site']}, {fmt(logits['relative_l2'])} at the logits"})
+        if logits.get("R") is not None:
+            status = "PASS" if logits["R"] <= verdict.thresholds.r_logits_fail else "FAIL"
+            rows.append({"item": "Accuracy versus FP32 truth", "status": status,
+                         "evidence": f"R = {logits['R']:.2f} at the logits (target {fmt(logits['actual_vs_truth'])}, reference {fmt(logits['expected_vs_truth'])})"})
+    local = [f for f in verdict.findings if f.rule in ("explained", "local-R", "local-gain", "local-envelope")]
+    if local:
+        rows.append({"item": "Layer-by-layer explanation", "status": local[0].status.value, "evidence": local[0].message})
+    determinism = (comparison.get("analysis") or {}).get("determinism")
+    if determinism:
+        ok = determinism["tokens_identical"] == determinism["prompts"]
+        rows.append({"item": "Self-consistency (temperature 0)", "status": "PASS" if ok else "WARN",
+                     "evidence": f"{determinism['runs']}/{determinism['runs']} runs identical on {determinism['tokens_identical']}/{determinism['prompts']} prompts "
+                                 f"(tensors bitwise identical on {determinism['tensors_identical']}); run-to-run relative L2 up to {fmt(determinism['max_relative_l2'])}"})
+    runtime = manifests.get("actual", {}).get("runtime_seconds")
+    rows.append({"item": "Engine performance", "status": "INFO",
+                 "evidence": f"capture run took {runtime:.1f} s (generation, capture and repeats; not a throughput benchmark)" if runtime else "not measured"})
+    return rows
+
+
+def build_view(comparison: dict, verdict: Verdict, *, decode: Decoder | None = None, command: str | None = None,
+               manifests: dict[str, dict] | None = None) -> dict:
+    manifests = manifests or {}
+    verdicts = {p.id: p for p in verdict.prompts}
+    has_truth = comparison.get("truth") is not None
+    analysis = comparison.get("analysis") or {}
+    prompt_ids = {r["id"]: r["prompt_ids"] for r in manifests.get("expected", {}).get("prompts", [])}
+    prompts = [_prompt_view(p, verdicts[p["id"]], decode, prompt_ids.get(p["id"])) for p in comparison["prompts"]]
+    sites = comparison["sites"]
     logits_site = next((s for s in sites if s["site"] == "logits"), None)
     return {
         "verdict": verdict,
         "status": verdict.status.value,
         "summary": verdict.summary,
         "conclusion": _conclusion(verdict, logits_site, prompts, has_truth),
+        "verdict_rows": _verdict_rows(comparison, verdict, manifests, prompts),
+        "explanation": explain(comparison, verdict),
         "expected": comparison["expected"],
         "actual": comparison["actual"],
         "truth": comparison.get("truth"),
-        "manifests": manifests or {},
+        "manifests": manifests,
         "created_at": comparison["created_at"],
         "prompts": prompts,
         "skipped": comparison.get("skipped_prompts", []),
         "sites": sites,
+        "analysis": analysis,
         "has_truth": has_truth,
-        "chart": chart,
-        "r_chart": r_chart,
+        "charts": _charts(sites, analysis, has_truth),
         "definitions": comparison["definitions"],
         "unit_roundoff": BF16_UNIT_ROUNDOFF,
         "command": command,
@@ -133,4 +224,7 @@ def _conclusion(verdict: Verdict, logits_site: dict | None, prompts: list[dict],
                 f"Against FP32 truth the target's logits err {fmt(logits_site['actual_vs_truth'])} and the reference's "
                 f"{fmt(logits_site['expected_vs_truth'])}: R = {fmt(logits_site['R'], '.2f')}."
             )
+    explained = next((f for f in verdict.findings if f.rule == "explained"), None)
+    if explained is not None:
+        parts.append("Every layer's own error lies within what legitimate implementation choices produce.")
     return " ".join(parts)

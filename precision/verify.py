@@ -1,0 +1,113 @@
+"""A reviewer's check of a run directory: are the report and summaries what the stored captures give?
+
+1. Every capture's manifest is the one the comparison was made from (its sha256 is recorded in comparison.json),
+   and every tensor file matches the sha256 its manifest records: a swapped or edited capture is detected.
+2. The comparison (and its analysis) is recomputed from the captures and must equal comparison.json.
+3. report.html, summary.md and summary.json are rendered again from that comparison and must equal the files:
+   an edited report is detected.
+Returns the list of problems, each naming what does not match; an empty list means the run verifies.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from precision.capture.reader import CaptureReader
+from precision.errors import PrecisionError
+
+_ROLES = {"expected": "reference", "actual": "target", "truth": "truth"}
+_VOLATILE = {"created_at", "path"}
+_RELATIVE_TOLERANCE = 1e-9
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PrecisionError(f"cannot read {path}: {exc}; pass the directory written by 'precision-check run'") from exc
+
+
+def _differences(stored: Any, fresh: Any, where: str, out: list[str], limit: int = 5) -> None:
+    if len(out) >= limit:
+        return
+    if isinstance(stored, dict) and isinstance(fresh, dict):
+        for key in sorted(set(stored) | set(fresh)):
+            if key in _VOLATILE:
+                continue
+            if key not in stored or key not in fresh:
+                out.append(f"{where}.{key} is {'missing' if key not in stored else 'extra'} in comparison.json")
+            else:
+                _differences(stored[key], fresh[key], f"{where}.{key}", out, limit)
+    elif isinstance(stored, list) and isinstance(fresh, list):
+        if len(stored) != len(fresh):
+            out.append(f"{where} has {len(stored)} entries, the captures give {len(fresh)}")
+            return
+        for index, (a, b) in enumerate(zip(stored, fresh)):
+            _differences(a, b, f"{where}[{index}]", out, limit)
+    elif isinstance(stored, (int, float)) and isinstance(fresh, (int, float)) and not isinstance(stored, bool):
+        if not (math.isclose(stored, fresh, rel_tol=_RELATIVE_TOLERANCE, abs_tol=0.0) or (math.isnan(stored) and math.isnan(fresh))):
+            out.append(f"{where} is {stored!r} in comparison.json, the captures give {fresh!r}")
+    elif stored != fresh:
+        out.append(f"{where} is {str(stored)[:60]!r} in comparison.json, the captures give {str(fresh)[:60]!r}")
+
+
+def _json_roundtrip(data: Any) -> Any:
+    from precision.io import _json_safe
+
+    return json.loads(json.dumps(_json_safe(data), allow_nan=False))
+
+
+def verify_run(run_dir: str | Path) -> list[str]:
+    from precision.analysis.compare import compare_captures
+    from precision.analysis.explain import build_analysis
+    from precision.analysis.replay import Replayer
+    from precision.analysis.verdict import Thresholds, judge
+    from precision.report import write_report
+
+    run_dir = Path(run_dir)
+    stored = _load_json(run_dir / "comparison.json")
+    summary = _load_json(run_dir / "summary.json")
+    run = _load_json(run_dir / "run.json") if (run_dir / "run.json").is_file() else {}
+    problems: list[str] = []
+    readers: dict[str, CaptureReader | None] = {}
+    for role, folder in _ROLES.items():
+        if stored.get(role) is None:
+            readers[role] = None
+            continue
+        reader = CaptureReader(run_dir / "captures" / folder)
+        digest = reader.manifest_sha256()
+        if digest != stored[role]["manifest_sha256"]:
+            problems.append(f"captures/{folder}/manifest.json (sha256 {digest[:12]}…) is not the manifest the comparison was made from ({stored[role]['manifest_sha256'][:12]}…)")
+        for record in reader.prompts:
+            try:
+                reader.verify(record)
+            except PrecisionError as exc:
+                problems.append(str(exc))
+        readers[role] = reader
+    if problems:
+        return problems
+    members = {}
+    envelope = (stored.get("analysis") or {}).get("envelope")
+    for name in (envelope or {}).get("members", []):
+        members[name] = CaptureReader(run_dir / "captures" / "envelope" / name)
+    fresh = compare_captures(readers["expected"], readers["actual"], truth=readers["truth"])
+    replay = bool((stored.get("analysis") or {}).get("local", {}).get("available"))
+    if "analysis" in stored:
+        replayer = Replayer(readers["expected"].manifest["model"]["path"], readers["expected"].dtype) if replay else None
+        fresh["analysis"] = build_analysis(fresh, reference=readers["expected"], target=readers["actual"], members=members or None,
+                                           envelope_prompts=(envelope or {}).get("prompts"), replayer=replayer)
+    _differences(stored, _json_roundtrip(fresh), "comparison", problems)
+    if problems:
+        return problems
+    thresholds = Thresholds.from_mapping(summary["verdict"]["thresholds"])
+    verdict = judge(stored, thresholds)
+    with tempfile.TemporaryDirectory() as scratch:
+        write_report(Path(scratch), stored, verdict, command=run.get("command"))
+        for name in ("report.html", "summary.md", "summary.json"):
+            if (Path(scratch) / name).read_bytes() != (run_dir / name).read_bytes():
+                problems.append(f"{name} differs from what the comparison renders to: it was edited, or written by another precision-check version")
+    return problems
