@@ -107,8 +107,11 @@ def _check_same_architecture(reference: ModelInfo, target: ModelInfo) -> None:
 
 
 def run(config: RunConfig) -> RunResult:
+    from precision.golden import is_store, open_store
+
     target_spec = config.target or default_target()
-    for spec in (config.reference, target_spec, config.truth):
+    store = config.reference if is_store(config.reference) else None
+    for spec in (None if store else config.reference, target_spec, config.truth):
         if spec is not None:
             parse_spec(spec)  # fail on a misspelled backend before any model is loaded
     model = resolve_model(config.model)
@@ -123,12 +126,18 @@ def run(config: RunConfig) -> RunResult:
         "envelope": [member_name(m) for m in config.envelope], "replay": config.replay, "repeats": config.repeats,
         "command": config.command,
     })
-    reference = capture_role("reference", config.reference, model, plan, config.out, config)
-    following = CapturePlan.following(reference)
-    truth = capture_role("truth", config.truth, model, following, config.out, config) if config.truth else None
+    if store:
+        # The CPU side comes from the golden store: checked for this model, tokenizer and prompt set.
+        reference, truth, members, envelope_ids = open_store(store, model, plan)
+        following = CapturePlan.following(reference)
+    else:
+        reference = capture_role("reference", config.reference, model, plan, config.out, config)
+        following = CapturePlan.following(reference)
+        truth = capture_role("truth", config.truth, model, following, config.out, config) if config.truth else None
     target_options = BackendOptions(trust_remote_code=config.trust_remote_code, engine_args=config.engine_args, variants=config.target_variants)
     actual = capture_role("target", target_spec, target_model, following, config.out, config, options=target_options, repeats=config.repeats)
-    members, envelope_ids = capture_envelope(reference, model, following, config)
+    if not store:
+        members, envelope_ids = capture_envelope(reference, model, following, config)
     return compare_and_report(reference, actual, truth, config.out, members=members, envelope_prompts=envelope_ids,
                               replay=config.replay, thresholds=config.thresholds, command=config.command, show_progress=config.show_progress)
 

@@ -78,7 +78,9 @@ def verify_run(run_dir: str | Path) -> list[str]:
         if stored.get(role) is None:
             readers[role] = None
             continue
-        reader = CaptureReader(run_dir / "captures" / folder)
+        local = run_dir / "captures" / folder
+        # A run against a golden store keeps its reference and truth in the store: follow the recorded path.
+        reader = CaptureReader(local if local.is_dir() else stored[role]["path"])
         digest = reader.manifest_sha256()
         if digest != stored[role]["manifest_sha256"]:
             problems.append(f"captures/{folder}/manifest.json (sha256 {digest[:12]}…) is not the manifest the comparison was made from ({stored[role]['manifest_sha256'][:12]}…)")
@@ -93,7 +95,7 @@ def verify_run(run_dir: str | Path) -> list[str]:
     members = {}
     envelope = (stored.get("analysis") or {}).get("envelope")
     for name in (envelope or {}).get("members", []):
-        members[name] = CaptureReader(run_dir / "captures" / "envelope" / name)
+        members[name] = CaptureReader(readers["expected"].path.parent / "envelope" / name)
     fresh = compare_captures(readers["expected"], readers["actual"], truth=readers["truth"])
     replay = bool((stored.get("analysis") or {}).get("local", {}).get("available"))
     if "analysis" in stored:

@@ -56,10 +56,15 @@ class _RowReader:
         return self._slice[rows].to(torch.float64).numpy()
 
 
-def _as_float64(handle: Any, name: str) -> np.ndarray:
+def _as_numpy(handle: Any, name: str) -> np.ndarray:
+    """The tensor as numpy without widening beyond float32 (bf16 -> float32 is exact); the metrics widen
+    cache-sized chunks to float64 as they go, which keeps memory at one float32 copy per side."""
     import torch
 
-    return handle.get_tensor(name).to(torch.float64).numpy()
+    tensor = handle.get_tensor(name)
+    if tensor.dtype in (torch.bfloat16, torch.float16):
+        tensor = tensor.float()
+    return tensor.numpy()
 
 
 def ratio(numerator: float, denominator: float) -> float:
@@ -134,12 +139,12 @@ def _compare_prompt(expected: CaptureReader, actual: CaptureReader, truth: Captu
             for site in e_rec.sites:
                 if site == site_names.LOGITS:
                     result["logits"] = _compare_logits(eh, ah, positions, e_rec.forced_ids)
-                e = _as_float64(eh, site)
-                a = _as_float64(ah, site)
+                e = _as_numpy(eh, site)
+                a = _as_numpy(ah, site)
                 stats = tensor_stats(e, a)
                 entry = {"site": site, "layer": site_names.layer_index(site), "metrics": _stats_json(stats), "truth": None}
                 if th is not None:
-                    tv = _as_float64(th, site)
+                    tv = _as_numpy(th, site)
                     e_err, a_err = tensor_stats(tv, e), tensor_stats(tv, a)
                     entry["truth"] = {
                         "expected_vs_truth": e_err.relative_l2,

@@ -29,7 +29,7 @@ import numpy as np
 from precision.analysis.compare import ratio
 from precision.capture import sites as site_names
 from precision.capture.reader import CaptureReader
-from precision.metrics.tensor import ulp_histogram
+from precision.metrics.tensor import _dot, ulp_histogram
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class _Accumulator:
     update_den: float = 0.0
 
     def add(self, x_in, x_out, r16, r32, e_in, e_out) -> None:
-        sq = lambda v: float(np.dot(v.ravel(), v.ravel()))  # noqa: E731
+        sq = lambda v: _dot(v.ravel(), v.ravel())  # noqa: E731
         self.local_num += sq(x_out - r16)
         self.local_den += sq(r16)
         self.truth_num += sq(x_out - r32)
@@ -81,7 +81,7 @@ class _Accumulator:
         self.input_den += sq(e_in)
         if x_in.shape == r16.shape:  # decoder layers and the norm: the step's own update is r16 - x_in
             update = r16 - x_in
-            self.gain_num += float(np.dot((x_out - r16).ravel(), update.ravel()))
+            self.gain_num += _dot((x_out - r16).ravel(), update.ravel())
             self.update_den += sq(update)
         shares = ulp_histogram(r16, x_out)
         n = x_out.size

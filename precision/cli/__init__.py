@@ -50,11 +50,9 @@ def _selection(args):
     return CaptureSelection.parse(args.positions, args.layers)
 
 
-def _thresholds(path: str | None):
-    from precision.analysis.verdict import Thresholds
-
+def _config_table(path: str | None, table: str) -> dict:
     if path is None:
-        return Thresholds()
+        return {}
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
@@ -63,7 +61,27 @@ def _thresholds(path: str | None):
         data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise PrecisionError(f"cannot read config file {path}: {exc}") from exc
-    return Thresholds.from_mapping(data.get("thresholds", {}))
+    return data.get(table, {})
+
+
+def _overrides(pairs: list[str] | None, flag: str) -> dict:
+    values = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        try:
+            values[key.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise PrecisionError(f"{flag} {pair!r}: write it as name=number, e.g. {flag} r_logits_fail=1.3")
+    return values
+
+
+def _thresholds(path: str | None, pairs: list[str] | None = None):
+    """Verdict thresholds: command line over the config file's [thresholds] table over the defaults."""
+    from precision.analysis.verdict import Thresholds
+
+    return Thresholds.from_mapping({**_config_table(path, "thresholds"), **_overrides(pairs, "--threshold")})
 
 
 def _add_capture_options(p: argparse.ArgumentParser) -> None:
@@ -84,12 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="capture reference, FP32 truth and target; compare; report")
     p.add_argument("--prompts", required=True, help="a .jsonl prompt file or a directory of them (e.g. golden/)")
     p.add_argument("--model", help="Hugging Face model directory (default: the built-in synthetic Llama)")
-    p.add_argument("--reference", default="hf:cpu:bf16", help="reference backend spec (default: hf:cpu:bf16)")
+    p.add_argument("--reference", default="hf:cpu:bf16", help="reference backend spec (default: hf:cpu:bf16), or a golden store made by 'golden create'")
     p.add_argument("--target", help="target backend spec (default: vllm when installed, else hf:cpu:fp16)")
     p.add_argument("--truth", default="hf:cpu:fp32", help="FP32 truth backend spec, or 'none' (default: hf:cpu:fp32)")
     p.add_argument("--out", help="run directory (default: runs/run-<UTC time>)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="greedy continuation length per prompt unless the prompt sets its own (default: 32)")
     p.add_argument("--config", help="TOML file with a [thresholds] table overriding the verdict rules")
+    p.add_argument("--threshold", action="append", metavar="NAME=VALUE", help="override one verdict threshold (over --config); repeatable")
+    p.add_argument("--junit", metavar="FILE", help="also write JUnit XML (each prompt x check a test case) for CI systems")
     p.add_argument("--target-model", help="a different checkpoint for the target (a converted or quantized model of the same architecture)")
     p.add_argument("--target-variant", action="append", default=[], metavar="VARIANT",
                    help="implementation variant or planted fault for a transformers target, e.g. fault:scale-weight:2:1.01 (repeatable)")
@@ -104,6 +124,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="work directory (default: runs/selftest-<UTC time>)")
     p.add_argument("--no-sweep", action="store_true", help="only the four planted faults, no sensitivity sweep")
     p.add_argument("--force", action="store_true")
+
+    p = sub.add_parser("golden", help="create or verify a golden reference store")
+    golden = p.add_subparsers(dest="golden_command", required=True, parser_class=_Parser)
+    g = golden.add_parser("create", help="capture and store the reference, FP32 truth and envelope once")
+    g.add_argument("--model", help="Hugging Face model directory (default: the built-in synthetic Llama)")
+    g.add_argument("--prompts", required=True, help="prompt set the store is made for")
+    g.add_argument("--out", required=True, help="store directory")
+    g.add_argument("--force", action="store_true")
+    g = golden.add_parser("verify", help="check every stored file against its recorded hash")
+    g.add_argument("store")
+
+    p = sub.add_parser("regress", help="compare a candidate build's run with a baseline build's run (same reference)")
+    p.add_argument("baseline", help="run directory of the baseline build")
+    p.add_argument("candidate", help="run directory of the candidate build")
+    p.add_argument("--out", help="directory for regression.json and regression.md (default: the candidate run)")
+    p.add_argument("--config", help="TOML file with a [regress] table (relative_tolerance, noise_factor, top1_drop)")
+    p.add_argument("--tolerance", action="append", metavar="NAME=VALUE", help="override one [regress] setting; repeatable")
+    p.add_argument("--junit", metavar="FILE", help="also write JUnit XML (each site x metric a test case)")
+
+    p = sub.add_parser("plant-fault", help="write a copy of a checkpoint with one layer's weight scaled (to test a gate)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--factor", type=float, required=True, help="e.g. 1.01")
+    p.add_argument("--out", required=True)
 
     p = sub.add_parser("verify", help="recompute a run's comparison and verdict from its captures and check every hash")
     p.add_argument("run_dir", help="the --out directory of 'precision-check run'")
@@ -128,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("comparison", help="comparison.json or the directory holding it")
     p.add_argument("--out", help="output directory (default: beside comparison.json)")
     p.add_argument("--config", help="TOML file with a [thresholds] table")
+    p.add_argument("--threshold", action="append", metavar="NAME=VALUE", help="override one verdict threshold (over --config); repeatable")
     return parser
 
 
@@ -141,12 +186,16 @@ def _run(args) -> int:
         reference=args.reference, target=args.target, truth=None if args.truth.lower() == "none" else args.truth,
         max_new_tokens=args.max_new_tokens, selection=_selection(args),
         engine_args=_engine_args(args.engine_arg, args.additional_config), trust_remote_code=args.trust_remote_code,
-        thresholds=_thresholds(args.config), force=args.force, resume=args.resume, command=args.command_line,
+        thresholds=_thresholds(args.config, args.threshold), force=args.force, resume=args.resume, command=args.command_line,
         target_model=Path(args.target_model) if args.target_model else None, target_variants=tuple(args.target_variant),
         envelope=DEFAULT_MEMBERS if args.envelope == "default" else (), replay=not args.no_replay, repeats=args.repeats,
         show_progress=not args.quiet,
     )
     result = run(config)
+    if args.junit:
+        from precision.report.junit import write_junit
+
+        write_junit(args.junit, result.verdict, timestamp=result.comparison["created_at"])
     return _finish(result.verdict, result.files)
 
 
@@ -200,7 +249,7 @@ def _report(args) -> int:
         raise PrecisionError(f"{path} is not a precision-check comparison.json")
     out = Path(args.out) if args.out else path.parent
     out.mkdir(parents=True, exist_ok=True)
-    verdict = judge(comparison, _thresholds(args.config))
+    verdict = judge(comparison, _thresholds(args.config, args.threshold))
     return _finish(verdict, write_report(out, comparison, verdict, command=args.command_line))
 
 
@@ -226,6 +275,55 @@ def _selftest(args) -> int:
     return EXIT_OK if all_as_expected(results) else EXIT_FAILED
 
 
+def _golden(args) -> int:
+    from precision.golden import create_store, verify_store
+
+    if args.golden_command == "create":
+        store = create_store(Path(args.prompts), Path(args.out), model=Path(args.model) if args.model else None, force=args.force,
+                             show_progress=not args.quiet)
+        print(f"golden store {args.out}: {len(store['prompt_ids'])} prompts, reference + truth + {len(store['captures']['envelope'])} envelope captures; "
+              f"compact form {store['compact']['bytes'] / 1024:.0f} KiB")
+        return EXIT_OK
+    problems = verify_store(args.store)
+    for problem in problems:
+        print(f"MISMATCH: {problem}")
+    print(f"{args.store}: " + ("intact" if not problems else f"{len(problems)} problem(s)"))
+    return EXIT_FAILED if problems else EXIT_OK
+
+
+def _regress(args) -> int:
+    import jinja2
+
+    from precision.analysis.regress import RegressTolerance, regress
+    from precision.io import write_json_atomic, write_text_atomic
+    from precision.report import TEMPLATE_DIR
+
+    tolerance = RegressTolerance.from_mapping({**_config_table(args.config, "regress"), **_overrides(args.tolerance, "--tolerance")})
+    result = regress(Path(args.baseline), Path(args.candidate), tolerance)
+    out = Path(args.out) if args.out else Path(args.candidate)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "regression.json", result)
+    template = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)), trim_blocks=True, lstrip_blocks=True).get_template("regression.md.j2")
+    write_text_atomic(out / "regression.md", template.render(r=result))
+    if args.junit:
+        from precision.environment import utc_now
+        from precision.report.junit import write_junit
+
+        write_junit(args.junit, None, regression=result, timestamp=utc_now())
+    print(f"regress: {result['status']}: {result['message']}")
+    print(f"  regression.md: {out / 'regression.md'}")
+    return EXIT_FAILED if result["status"] == "FAIL" else EXIT_OK
+
+
+def _plant_fault(args) -> int:
+    from precision.faults import write_scaled_checkpoint
+    from precision.model import inspect_model
+
+    path = write_scaled_checkpoint(inspect_model(args.model), Path(args.out), layer=args.layer, factor=args.factor)
+    print(f"wrote {path}: layer {args.layer} down_proj weight x {args.factor}")
+    return EXIT_OK
+
+
 def _verify(args) -> int:
     from precision.verify import verify_run
 
@@ -244,7 +342,8 @@ def _finish(verdict, files: dict) -> int:
     return EXIT_FAILED if verdict.status.value == "FAIL" else EXIT_OK
 
 
-_COMMANDS = {"run": _run, "capture": _capture, "compare": _compare, "report": _report, "selftest": _selftest, "verify": _verify}
+_COMMANDS = {"run": _run, "capture": _capture, "compare": _compare, "report": _report, "selftest": _selftest, "verify": _verify,
+             "golden": _golden, "regress": _regress, "plant-fault": _plant_fault}
 
 
 def main(argv: list[str] | None = None) -> int:

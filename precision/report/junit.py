@@ -1,0 +1,45 @@
+"""JUnit XML for CI systems (Jenkins, GitLab, GitHub Actions reporters): each prompt x check, each run-level
+finding and each regression row becomes a test case; FAIL is a <failure>, WARN passes with its message in
+<system-out>. The layout follows the Jenkins JUnit schema (testsuites > testsuite > testcase)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from xml.etree import ElementTree
+
+from precision.analysis.verdict import Status, Verdict
+from precision.io import write_bytes_atomic
+
+
+def _case(suite, classname: str, name: str, status: str, message: str) -> None:
+    case = ElementTree.SubElement(suite, "testcase", classname=classname, name=name, time="0")
+    if status == "FAIL":
+        failure = ElementTree.SubElement(case, "failure", message=message[:500], type="precision-check")
+        failure.text = message
+    elif message:
+        ElementTree.SubElement(case, "system-out").text = f"{status}: {message}"
+
+
+def _suite(root, name: str, cases: list[tuple[str, str, str, str]], timestamp: str) -> None:
+    suite = ElementTree.SubElement(root, "testsuite", name=name, tests=str(len(cases)),
+                                   failures=str(sum(c[2] == "FAIL" for c in cases)), errors="0", skipped="0", time="0", timestamp=timestamp)
+    for classname, case_name, status, message in cases:
+        _case(suite, classname, case_name, status, message)
+
+
+def junit_xml(verdict: Verdict | None, *, regression: dict | None = None, timestamp: str) -> bytes:
+    root = ElementTree.Element("testsuites")
+    if verdict is not None:
+        cases = [(f"prompt.{p.id}", f.rule, f.status.value, f.message) for p in verdict.prompts for f in p.findings]
+        cases += [("run", f.rule, f.status.value, f.message) for f in verdict.findings]
+        _suite(root, "precision-check.verdict", cases, timestamp)
+    if regression is not None:
+        cases = [(f"regress.{row['scope']}", row["metric"], "FAIL" if row["worse"] else Status.PASS.value,
+                  f"baseline {row['baseline']:.4e}, candidate {row['candidate']:.4e} ({row['change']:.2f}x)") for row in regression["rows"]]
+        _suite(root, "precision-check.regress", cases, timestamp)
+    ElementTree.indent(root)
+    return b'<?xml version="1.0" encoding="UTF-8"?>\n' + ElementTree.tostring(root, encoding="utf-8")
+
+
+def write_junit(path: str | Path, verdict: Verdict | None, *, regression: dict | None = None, timestamp: str) -> None:
+    write_bytes_atomic(Path(path), junit_xml(verdict, regression=regression, timestamp=timestamp[:19]))

@@ -1,0 +1,39 @@
+"""The compiled one-pass kernel and the numpy path compute the same metrics."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from precision.metrics import fused, tensor
+from precision.metrics.tensor import tensor_stats
+
+pytestmark = pytest.mark.skipif(not fused.available(), reason="numba is not installed")
+
+
+@pytest.mark.parametrize("size", [1, 7, (1 << 20) + 3])
+def test_fused_and_numpy_paths_agree(size, monkeypatch):
+    rng = np.random.default_rng(size)
+    e = rng.standard_normal(size).astype(np.float32)
+    a = (e * (1 + 4e-3 * rng.standard_normal(size))).astype(np.float32)
+    if size > 3:
+        e[2], a[3] = np.nan, -np.inf
+    with_kernel = tensor_stats(e, a)
+    monkeypatch.setattr(fused, "available", lambda: False)
+    without = tensor_stats(e, a)
+    assert with_kernel.ulp_shares == without.ulp_shares
+    assert with_kernel.non_finite == without.non_finite
+    for name in ("relative_l2", "max_abs", "max_relative", "mean_abs", "cosine", "one_thousandth_err_ratio",
+                 "five_thousandths_err_ratio", "expected_l2"):
+        # float64 sums of a million terms in another order agree to ~1e-12 relative; 1e-9 leaves room
+        assert math.isclose(getattr(with_kernel, name), getattr(without, name), rel_tol=1e-9), name
+
+
+def test_kernel_is_used_for_float32(monkeypatch):
+    calls = []
+    original = tensor._tensor_stats_fused
+    monkeypatch.setattr(tensor, "_tensor_stats_fused", lambda *args: calls.append(1) or original(*args))
+    tensor_stats(np.ones(10, dtype=np.float32), np.ones(10, dtype=np.float32))
+    assert calls == [1]
