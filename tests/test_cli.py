@@ -140,3 +140,13 @@ def test_main_job_on_stories260k_with_vllm_as_default_target(stories_path, tmp_p
     assert all(step["local_R"] < 1.5 for step in analysis["local"]["steps"])
     logits = next(s for s in summary["sites"] if s["site"] == "logits")
     assert 0.5 < logits["R"] < 1.5
+
+
+def test_run_without_truth_envelope_or_replay(stories_path, short_prompts, tmp_path):
+    out = tmp_path / "bare"
+    assert main(["-q", "run", "--prompts", str(short_prompts), "--model", str(stories_path), "--target", "hf:cpu:fp16", "--truth", "none",
+                 "--envelope", "none", "--no-replay", "--repeats", "1", "--max-new-tokens", "4", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["truth"] is None and all(site["R"] is None for site in summary["sites"])
+    html = (out / "report.html").read_text()
+    assert "No layer replay" in html and "Why do they differ?" in html

@@ -114,7 +114,8 @@ def _charts(sites: list[dict], analysis: dict, has_truth: bool) -> dict:
         bands.append(Band("theory band between two BF16 engines",
                           tuple(theory[s]["between_engines_low"] if s in theory else None for s in labels),
                           tuple(theory[s]["between_engines_high"] if s in theory else None for s in labels)))
-    charts = {"error": line_chart(labels, series, y_label="relative L2 error", title="Error versus depth (pooled over prompts)", bands=tuple(bands), height=320)}
+    charts = {"error": line_chart(labels, series, y_label="relative L2 error", title="Error versus depth (pooled over prompts)", bands=tuple(bands), height=320),
+              "r": None, "local": None}
     if has_truth:
         charts["r"] = line_chart(labels, [Series("R = err(target, truth) / err(reference, truth)", tuple(s["R"] for s in sites))],
                                  y_label="R", title="R per site (1 = as accurate as the reference)", log=False, height=240,
