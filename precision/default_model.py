@@ -17,9 +17,9 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from precision.io import staged_directory
 
 log = logging.getLogger(__name__)
 
@@ -105,18 +105,9 @@ def build_default_model(path: Path) -> Path:
                 gain = 2.0 if name == "lm_head.weight" else 1.0
                 param.copy_(torch.randn(param.shape, generator=generator) * gain / fan_in**0.5)
     model = model.to(torch.bfloat16)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".builtin-", dir=path.parent))
-    try:
+    with staged_directory(path, ".builtin-") as staging:
         model.save_pretrained(staging, safe_serialization=True)
         GenerationConfig(eos_token_id=eos, pad_token_id=pad, do_sample=False).save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / "README.md").write_text(f"Built-in synthetic model of precision-check (seed {SEED}, recipe {_recipe_hash()}). Random weights: its text is meaningless; its numerics are real.\n")
-        if path.exists():  # another process finished first
-            shutil.rmtree(staging)
-        else:
-            os.replace(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return path

@@ -64,17 +64,15 @@ def write_compact(reference: CaptureReader, out: Path) -> dict:
 
 
 def create_store(prompts: Path, out: Path, *, model: Path | None = None, force: bool = False, show_progress: bool = True) -> dict:
-    from precision.pipeline import RunConfig, capture_envelope, capture_role, resolve_model
+    from precision.pipeline import RunConfig, capture_cpu_side, resolve_model
     from precision.planning import plan_from_prompts
 
     info = resolve_model(model)
     config = RunConfig(prompts=prompts, out=out, model=model, force=force, show_progress=show_progress)
     plan = plan_from_prompts(prompts, info, max_new_tokens=config.max_new_tokens)
     prepare_output_dir(out, force=force, complete_marker="store.json")
-    reference = capture_role("reference", config.reference, info, plan, out, config)
-    following = CapturePlan.following(reference)
-    truth = capture_role("truth", config.truth, info, following, out, config)
-    members, envelope_ids = capture_envelope(reference, info, following, config)
+    cpu = capture_cpu_side(info, plan, out, config)
+    reference, truth, members, envelope_ids = cpu.reference, cpu.truth, cpu.members, cpu.envelope_prompts
     store = {
         "schema_version": SCHEMA_VERSION,
         "format": FORMAT_NAME,

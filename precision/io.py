@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
 import os
 import shutil
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from precision.errors import PrecisionError
 
@@ -78,3 +80,20 @@ def prepare_output_dir(path: Path, *, force: bool, complete_marker: str, resume:
         probe.unlink()
     except OSError as exc:
         raise PrecisionError(os_error_message(exc, path, "creating")) from exc
+
+
+@contextlib.contextmanager
+def staged_directory(target: Path, prefix: str) -> Iterator[Path]:
+    """A temporary directory beside ``target`` that becomes ``target`` when the block succeeds, so a reader never
+    sees a half-built directory; if another process published ``target`` first, that one is kept."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+    try:
+        yield staging
+        if target.exists():
+            shutil.rmtree(staging)
+        else:
+            os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -126,20 +126,35 @@ def run(config: RunConfig) -> RunResult:
         "envelope": [member_name(m) for m in config.envelope], "replay": config.replay, "repeats": config.repeats,
         "command": config.command,
     })
-    if store:
-        # The CPU side comes from the golden store: checked for this model, tokenizer and prompt set.
-        reference, truth, members, envelope_ids = open_store(store, model, plan)
-        following = CapturePlan.following(reference)
-    else:
-        reference = capture_role("reference", config.reference, model, plan, config.out, config)
-        following = CapturePlan.following(reference)
-        truth = capture_role("truth", config.truth, model, following, config.out, config) if config.truth else None
+    # The CPU side comes from a golden store (checked for this model, tokenizer and prompt set) or is captured now.
+    cpu = CpuSide(*open_store(store, model, plan)) if store else capture_cpu_side(model, plan, config.out, config)
     target_options = BackendOptions(trust_remote_code=config.trust_remote_code, engine_args=config.engine_args, variants=config.target_variants)
-    actual = capture_role("target", target_spec, target_model, following, config.out, config, options=target_options, repeats=config.repeats)
-    if not store:
-        members, envelope_ids = capture_envelope(reference, model, following, config)
-    return compare_and_report(reference, actual, truth, config.out, members=members, envelope_prompts=envelope_ids,
+    actual = capture_role("target", target_spec, target_model, cpu.following, config.out, config, options=target_options, repeats=config.repeats)
+    return compare_and_report(cpu.reference, actual, cpu.truth, config.out, members=cpu.members, envelope_prompts=cpu.envelope_prompts,
                               replay=config.replay, thresholds=config.thresholds, command=config.command, show_progress=config.show_progress)
+
+
+@dataclass(frozen=True)
+class CpuSide:
+    """The reference, FP32 truth and envelope captures a target is judged against."""
+
+    reference: CaptureReader
+    truth: CaptureReader | None
+    members: dict[str, CaptureReader]
+    envelope_prompts: list[str]
+
+    @property
+    def following(self) -> CapturePlan:
+        return CapturePlan.following(self.reference)
+
+
+def capture_cpu_side(model: ModelInfo, plan: CapturePlan, out: Path, config: RunConfig) -> CpuSide:
+    """Capture the reference, then the FP32 truth and the envelope fed the reference's tokens, under ``out``."""
+    reference = capture_role("reference", config.reference, model, plan, out, config)
+    following = CapturePlan.following(reference)
+    truth = capture_role("truth", config.truth, model, following, out, config) if config.truth else None
+    members, envelope_ids = capture_envelope(reference, model, following, config)
+    return CpuSide(reference, truth, members, envelope_ids)
 
 
 def capture_envelope(reference: CaptureReader, model: ModelInfo, following: CapturePlan, config: RunConfig) -> tuple[dict[str, CaptureReader], list[str]]:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from precision.analysis.verdict import Status, Thresholds, Verdict
 from precision.backends import BackendOptions
-from precision.capture.writer import CapturePlan
-from precision.pipeline import RunConfig, capture_envelope, capture_role, compare_and_report, resolve_model
+from precision.io import prepare_output_dir
+from precision.pipeline import RunConfig, capture_cpu_side, capture_role, compare_and_report, resolve_model
 from precision.planning import plan_from_prompts
 
 log = logging.getLogger(__name__)
@@ -78,13 +78,9 @@ def run_selftest(prompts: Path, out: Path, *, model: Path | None = None, sweep: 
     info = resolve_model(model)
     config = RunConfig(prompts=prompts, out=out, model=model, force=force, show_progress=show_progress, max_new_tokens=16)
     plan = plan_from_prompts(prompts, info, max_new_tokens=config.max_new_tokens)
-    from precision.io import prepare_output_dir
-
     prepare_output_dir(out, force=force, complete_marker="selftest.json")
-    reference = capture_role("reference", config.reference, info, plan, out, config)
-    following = CapturePlan.following(reference)
-    truth = capture_role("truth", config.truth, info, following, out, config)
-    members, envelope_ids = capture_envelope(reference, info, following, config)
+    cpu = capture_cpu_side(info, plan, out, config)
+    reference, truth, members, envelope_ids, following = cpu.reference, cpu.truth, cpu.members, cpu.envelope_prompts, cpu.following
     replayer = Replayer(info.path, reference.dtype)
     results = []
     for index, case in enumerate(default_cases(info.num_layers, sweep=sweep)):

@@ -27,11 +27,9 @@ class RegressTolerance:
 
     @classmethod
     def from_mapping(cls, values: dict) -> "RegressTolerance":
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise PrecisionError(f"unknown [regress] setting(s) {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**{k: float(v) for k, v in values.items()})
+        from precision.config import from_mapping
+
+        return from_mapping(cls, values, "[regress]")
 
 
 def _load(run_dir: Path) -> tuple[dict, dict]:

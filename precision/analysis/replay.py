@@ -24,7 +24,6 @@ import logging
 import math
 from dataclasses import dataclass
 
-import numpy as np
 
 from precision.analysis.compare import ratio
 from precision.capture import sites as site_names

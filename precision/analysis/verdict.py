@@ -60,13 +60,9 @@ class Thresholds:
 
     @classmethod
     def from_mapping(cls, values: dict) -> "Thresholds":
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            from precision.errors import PrecisionError
+        from precision.config import from_mapping
 
-            raise PrecisionError(f"unknown threshold(s) {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**{k: float(v) for k, v in values.items()})
+        return from_mapping(cls, values, "threshold")
 
 
 @dataclass(frozen=True)

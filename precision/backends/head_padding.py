@@ -16,12 +16,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from precision.errors import BackendError
+from precision.io import staged_directory
 from precision.model import ModelInfo
 
 
@@ -79,20 +78,11 @@ def pad_heads(model: ModelInfo, new_head_dim: int, cache_dir: Path) -> Path:
                 padded[name] = grown.reshape(weight.shape[0], heads * new_head_dim).contiguous()
             else:
                 padded[name] = weight
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".padding-", dir=cache_dir))
-    try:
+    with staged_directory(target, ".padding-") as staging:
         save_file(padded, str(staging / "model.safetensors"), metadata={"format": "pt"})
         config["head_dim"] = new_head_dim
         (staging / "config.json").write_text(json.dumps(config, indent=2))
         for item in source.iterdir():
-            if item.is_file() and item.suffix != ".safetensors" and item.name not in ("config.json",) and not item.name.endswith(".index.json"):
+            if item.is_file() and item.suffix != ".safetensors" and item.name != "config.json" and not item.name.endswith(".index.json"):
                 shutil.copy(item, staging / item.name)
-        if target.exists():
-            shutil.rmtree(staging)
-        else:
-            os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target

@@ -9,13 +9,12 @@ import re
 import shutil
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
 from precision.cli import main
 from precision.verify import verify_run
-from tests.conftest import REPO, write_prompts
+from tests.conftest import write_prompts
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 requires_chromium = pytest.mark.skipif(CHROMIUM is None and os.environ.get("PRECISION_REQUIRE_CHROMIUM") != "1",
