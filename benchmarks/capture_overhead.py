@@ -39,10 +39,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", default=str(REPO / "golden" / "default.jsonl"))
     parser.add_argument("--repeat", type=int, default=3, help="rounds, alternating order; the median ratio is reported")
     parser.add_argument("--profile", action="store_true", help="also cProfile one capture-all run")
+    parser.add_argument("--omp-threads", default="1",
+                        help="OMP_NUM_THREADS when it is not set already (default 1; 'unset' leaves it unset: on this 2-core "
+                             "machine one such run of vLLM's CPU build was ~40x slower and erratic, see benchmarks/README.md)")
     parser.add_argument("--json", default=None, help="write the results here (default WORK/capture_overhead.json)")
     args = parser.parse_args(argv)
 
-    env_set = {k: v for k, v in ENV_DEFAULTS.items() if k not in os.environ}
+    defaults = dict(ENV_DEFAULTS)
+    if args.omp_threads != "unset":
+        defaults["OMP_NUM_THREADS"] = args.omp_threads  # read by OpenMP at load time: set before torch is imported
+    env_set = {k: v for k, v in defaults.items() if k not in os.environ}
     os.environ.update(env_set)
     work = Path(args.work) / "capture-overhead"
     work.mkdir(parents=True, exist_ok=True)
@@ -163,6 +169,20 @@ def _breakdown(backend, plan, selection, scratch: Path) -> dict:
     whole = time.perf_counter() - t0
     parts["capture() whole"] = whole
     parts["capture() fixed costs (rest)"] = whole - parts["generate"] - parts["backend.capture (forward+hooks+write)"] - parts["sha256 + header listing"]
+    # the fixed costs one by one (each once per capture() call)
+    from precision.capture.reader import CaptureReader
+    from precision.environment import environment_record
+
+    t0 = time.perf_counter()
+    environment_record()
+    t1 = time.perf_counter()
+    backend.describe()
+    t2 = time.perf_counter()
+    CaptureReader(out)
+    t3 = time.perf_counter()
+    parts["  of which environment_record()"] = t1 - t0
+    parts["  of which backend.describe()"] = t2 - t1
+    parts["  of which CaptureReader(out) check"] = t3 - t2
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(scratch, ignore_errors=True)
     return {"seconds": parts, "bytes": written}

@@ -13,14 +13,17 @@ What it does (see benchmarks/README.md for the figures measured and how to read 
    msprobe is installed in a separate venv (``--msprobe-venv``, default WORK/msprobe-venv).
 2. Measures, each in its own subprocess (peak RSS = the largest process, from wait4, and the sampled sum over the
    process tree), with the page cache warmed by reading every file first:
-     ours      compare_captures(expected, actual, verify=False) and verify=True (sha256 of every tensor file)
+     ours      compare_captures(expected, actual, verify=False); with --verify also a whole verify=True run
      baseline  numpy over the same safetensors bytes: np.memmap of each tensor, bf16 bits -> float32 in
                chunks, sum((a - e)^2) and sum(e^2): the machine's speed of reading memory and reducing it
-     sha256    hashlib over both sides' files (what verify=True adds), for context
+     sha256    hashlib over both sides' files: exactly what verify=True adds
      msprobe   `msprobe compare -tp actual/dump.json -gp expected/dump.json` (its PyTorch dump format)
    and prints a table of seconds, GB/s (one side's tensor bytes / seconds), ratios and peak RSS.
 
-    .venv/bin/python benchmarks/compare_throughput.py [--work /tmp/bench] [--gb 4] [--repeat 1] [--no-msprobe]
+    .venv/bin/python benchmarks/compare_throughput.py [--work /tmp/bench] [--gb 4] [--repeat 1] [--verify] [--no-msprobe]
+
+Each run of the measurements takes ~5 minutes here (~9 with --verify) plus ~2.5 minutes for the first build; the
+time is almost all compare_captures and msprobe.
 """
 
 from __future__ import annotations
@@ -373,6 +376,18 @@ def msprobe_status(venv: Path) -> tuple[bool, str]:
 # ----------------------------------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------------------------------
+def code_version() -> dict:
+    """The precision/ code measured: HEAD and whether precision/ had uncommitted edits (read-only git calls)."""
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    return {"head": git("rev-parse", "--short", "HEAD"), "uncommitted_in_precision": git("status", "--short", "--", "precision")}
+
+
 def _fmt_bytes(n: float) -> str:
     return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / (1 << 20):.0f} MiB"
 
@@ -469,11 +484,12 @@ def main(argv: list[str] | None = None) -> int:
         "ours_plus_sha256_vs_baseline": base / (by["ours"]["seconds"] + by["sha256"]["seconds"]),
         "msprobe_over_ours": by["msprobe"]["seconds"] / by["ours"]["seconds"] if "msprobe" in by else None,
         "msprobe_over_ours_verify": by["msprobe"]["seconds"] / by["ours-verify"]["seconds"] if "msprobe" in by and "ours-verify" in by else None,
-        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}, "code": code_version(),
     }
     Path(args.json or work / "compare_throughput.json").write_text(json.dumps(summary, indent=1))
 
     print()
+    print(f"code: {summary['code']}")
     print(f"one side: {_fmt_bytes(one_side)} of tensor bytes; medians of {args.repeat} round(s); page cache warm")
     print(f"{'measurement':14s} {'seconds':>9s} {'GB/s':>7s} {'x baseline':>11s} {'peak RSS':>10s} {'tree RSS':>10s}")
     for r in rows:

@@ -27,6 +27,26 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+_NON_FINITE = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}
+_TEXT_KEYS = frozenset({"id", "category", "scope", "first_worse_scope", "prompt", "name"})
+
+
+def _restore_non_finite(value: Any, key: str | None = None) -> Any:
+    if isinstance(value, str):
+        return _NON_FINITE.get(value, value) if key not in _TEXT_KEYS else value
+    if isinstance(value, dict):
+        return {k: _restore_non_finite(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_restore_non_finite(v, key) for v in value]
+    return value
+
+
+def read_result_json(path: Path) -> Any:
+    """A JSON document written by write_json_atomic, with "NaN" / "Infinity" / "-Infinity" turned back into
+    floats (except under free-text keys such as a prompt's id, which may spell anything)."""
+    return _restore_non_finite(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
 def os_error_message(exc: OSError, path: Path, action: str) -> str:
     if exc.errno == errno.ENOSPC:
         return f"disk full while {action} {path}; free space and rerun (captures continue with --resume)"

@@ -18,6 +18,7 @@ from typing import Any
 
 from precision.capture.reader import CaptureReader
 from precision.errors import PrecisionError
+from precision.io import read_result_json
 
 _ROLES = {"expected": "reference", "actual": "target", "truth": "truth"}
 _VOLATILE = {"created_at", "path"}
@@ -26,7 +27,7 @@ _RELATIVE_TOLERANCE = 1e-9
 
 def _load_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return read_result_json(path)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise PrecisionError(f"cannot read {path}: {exc}; pass the directory written by 'precision-check run'") from exc
 
@@ -56,9 +57,9 @@ def _differences(stored: Any, fresh: Any, where: str, out: list[str], limit: int
 
 
 def _json_roundtrip(data: Any) -> Any:
-    from precision.io import _json_safe
+    from precision.io import _json_safe, _restore_non_finite
 
-    return json.loads(json.dumps(_json_safe(data), allow_nan=False))
+    return _restore_non_finite(json.loads(json.dumps(_json_safe(data), allow_nan=False)))
 
 
 def verify_run(run_dir: str | Path) -> list[str]:

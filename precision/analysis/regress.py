@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from precision.errors import MismatchedCapturesError, PrecisionError
+from precision.io import read_result_json
 
 
 @dataclass(frozen=True)
@@ -34,8 +35,8 @@ class RegressTolerance:
 
 def _load(run_dir: Path) -> tuple[dict, dict]:
     try:
-        comparison = json.loads((run_dir / "comparison.json").read_text(encoding="utf-8"))
-        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+        comparison = read_result_json(run_dir / "comparison.json")
+        summary = read_result_json(run_dir / "summary.json")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise PrecisionError(f"{run_dir} is not a finished run directory ({exc}); pass two --out directories of 'precision-check run'") from exc
     return comparison, summary

@@ -18,8 +18,9 @@ Run-level rules, from the analysis section (pooled over prompts; the first offen
 |                 |        | reference's BF16 rounding of it) > local_r_fail (1.5)                                   |
 | local-gain      | FAIL   | a step's |local gain| > max(gain_floor (1e-3), gain_fail_factor (4) x the envelope's)   |
 | local-envelope  | FAIL   | a step's local error > local_ratio_fail (3) x the largest local error of any envelope   |
-|                 |        | member                                                                                  |
-| envelope        | WARN   | the target's total error at a site > envelope_warn (2) x the largest envelope member's  |
+|                 |        | member, and the step is not closer to FP32 than the reference's (local R >= 1)          |
+| envelope        | WARN   | the target's total error at a site > envelope_warn (2) x the largest envelope member's, |
+|                 |        | where the target is not closer to FP32 truth than the reference (R >= 1)                |
 | nondeterminism  | WARN   | repeated target runs on the same inputs generated different tokens                      |
 | explained       | PASS   | otherwise: every step's local error is what implementation choices produce              |
 The overall verdict is the worst of the prompt verdicts and the run-level findings.
@@ -112,12 +113,12 @@ class Verdict:
 def judge(comparison: dict, thresholds: Thresholds | None = None) -> Verdict:
     thresholds = thresholds or Thresholds()
     prompts = tuple(_judge_prompt(p, thresholds) for p in comparison["prompts"])
-    findings = tuple(_judge_analysis(comparison.get("analysis"), thresholds))
+    findings = tuple(_judge_analysis(comparison.get("analysis"), comparison.get("sites", []), thresholds))
     status = worst([p.status for p in prompts] + [f.status for f in findings])
     return Verdict(status=status, prompts=prompts, thresholds=thresholds, findings=findings)
 
 
-def _judge_analysis(analysis: dict | None, th: Thresholds) -> list[Finding]:
+def _judge_analysis(analysis: dict | None, sites: list[dict], th: Thresholds) -> list[Finding]:
     if not analysis:
         return []
     findings: list[Finding] = []
@@ -138,14 +139,17 @@ def _judge_analysis(analysis: dict | None, th: Thresholds) -> list[Finding]:
                 f"layer computes, where implementation variants show at most {envelope_gain or 0.0:.1e} "
                 f"(limit max({th.gain_floor:g}, {th.gain_fail_factor:g}x that))", site))
             break
-        if step.get("local_ratio") is not None and step["local_ratio"] > th.local_ratio_fail:
+        # A step outside the envelope fails only when it is not also closer to FP32 than the reference: a target
+        # in a wider dtype (FP16, FP32) differs from the BF16 reference by more than BF16 variants do, and is right to.
+        if step.get("local_ratio") is not None and step["local_ratio"] > th.local_ratio_fail and step["local_R"] >= 1.0:
             findings.append(Finding("local-envelope", Status.FAIL,
                 f"{site}'s local error {step['local']:.2e} is {step['local_ratio']:.1f}x the largest any implementation variant adds there "
                 f"({step['envelope_local_max']:.2e}; limit {th.local_ratio_fail}x)", site))
             break
     envelope = analysis.get("envelope")
     if envelope:
-        outside = [row for row in envelope["sites"] if row["ratio"] > th.envelope_warn]
+        closer_to_truth = {s["site"] for s in sites if s.get("R") is not None and s["R"] < 1.0}
+        outside = [row for row in envelope["sites"] if row["ratio"] > th.envelope_warn and row["site"] not in closer_to_truth]
         if outside:
             row = outside[0]
             findings.append(Finding("envelope", Status.WARN,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -33,6 +34,21 @@ _REFUSED = {
     "enable_prefix_caching": (True, "cached prefix tokens are not recomputed, so their hidden states would be missing"),
 }
 _OWNED = ("model", "tokenizer", "skip_tokenizer_init", "worker_extension_cls")
+
+
+def _shield_llvmlite_from_kernel_scan() -> None:
+    """Work around a vLLM 0.32 CPU start-up crash when numba (llvmlite) was used earlier in the same process.
+
+    Without Triton, vLLM's CPU platform registers kernel overrides and scans every module namespace, calling
+    ``vars(value).get(...)`` on each value. llvmlite's ``binding.ffi.lib`` answers ``vars()`` with a wrapped C
+    function (its ``__getattr__`` wraps any name, ``__dict__`` included), and the scan dies with
+    "'_lib_fn_wrapper' object has no attribute 'get'". Giving that name a plain dict in llvmlite's own cache makes
+    ``vars(lib)`` an empty mapping; llvmlite never looks ``__dict__`` up as a C function.
+    """
+    ffi = sys.modules.get("llvmlite.binding.ffi")
+    table = getattr(getattr(ffi, "lib", None), "_fntab", None)
+    if isinstance(table, dict):
+        table.setdefault("__dict__", {})
 
 
 class VllmBackend(Backend):
@@ -76,6 +92,7 @@ class VllmBackend(Backend):
     def _activate_impl(self) -> None:
         for key, value in {**CPU_ENV_DEFAULTS, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}.items():
             os.environ.setdefault(key, value)
+        _shield_llvmlite_from_kernel_scan()
         try:
             from vllm import LLM
         except ImportError as exc:

@@ -165,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("expected", help="reference capture directory")
     p.add_argument("actual", help="target capture directory")
     p.add_argument("--truth", help="FP32 truth capture directory (enables R)")
+    p.add_argument("--envelope-dir", help="directory of envelope member captures (captures/envelope of a run or a golden store)")
+    p.add_argument("--replay", action="store_true", help="replay the reference layers on the target's inputs (loads the reference model)")
     p.add_argument("--out", required=True, help="directory for comparison.json")
     p.add_argument("--force", action="store_true")
 
@@ -222,6 +224,8 @@ def _capture(args) -> int:
 
 def _compare(args) -> int:
     from precision.analysis.compare import compare_captures
+    from precision.analysis.explain import build_analysis
+    from precision.analysis.replay import Replayer
     from precision.capture.reader import CaptureReader
     from precision.io import prepare_output_dir, write_json_atomic
 
@@ -230,6 +234,13 @@ def _compare(args) -> int:
     out = Path(args.out)
     prepare_output_dir(out, force=args.force, complete_marker="comparison.json")
     comparison = compare_captures(expected, actual, truth=truth, show_progress=not args.quiet)
+    members, envelope_ids = {}, None
+    if args.envelope_dir:
+        members = {p.name: CaptureReader(p) for p in sorted(Path(args.envelope_dir).iterdir()) if p.is_dir()}
+        envelope_ids = sorted(set.intersection(*({r.id for r in m.prompts} for m in members.values()))) if members else None
+    replayer = Replayer(expected.manifest["model"]["path"], expected.dtype) if args.replay else None
+    comparison["analysis"] = build_analysis(comparison, reference=expected, target=actual, members=members or None,
+                                            envelope_prompts=envelope_ids, replayer=replayer)
     write_json_atomic(out / "comparison.json", comparison)
     print(f"wrote {out / 'comparison.json'}")
     return EXIT_OK
@@ -237,12 +248,13 @@ def _compare(args) -> int:
 
 def _report(args) -> int:
     from precision.analysis.verdict import judge
+    from precision.io import read_result_json
     from precision.report import write_report
 
     path = Path(args.comparison)
     path = path / "comparison.json" if path.is_dir() else path
     try:
-        comparison = json.loads(path.read_text(encoding="utf-8"))
+        comparison = read_result_json(path)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise PrecisionError(f"cannot read comparison {path}: {exc}; pass the comparison.json written by 'precision-check compare'") from exc
     if not isinstance(comparison, dict) or comparison.get("format") != "precision-check-comparison":

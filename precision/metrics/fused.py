@@ -12,11 +12,6 @@ from __future__ import annotations
 
 import numpy as np
 
-try:
-    import numba
-except ImportError:  # the numpy path in tensor.py is used instead
-    numba = None
-
 N_ACCUMULATORS = 9  # e2, a2, d2, ea, sum_abs, max_abs, max_rel, below_1e-3, below_5e-3
 
 
@@ -68,18 +63,27 @@ def _kernel(e, a, floor, out, ulp):
     out[8] += below5
 
 
-if numba is not None:
-    _compiled = numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})(_kernel)
-else:
-    _compiled = None
+_compiled = None
+_missing = False
 
 
 def available() -> bool:
+    """Whether numba is installed; it is imported (and the kernel compiled, or loaded from numba's cache) on the
+    first comparison, not when precision-check starts."""
+    global _compiled, _missing
+    if _compiled is None and not _missing:
+        try:
+            import numba
+        except ImportError:  # the numpy path in tensor.py is used instead
+            _missing = True
+            return False
+        _compiled = numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})(_kernel)
     return _compiled is not None
 
 
 def fused_accumulate(e: np.ndarray, a: np.ndarray, floor: float) -> tuple[np.ndarray, np.ndarray]:
     """Accumulators and ULP-bucket counts of two finite, 1-D, contiguous float32 arrays."""
+    available()
     out = np.zeros(N_ACCUMULATORS, dtype=np.float64)
     ulp = np.zeros(4, dtype=np.int64)
     _compiled(np.ascontiguousarray(e, dtype=np.float32), np.ascontiguousarray(a, dtype=np.float32), float(floor), out, ulp)

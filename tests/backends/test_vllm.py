@@ -44,7 +44,15 @@ def truth(stories, reference, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(stories):
-    """One in-process vLLM engine for the module (starting one costs seconds)."""
+    """One in-process vLLM engine for the module (starting one costs seconds). The metric kernel runs first, so
+    numba/llvmlite are loaded in this process before vLLM starts: that once crashed vLLM's CPU start-up scan
+    (see precision.backends.vllm._shield_llvmlite_from_kernel_scan)."""
+    import numpy
+
+    from precision.metrics import fused
+
+    assert fused.available()
+    fused.fused_accumulate(numpy.ones(4, dtype=numpy.float32), numpy.ones(4, dtype=numpy.float32), 1e-6)
     backend = create_backend("vllm", stories, BackendOptions(max_model_len=256))
     with backend:
         yield backend
