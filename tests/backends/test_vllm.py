@@ -198,3 +198,21 @@ def test_builtin_model_against_transformers(builtin_path, tmp_path):
     assert sites["embed"]["relative_l2"] == 0.0
     for index in range(4):
         assert 1e-3 < sites[f"layer.{index}"]["relative_l2"] < 5e-2
+
+
+def test_tensor_parallel_2_captures_on_rank_0(reference, target, tmp_path):
+    """TP=2 on the CPU build (multiprocess workers): hidden states are complete on every rank after the
+    all-reduce, logits are gathered, and rank 0 writes the file. TP=2 sums in another order than TP=1, so the
+    result is compared as a difference, not bit for bit."""
+    out = tmp_path / "tp2"
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    cmd = [sys.executable, "-m", "precision", "-q", "capture", "--backend", "vllm", "--model", reference.manifest["model"]["path"],
+           "--teacher-forcing", str(reference.path), "--out", str(out),
+           "--engine-arg", "tensor_parallel_size=2", "--engine-arg", "distributed_executor_backend=mp"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    tp2 = CaptureReader(out)
+    assert tp2.manifest["backend"]["settings"]["tensor_parallel_size"] == 2
+    sites = {s["site"]: s for s in compare_captures(target, tp2)["sites"]}
+    assert sites["embed"]["relative_l2"] == 0.0
+    assert all(sites[f"layer.{i}"]["relative_l2"] < 3e-2 for i in range(5))
