@@ -122,7 +122,7 @@ def test_capture_layout_and_manifest(env):
     assert m["schema_version"] == SCHEMA_VERSION == 1 and m["format"] == schema.FORMAT_NAME
     assert m["selection"] == {"positions": "all", "layers": "all"}
     assert m["teacher_forcing"]["source"] == "self" and m["skipped"] == []
-    assert m["model"]["path"] == str(MODEL) and m["tokenizer"]["has_chat_template"] is False
+    assert m["model"]["path"] == str(MODEL.resolve()) and m["tokenizer"]["has_chat_template"] is False
     assert reader.num_layers == 5 and reader.vocab_size == 512
     assert reader.backend_spec == SPEC and reader.dtype == "bfloat16"
     assert reader.manifest_sha256() == hashlib.sha256((path / schema.MANIFEST).read_bytes()).hexdigest()
