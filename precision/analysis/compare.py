@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from typing import Any
 
 import numpy as np
@@ -33,7 +33,9 @@ from precision.analysis.alignment import check_comparable
 from precision.capture import sites as site_names
 from precision.capture.reader import CaptureReader, PromptRecord
 from precision.environment import utc_now
-from precision.metrics import DEFINITIONS, logits_stats, tensor_stats, token_agreement
+from precision.capture.arrays import TensorFile
+from precision.metrics import DEFINITIONS, LogitsStats, logits_stats, tensor_stats, token_agreement
+from precision.metrics.tensor import StreamingStats
 from precision.metrics.tensor import ULP_BUCKETS
 
 log = logging.getLogger(__name__)
@@ -41,30 +43,6 @@ SCHEMA_VERSION = 1
 FORMAT_NAME = "precision-check-comparison"
 NEAR_TIE_NOISE_FACTOR = 2.0
 """A top-1 flip is a near-tie when the reference's margin <= NEAR_TIE_NOISE_FACTOR x the position's max |a - e|."""
-
-
-class _RowReader:
-    """Row slices of a tensor in a safetensors file, read lazily and returned as float64 numpy."""
-
-    def __init__(self, handle: Any, name: str) -> None:
-        self._slice = handle.get_slice(name)
-        self.shape = tuple(self._slice.get_shape())
-
-    def __getitem__(self, rows: slice) -> np.ndarray:
-        import torch
-
-        return self._slice[rows].to(torch.float64).numpy()
-
-
-def _as_numpy(handle: Any, name: str) -> np.ndarray:
-    """The tensor as numpy without widening beyond float32 (bf16 -> float32 is exact); the metrics widen
-    cache-sized chunks to float64 as they go, which keeps memory at one float32 copy per side."""
-    import torch
-
-    tensor = handle.get_tensor(name)
-    if tensor.dtype in (torch.bfloat16, torch.float16):
-        tensor = tensor.float()
-    return tensor.numpy()
 
 
 def ratio(numerator: float, denominator: float) -> float:
@@ -130,32 +108,30 @@ def _compare_prompt(expected: CaptureReader, actual: CaptureReader, truth: Captu
         "tokens": {"expected_generated": list(e_rec.generated_ids), "actual_generated": list(a_rec.generated_ids), **asdict(agreement)},
         "sites": [],
     }
-    with expected.open_tensors(e_rec, verify=verify) as eh, actual.open_tensors(a_rec, verify=verify) as ah:
-        truth_ctx = truth.open_tensors(t_rec, verify=verify) if truth is not None else None
-        th = truth_ctx.__enter__() if truth_ctx is not None else None
-        try:
-            positions = eh.get_tensor(site_names.POSITIONS).tolist()
-            result["positions"] = len(positions)
-            for site in e_rec.sites:
-                if site == site_names.LOGITS:
-                    result["logits"] = _compare_logits(eh, ah, positions, e_rec.forced_ids)
-                e = _as_numpy(eh, site)
-                a = _as_numpy(ah, site)
-                stats = tensor_stats(e, a)
-                entry = {"site": site, "layer": site_names.layer_index(site), "metrics": _stats_json(stats), "truth": None}
-                if th is not None:
-                    tv = _as_numpy(th, site)
-                    e_err, a_err = tensor_stats(tv, e), tensor_stats(tv, a)
-                    entry["truth"] = {
-                        "expected_vs_truth": e_err.relative_l2,
-                        "actual_vs_truth": a_err.relative_l2,
-                        "R": ratio(a_err.relative_l2, e_err.relative_l2),
-                        "truth_l2": e_err.expected_l2,
-                    }
-                result["sites"].append(entry)
-        finally:
-            if truth_ctx is not None:
-                truth_ctx.__exit__(None, None, None)
+    eh, ah = expected.arrays(e_rec, verify=verify), actual.arrays(a_rec, verify=verify)
+    th = truth.arrays(t_rec, verify=verify) if truth is not None else None
+    positions = eh.array(site_names.POSITIONS).tolist()
+    result["positions"] = len(positions)
+    for site in e_rec.sites:
+        if site == site_names.LOGITS:
+            result["logits"], pair, truth_pairs = _compare_logits(eh, ah, th, positions)
+        else:
+            e, a = eh.array(site), ah.array(site)
+            pair = tensor_stats(e, a)
+            truth_pairs = None
+            if th is not None:
+                t = th.array(site)
+                truth_pairs = (tensor_stats(t, e), tensor_stats(t, a))
+        entry = {"site": site, "layer": site_names.layer_index(site), "metrics": _stats_json(pair), "truth": None}
+        if truth_pairs is not None:
+            e_err, a_err = truth_pairs
+            entry["truth"] = {
+                "expected_vs_truth": e_err.relative_l2,
+                "actual_vs_truth": a_err.relative_l2,
+                "R": ratio(a_err.relative_l2, e_err.relative_l2),
+                "truth_l2": e_err.expected_l2,
+            }
+        result["sites"].append(entry)
     return result
 
 
@@ -167,8 +143,32 @@ def _stats_json(stats) -> dict:
     return data
 
 
-def _compare_logits(eh: Any, ah: Any, positions: list[int], forced_ids: tuple[int, ...]) -> dict:
-    stats = logits_stats(_RowReader(eh, site_names.LOGITS), _RowReader(ah, site_names.LOGITS))
+_LOGITS_BLOCK_ELEMENTS = 4 << 20
+"""Logits are read in blocks of rows of about this many elements (16 MB in float32 per side), so memory does not
+grow with positions x vocabulary (2048 x 166144 would be 1.4 GB per side in float32)."""
+
+
+def _concat(parts: list[LogitsStats]) -> LogitsStats:
+    return LogitsStats(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(LogitsStats)))
+
+
+def _compare_logits(eh: TensorFile, ah: TensorFile, th: TensorFile | None, positions: list[int]):
+    """One pass over the logits rows: per-position metrics, element-wise metrics, and the truth's."""
+    shape = eh.shape(site_names.LOGITS)
+    rows_per_block = max(1, _LOGITS_BLOCK_ELEMENTS // max(shape[1], 1))
+    pair = StreamingStats(shape)
+    truth_streams = (StreamingStats(shape), StreamingStats(shape)) if th is not None else None
+    parts = []
+    for start in range(0, shape[0], rows_per_block):
+        e = eh.rows(site_names.LOGITS, start, start + rows_per_block)
+        a = ah.rows(site_names.LOGITS, start, start + rows_per_block)
+        pair.add(e, a)
+        parts.append(logits_stats(e, a))
+        if truth_streams is not None:
+            t = th.rows(site_names.LOGITS, start, start + rows_per_block)
+            truth_streams[0].add(t, e)
+            truth_streams[1].add(t, a)
+    stats = _concat(parts)
     flips = []
     for row in np.flatnonzero(stats.finite_rows & ~stats.top1_agree):
         margin, noise = float(stats.expected_margin[row]), float(stats.max_abs[row])
@@ -182,7 +182,7 @@ def _compare_logits(eh: Any, ah: Any, positions: list[int], forced_ids: tuple[in
         })
     finite = stats.finite_rows
     kl = stats.kl[finite]
-    return {
+    summary = {
         "kl_mean": float(kl.mean()) if kl.size else math.nan,
         "kl_max": float(kl.max()) if kl.size else math.nan,
         "top1_agreement": float(stats.top1_agree[finite].mean()) if finite.any() else math.nan,
@@ -198,6 +198,8 @@ def _compare_logits(eh: Any, ah: Any, positions: list[int], forced_ids: tuple[in
         "flips": flips,
         "non_finite_positions": [positions[r] for r in np.flatnonzero(~finite)],
     }
+    truth_pairs = tuple(s.result() for s in truth_streams) if truth_streams is not None else None
+    return summary, pair.result(), truth_pairs
 
 
 def pool_sites(prompts: list[dict]) -> list[dict]:

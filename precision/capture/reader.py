@@ -166,6 +166,17 @@ class CaptureReader:
         if digest != record.sha256:
             raise CaptureFormatError(f"{path}: sha256 {digest[:12]}… differs from the manifest's {record.sha256[:12]}…; the file is corrupted or was replaced; capture again")
 
+    def arrays(self, record: PromptRecord, *, verify: bool = True):
+        """The prompt's tensors as numpy, read with plain file reads (precision.capture.arrays.TensorFile)."""
+        from precision.capture.arrays import TensorFile
+
+        if verify:
+            self.verify(record)
+        handle = TensorFile(self.tensor_path(record))
+        if handle.names() != set(record.tensors):
+            raise CaptureFormatError(f"{handle.path} holds tensors {sorted(handle.names())}, the manifest lists {sorted(record.tensors)}; capture again")
+        return handle
+
     @contextlib.contextmanager
     def open_tensors(self, record: PromptRecord, *, verify: bool = True) -> Iterator[Any]:
         """A handle whose ``get_tensor(name)`` reads one tensor (as torch) from the prompt's file."""

@@ -223,118 +223,126 @@ class TensorStats:
     non_finite: NonFinite
 
 
-_CHUNK = 1 << 18
-"""Elements per streaming chunk (2 MiB in float64): the chunk stays in cache while every metric reads it."""
-
-
-def tensor_stats(expected, actual) -> TensorStats:
-    """All element-wise metrics of a pair, streamed over cache-sized chunks in float64 (same definitions as the
-    single-metric functions above, which the tests check it against)."""
-    e_raw, a_raw = np.asarray(expected), np.asarray(actual)
-    if e_raw.shape != a_raw.shape:
-        raise ValueError(f"shape mismatch: expected {e_raw.shape} vs actual {a_raw.shape}")
-    nf = non_finite(e_raw, a_raw)
-    if _needs_scaling(e_raw) or _needs_scaling(a_raw):
-        return _tensor_stats_whole(e_raw, a_raw, nf)
-    if fused.available() and e_raw.dtype == np.float32 and a_raw.dtype == np.float32:
-        return _tensor_stats_fused(e_raw, a_raw, nf)
-    e_flat, a_flat = e_raw.reshape(-1), a_raw.reshape(-1)
-    e2 = a2 = d2 = ea = sum_abs = 0.0
-    max_abs = max_rel = 0.0
-    below_1e3 = below_5e3 = count = 0
-    ulp_counts = np.zeros(4, dtype=np.int64)
-    for start in range(0, e_flat.size, _CHUNK):
-        e_part, a_part = e_flat[start:start + _CHUNK], a_flat[start:start + _CHUNK]
-        if nf.any:
-            keep = np.isfinite(e_part) & np.isfinite(a_part)
-            e_part, a_part = e_part[keep], a_part[keep]
-            if e_part.size == 0:
-                continue
-        e = e_part.astype(np.float64)
-        a = a_part.astype(np.float64)
-        d = a - e
-        e2 += _dot(e, e)
-        a2 += _dot(a, a)
-        d2 += _dot(d, d)
-        ea += _dot(e, a)
-        np.abs(d, out=d)
-        max_abs = max(max_abs, float(d.max()))
-        sum_abs += float(d.sum())
-        np.abs(e, out=e)
-        np.maximum(e, RELATIVE_ERROR_FLOOR, out=e)
-        np.divide(d, e, out=d)
-        max_rel = max(max_rel, float(d.max()))
-        below_1e3 += int(np.count_nonzero(d < 1e-3))
-        below_5e3 += int(np.count_nonzero(d < 5e-3))
-        count += d.size
-        distance = np.abs(_bf16_ordered_bits(a_part) - _bf16_ordered_bits(e_part))
-        ulp_counts += np.bincount(np.minimum(distance, 3), minlength=4)[:4]
-    if count == 0:
-        nan = float("nan")
-        return TensorStats(nan, nan, nan, nan, nan, nan, nan, {k: nan for k in ULP_BUCKETS}, nan, int(e_raw.size), nf)
-    return _finish(e2, a2, d2, ea, sum_abs, max_abs, max_rel, below_1e3, below_5e3, count, ulp_counts, int(e_raw.size), nf)
-
-
-_FUSED_CHUNK = 1 << 20
+_CHUNK = 1 << 20
+"""Elements per chunk: large enough to amortize a thread hand-off, small enough to stay near the cache."""
 _pool: ThreadPoolExecutor | None = None
 
 
 def _workers() -> ThreadPoolExecutor:
-    """Threads for the fused kernel, which releases the GIL: one per core, at most four."""
+    """Threads for the chunk kernels (numba's releases the GIL, numpy's mostly does): one per core, at most four."""
     global _pool
     if _pool is None:
         _pool = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="precision-metrics")
     return _pool
 
 
-def _fused_chunk(e: np.ndarray, a: np.ndarray, filter_non_finite: bool):
+def _numpy_accumulate(e_part: np.ndarray, a_part: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The fused kernel's accumulators (see precision.metrics.fused) computed with numpy, for machines without numba."""
+    out = np.zeros(fused.N_ACCUMULATORS)
+    e, a = e_part.astype(np.float64), a_part.astype(np.float64)
+    d = a - e
+    out[0], out[1], out[2], out[3] = _dot(e, e), _dot(a, a), _dot(d, d), _dot(e, a)
+    np.abs(d, out=d)
+    out[4], out[5] = float(d.sum()), float(d.max())
+    np.abs(e, out=e)
+    np.maximum(e, RELATIVE_ERROR_FLOOR, out=e)
+    np.divide(d, e, out=d)
+    out[6], out[7], out[8] = float(d.max()), np.count_nonzero(d < 1e-3), np.count_nonzero(d < 5e-3)
+    distance = np.abs(_bf16_ordered_bits(a_part) - _bf16_ordered_bits(e_part))
+    return out, np.bincount(np.minimum(distance, 3), minlength=4)[:4].astype(np.int64)
+
+
+def _chunk(e: np.ndarray, a: np.ndarray, filter_non_finite: bool):
     if filter_non_finite:
         keep = np.isfinite(e) & np.isfinite(a)
         e, a = e[keep], a[keep]
-    return fused.fused_accumulate(e, a, RELATIVE_ERROR_FLOOR), e.size
-
-
-def _tensor_stats_fused(e_raw: np.ndarray, a_raw: np.ndarray, nf: NonFinite) -> TensorStats:
-    e_flat, a_flat = e_raw.reshape(-1), a_raw.reshape(-1)
-    jobs = [_workers().submit(_fused_chunk, e_flat[i:i + _FUSED_CHUNK], a_flat[i:i + _FUSED_CHUNK], nf.any)
-            for i in range(0, e_flat.size, _FUSED_CHUNK)]
-    acc = np.zeros(fused.N_ACCUMULATORS)
-    ulp_counts = np.zeros(4, dtype=np.int64)
-    count = 0
-    for job in jobs:
-        (out, ulp), n = job.result()
-        acc[[0, 1, 2, 3, 4, 7, 8]] += out[[0, 1, 2, 3, 4, 7, 8]]
-        acc[5], acc[6] = max(acc[5], out[5]), max(acc[6], out[6])
-        ulp_counts += ulp
-        count += n
-    if count == 0:
-        nan = float("nan")
-        return TensorStats(nan, nan, nan, nan, nan, nan, nan, {k: nan for k in ULP_BUCKETS}, nan, int(e_raw.size), nf)
-    e2, a2, d2, ea, sum_abs, max_abs, max_rel, below_1e3, below_5e3 = acc
-    return _finish(e2, a2, d2, ea, sum_abs, max_abs, max_rel, int(below_1e3), int(below_5e3), count, ulp_counts, int(e_raw.size), nf)
-
-
-def _finish(e2, a2, d2, ea, sum_abs, max_abs, max_rel, below_1e3, below_5e3, count, ulp_counts, elements, nf) -> TensorStats:
-    norm_e, norm_a = float(np.sqrt(e2)), float(np.sqrt(a2))
-    if norm_e == 0.0 and norm_a == 0.0:
-        cosine = 1.0
-    elif norm_e == 0.0 or norm_a == 0.0:
-        cosine = float("nan")
+    if e.size == 0:
+        return np.zeros(fused.N_ACCUMULATORS), np.zeros(4, dtype=np.int64), 0
+    if fused.available() and e.dtype == np.float32 and a.dtype == np.float32:
+        out, ulp = fused.fused_accumulate(e, a, RELATIVE_ERROR_FLOOR)
     else:
-        cosine = float(np.clip(ea / (norm_e * norm_a), -1.0, 1.0))
-    return TensorStats(
-        relative_l2=_relative_l2(norm_e, float(np.sqrt(d2))),
-        max_abs=float(max_abs),
-        max_relative=float(max_rel),
-        mean_abs=float(sum_abs) / count,
-        cosine=cosine,
-        one_thousandth_err_ratio=below_1e3 / count,
-        five_thousandths_err_ratio=below_5e3 / count,
-        ulp_shares={bucket: float(n) / count for bucket, n in zip(ULP_BUCKETS, ulp_counts)},
-        expected_l2=norm_e,
-        elements=elements,
-        non_finite=nf,
-    )
+        out, ulp = _numpy_accumulate(e, a)
+    return out, ulp, e.size
+
+
+class StreamingStats:
+    """tensor_stats over a tensor that arrives in blocks (rows of a logits matrix read from disk, say), so that
+    memory holds one block pair rather than the whole tensor. Blocks must come in row-major order."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = tuple(shape)
+        self._acc = np.zeros(fused.N_ACCUMULATORS)
+        self._ulp = np.zeros(4, dtype=np.int64)
+        self._count = 0
+        self._seen = 0
+        self._nan_inf = [0, 0, 0, 0]  # expected nan, expected inf, actual nan, actual inf
+        self._first: int | None = None
+
+    def add(self, expected: np.ndarray, actual: np.ndarray) -> None:
+        e, a = np.asarray(expected).reshape(-1), np.asarray(actual).reshape(-1)
+        if e.shape != a.shape:
+            raise ValueError(f"block shape mismatch: {np.shape(expected)} vs {np.shape(actual)}")
+        bad = ~(np.isfinite(e) & np.isfinite(a))
+        any_bad = bool(bad.any())
+        if any_bad:
+            for slot, count in enumerate((np.isnan(e).sum(), np.isinf(e).sum(), np.isnan(a).sum(), np.isinf(a).sum())):
+                self._nan_inf[slot] += int(count)
+            if self._first is None:
+                self._first = self._seen + int(np.flatnonzero(bad)[0])
+        jobs = [_workers().submit(_chunk, e[i:i + _CHUNK], a[i:i + _CHUNK], any_bad) for i in range(0, e.size, _CHUNK)]
+        for job in jobs:
+            out, ulp, n = job.result()
+            self._acc[[0, 1, 2, 3, 4, 7, 8]] += out[[0, 1, 2, 3, 4, 7, 8]]
+            self._acc[5], self._acc[6] = max(self._acc[5], out[5]), max(self._acc[6], out[6])
+            self._ulp += ulp
+            self._count += n
+        self._seen += e.size
+
+    def result(self) -> TensorStats:
+        first = None
+        if self._first is not None:
+            first = tuple(int(i) for i in np.unravel_index(self._first, self.shape)) if self.shape else ()
+        nf = NonFinite(*self._nan_inf, first_index=first)
+        elements = int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        if self._count == 0:
+            nan = float("nan")
+            return TensorStats(nan, nan, nan, nan, nan, nan, nan, {k: nan for k in ULP_BUCKETS}, nan, elements, nf)
+        e2, a2, d2, ea, sum_abs, max_abs, max_rel, below_1e3, below_5e3 = self._acc
+        norm_e, norm_a = float(np.sqrt(e2)), float(np.sqrt(a2))
+        if norm_e == 0.0 and norm_a == 0.0:
+            cosine = 1.0
+        elif norm_e == 0.0 or norm_a == 0.0:
+            cosine = float("nan")
+        else:
+            cosine = float(np.clip(ea / (norm_e * norm_a), -1.0, 1.0))
+        count = self._count
+        return TensorStats(
+            relative_l2=_relative_l2(norm_e, float(np.sqrt(d2))),
+            max_abs=float(max_abs),
+            max_relative=float(max_rel),
+            mean_abs=float(sum_abs) / count,
+            cosine=cosine,
+            one_thousandth_err_ratio=float(below_1e3) / count,
+            five_thousandths_err_ratio=float(below_5e3) / count,
+            ulp_shares={bucket: float(n) / count for bucket, n in zip(ULP_BUCKETS, self._ulp)},
+            expected_l2=norm_e,
+            elements=elements,
+            non_finite=nf,
+        )
+
+
+def tensor_stats(expected, actual) -> TensorStats:
+    """All element-wise metrics of a pair, streamed over chunks with float64 accumulators (the compiled one-pass
+    kernel when numba is installed); same definitions as the single-metric functions above, which the tests check
+    it against."""
+    e_raw, a_raw = np.asarray(expected), np.asarray(actual)
+    if e_raw.shape != a_raw.shape:
+        raise ValueError(f"shape mismatch: expected {e_raw.shape} vs actual {a_raw.shape}")
+    if _needs_scaling(e_raw) or _needs_scaling(a_raw):
+        return _tensor_stats_whole(e_raw, a_raw, non_finite(e_raw, a_raw))
+    stream = StreamingStats(e_raw.shape)
+    stream.add(e_raw, a_raw)
+    return stream.result()
 
 
 def _needs_scaling(x: np.ndarray) -> bool:

@@ -33,7 +33,22 @@ def test_fused_and_numpy_paths_agree(size, monkeypatch):
 
 def test_kernel_is_used_for_float32(monkeypatch):
     calls = []
-    original = tensor._tensor_stats_fused
-    monkeypatch.setattr(tensor, "_tensor_stats_fused", lambda *args: calls.append(1) or original(*args))
+    original = fused.fused_accumulate
+    monkeypatch.setattr(fused, "fused_accumulate", lambda *args: calls.append(1) or original(*args))
     tensor_stats(np.ones(10, dtype=np.float32), np.ones(10, dtype=np.float32))
     assert calls == [1]
+
+
+def test_streaming_blocks_equal_one_pass():
+    rng = np.random.default_rng(3)
+    e = rng.standard_normal((300, 97)).astype(np.float32)
+    a = (e + 1e-3 * rng.standard_normal(e.shape)).astype(np.float32)
+    e[201, 5] = np.nan
+    whole = tensor_stats(e, a)
+    stream = tensor.StreamingStats(e.shape)
+    for start in range(0, 300, 64):
+        stream.add(e[start:start + 64], a[start:start + 64])
+    blocks = stream.result()
+    assert blocks.non_finite == whole.non_finite and blocks.non_finite.first_index == (201, 5)
+    assert blocks.ulp_shares == whole.ulp_shares
+    assert math.isclose(blocks.relative_l2, whole.relative_l2, rel_tol=1e-12)
