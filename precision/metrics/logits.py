@@ -31,9 +31,12 @@ class LogitsStats:
     """True where both rows are entirely finite; the other metrics are NaN (or -1 for ids) elsewhere."""
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
+def _log_softmax(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """log softmax and softmax of each row, with one exp per element."""
     shifted = x - x.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    exps = np.exp(shifted)
+    sums = exps.sum(axis=-1, keepdims=True)
+    return shifted - np.log(sums), exps / sums
 
 
 def _top_k(x: np.ndarray, k: int) -> np.ndarray:
@@ -75,8 +78,8 @@ def logits_stats(expected, actual) -> LogitsStats:
             continue
         idx = np.arange(rows.start, rows.stop)[ok]
         e, a = e[ok], a[ok]
-        log_pe, log_pa = _log_softmax(e), _log_softmax(a)
-        out["kl"][idx] = np.maximum((np.exp(log_pe) * (log_pe - log_pa)).sum(axis=1), 0.0)
+        (log_pe, p_e), (log_pa, _) = _log_softmax(e), _log_softmax(a)
+        out["kl"][idx] = np.maximum((p_e * (log_pe - log_pa)).sum(axis=1), 0.0)
         top_e, top_a = _top_k(e, TOP_K_OVERLAP), _top_k(a, TOP_K_OVERLAP)
         e_top1[idx], a_top1[idx] = top_e[:, 0], top_a[:, 0]
         top1_agree[idx] = top_e[:, 0] == top_a[:, 0]
