@@ -15,7 +15,7 @@ DEFINITIONS: dict[str, str] = {
     "top1_agree": "Share of positions where argmax of the target's logits equals argmax of the reference's (teacher-forced, so both saw the same tokens).",
     "top5_overlap": "Mean over positions of |top5(e) ∩ top5(a)| / 5 (/ the vocabulary size when it is below 5).",
     "expected_margin": "The reference's top-1 minus top-2 logit at a position; a flip at a small margin is a near-tie.",
-    "near_tie": "A teacher-forced top-1 disagreement is a near-tie flip when the reference's top-1/top-2 margin is at most twice the largest logit difference measured at that position; otherwise it is a real flip.",
+    "near_tie": "A teacher-forced top-1 disagreement (reference picks i, target j) is a near-tie flip when the reference's margin m = e_i - e_j is at most bound = ulp_ref + ulp_target + z * sqrt(2) * sigma, where sigma is the RMS of the logit differences a - e over the position's other tokens (i and j left out), ulp_ref and ulp_target are one unit in the last place of max(|e_i|, |e_j|) in each capture's dtype (the stored logits' own rounding), and z = Phi^-1(1 - alpha_1 / 2) with alpha_1 = 1 - (1 - 0.01)^(1/n) for the n positions compared in the run (Sidak: at most a 1% chance of any false real flip in the run if logit errors are normal with that RMS). Otherwise it is a real flip.",
     "token_match_rate": "Free-running greedy generation: positions where the target's token equals the reference's, over the longer length.",
     "matching_prefix": "Free-running greedy generation: number of leading tokens identical on both sides.",
     "first_divergence": "Index of the first generated token that differs (none when identical).",
