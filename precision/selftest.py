@@ -5,24 +5,40 @@ Cases (all transformers on CPU in the reference dtype, identical to the referenc
     bf16 accumulation        one layer's matrix products accumulate in BF16       must FAIL naming that layer
     scaled weight            one layer's MLP down-projection weight x (1 + 1e-2)   must FAIL naming that layer
     NaN                      a NaN written into one layer's output at a position   must FAIL and locate it
+    NaN against NaN          the reference has a NaN at one element of a layer's    must FAIL naming that layer
+                             output, the target at another element of the same row
+    logit bias               +5 on one token's logit (lm_head output), the token    must FAIL at the logits, with
+                             most often the reference's runner-up                   real (not near-tie) flips
 Sensitivity: the weight scale is swept down (1e-2, 3e-3, 1e-3, 3e-4, 1e-4) to find the smallest scaling still
-failed at the right layer, and BF16 accumulation is planted in every layer in turn.
+failed at the right layer, BF16 accumulation is planted in every layer in turn, and the logit bias is swept down
+(2, 1, 0.5, ... 1/64) to find the smallest bias still failed at the logits.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from precision.analysis.verdict import Status, Thresholds, Verdict
 from precision.backends import BackendOptions
+from precision.capture.reader import CaptureReader
+from precision.capture.sites import LOGITS
+from precision.errors import PrecisionError
 from precision.io import prepare_output_dir
 from precision.pipeline import RunConfig, capture_cpu_side, capture_role, compare_and_report, resolve_model
 from precision.planning import plan_from_prompts
 
 log = logging.getLogger(__name__)
 SCALE_SWEEP = (1e-2, 3e-3, 1e-3, 3e-4, 1e-4)
+BIAS = 5.0
+"""The planted logit bias: several times any logit margin a near-tie can have, so it must give real flips."""
+BIAS_SWEEP = (2.0, 1.0, 0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625)
+"""Powers of two, so adding one to a BF16 logit is the bias itself wherever the logit's ULP allows it."""
+NAN_LAYER, NAN_POSITION = 1, 3
 
 
 @dataclass(frozen=True)
@@ -33,6 +49,11 @@ class Case:
     site: str | None  # the site the verdict must name (None: any / not applicable)
     position: int | None = None
     sweep: str | None = None  # sensitivity sweep this case belongs to
+    reference_variants: tuple[str, ...] = ()
+    """Planted in the reference too (captured fed the unmodified reference's tokens): a fault the target is
+    judged against, not one it is judged for."""
+    real_flips: bool = False
+    """The verdict must hold teacher-forced flips that are not near-ties (the real-flip rule fired)."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +66,10 @@ class CaseResult:
     changed: bool
     """False when the planted change vanished (a weight scaled by less than BF16's resolution is the same
     weight): such a case measures nothing and counts as neither caught nor missed."""
+    real_flips: int = 0
+    """Teacher-forced top-1 flips the comparison classed as beyond the near-tie bound, over all prompts."""
+    flips: int = 0
+    """All teacher-forced top-1 flips, over all prompts."""
 
 
 def _named(verdict: Verdict) -> tuple[str | None, str | None]:
@@ -55,20 +80,69 @@ def _named(verdict: Verdict) -> tuple[str | None, str | None]:
     return (chosen.site, chosen.rule) if chosen else (None, None)
 
 
-def default_cases(num_layers: int, *, sweep: bool = True) -> list[Case]:
+def bias_case_name(token: int, bias: float) -> str:
+    return f"logit of token {token} + {bias:g}"
+
+
+def default_cases(num_layers: int, *, sweep: bool = True, bias_token: int | None = None) -> list[Case]:
+    """The planted faults; the logit-bias cases need ``bias_token`` (see ``runner_up_token``)."""
     middle = num_layers // 2
+    nan_site = f"layer.{NAN_LAYER}"
     cases = [
         Case("reordered reduction", ("permute-k:7",), Status.PASS, None),
         Case(f"bf16 accumulation in layer {middle}", (f"fault:bf16-accum:{middle}",), Status.FAIL, f"layer.{middle}"),
         Case(f"layer {middle} weight x (1 + 1e-2)", (f"fault:scale-weight:{middle}:1.01",), Status.FAIL, f"layer.{middle}"),
-        Case("NaN in layer 1 at position 3", ("fault:nan:1:3",), Status.FAIL, "layer.1", position=3),
+        Case(f"NaN in layer {NAN_LAYER} at position {NAN_POSITION}", (f"fault:nan:{NAN_LAYER}:{NAN_POSITION}",), Status.FAIL, nan_site, position=NAN_POSITION),
+        # Same row, another column: a per-tensor (or per-row) non-finite check sees "both sides have a NaN here".
+        Case(f"NaN in layer {NAN_LAYER} at position {NAN_POSITION} against a reference NaN at another element",
+             (f"fault:nan:{NAN_LAYER}:{NAN_POSITION}:1",), Status.FAIL, nan_site, position=NAN_POSITION,
+             reference_variants=(f"fault:nan:{NAN_LAYER}:{NAN_POSITION}:0",)),
     ]
+    if bias_token is not None:
+        cases.append(Case(bias_case_name(bias_token, BIAS), (f"fault:logit-bias:{bias_token}:{BIAS!r}",), Status.FAIL, "logits", real_flips=True))
     if sweep:
         cases += [Case(f"layer {middle} weight x (1 + {eps:g})", (f"fault:scale-weight:{middle}:{1 + eps!r}",), Status.FAIL, f"layer.{middle}", sweep="weight scale")
                   for eps in SCALE_SWEEP[1:]]
         cases += [Case(f"bf16 accumulation in layer {i}", (f"fault:bf16-accum:{i}",), Status.FAIL, f"layer.{i}", sweep="bf16 accumulation")
                   for i in range(num_layers) if i != middle]
+        if bias_token is not None:
+            cases += [Case(bias_case_name(bias_token, bias), (f"fault:logit-bias:{bias_token}:{bias!r}",), Status.FAIL, "logits", sweep="logit bias")
+                      for bias in BIAS_SWEEP]
     return cases
+
+
+def runner_up_token(reference: CaptureReader) -> int:
+    """The token that is most often the reference's second-highest logit over every captured position (ties: the
+    lower id). A bias on it flips the positions where it trails the top-1 by less than the bias."""
+    counts = None
+    for record in reference.prompts:
+        handle = reference.arrays(record)
+        rows, vocab = handle.shape(LOGITS)
+        counts = np.zeros(vocab, dtype=np.int64) if counts is None else counts
+        step = max(1, (1 << 22) // max(vocab, 1))  # about 16 MB of float32 logits at a time
+        for start in range(0, rows, step):
+            block = handle.rows(LOGITS, start, start + step)
+            block = block[np.isfinite(block).all(axis=1)]
+            if block.shape[0] == 0 or vocab < 2:
+                continue
+            # The runner-up is the argmax once the top-1 (argmax: the lowest id among equal maxima) is set aside.
+            top1 = block.argmax(axis=1)
+            block[np.arange(block.shape[0]), top1] = -np.inf
+            second = block.argmax(axis=1)
+            counts += np.bincount(second, minlength=vocab)
+    if counts is None or not counts.any():
+        raise PrecisionError("the reference capture holds no finite logits row to choose a runner-up token from")
+    return int(np.argmax(counts))
+
+
+def _real_flips(comparison: dict) -> tuple[int, int]:
+    flips = [f for prompt in comparison["prompts"] for f in prompt.get("logits", {}).get("flips", [])]
+    return sum(not f["near_tie"] for f in flips), len(flips)
+
+
+def _fails_with(verdict: Verdict, rule: str) -> bool:
+    findings = list(verdict.findings) + [f for p in verdict.prompts for f in p.findings]
+    return any(f.rule == rule and f.status is Status.FAIL for f in findings)
 
 
 def run_selftest(prompts: Path, out: Path, *, model: Path | None = None, sweep: bool = True, force: bool = False,
@@ -82,23 +156,37 @@ def run_selftest(prompts: Path, out: Path, *, model: Path | None = None, sweep: 
     cpu = capture_cpu_side(info, plan, out, config)
     reference, truth, members, envelope_ids, following = cpu.reference, cpu.truth, cpu.members, cpu.envelope_prompts, cpu.following
     replayer = Replayer(info.path, reference.dtype)
+    bias_token = runner_up_token(reference)
+    log.info("logit-bias cases bias token %d, most often the reference's runner-up", bias_token)
     results = []
-    for index, case in enumerate(default_cases(info.num_layers, sweep=sweep)):
+    for index, case in enumerate(default_cases(info.num_layers, sweep=sweep, bias_token=bias_token)):
         case_dir = out / "cases" / f"{index:02d}"
         case_dir.mkdir(parents=True, exist_ok=True)
         options = BackendOptions(variants=case.variants)
         target = capture_role(f"../cases/{index:02d}/target", config.reference, info, following, out, config, options=options)
-        result = compare_and_report(reference, target, truth, case_dir, members=members, envelope_prompts=envelope_ids,
+        expected, case_members = reference, members
+        if case.reference_variants:
+            expected = capture_role(f"../cases/{index:02d}/reference", config.reference, info, following, out, config,
+                                    options=BackendOptions(variants=case.reference_variants))
+            case_members = None  # the envelope members were measured against the unmodified reference
+        result = compare_and_report(expected, target, truth, case_dir, members=case_members, envelope_prompts=envelope_ids,
                                     replayer=replayer, thresholds=thresholds, show_progress=False)
-        site, rule = _named(result.verdict)
-        ok = result.verdict.status is case.expected and (case.site is None or site == case.site)
-        if ok and case.position is not None:
-            first = result.comparison["analysis"]["first_non_finite"]
-            ok = first is not None and first["site"] == case.site and first["position"] == case.position
-        changed = any(row["relative_l2"] != 0.0 for row in result.comparison["sites"]) or result.comparison["analysis"]["first_non_finite"] is not None
-        results.append(CaseResult(case, result.verdict, site, rule, ok, changed))
-        log.info("%s: %s (%s at %s)", case.name, result.verdict.status.value, rule, site)
+        results.append(_judge_case(case, result.verdict, result.comparison))
+        log.info("%s: %s (%s at %s)", case.name, result.verdict.status.value, results[-1].rule, results[-1].named_site)
     return results
+
+
+def _judge_case(case: Case, verdict: Verdict, comparison: dict) -> CaseResult:
+    site, rule = _named(verdict)
+    first = comparison["analysis"]["first_non_finite"]
+    real, flips = _real_flips(comparison)
+    ok = verdict.status is case.expected and (case.site is None or site == case.site)
+    if ok and case.position is not None:
+        ok = first is not None and first["site"] == case.site and first["position"] == case.position
+    if ok and case.real_flips:
+        ok = real > 0 and _fails_with(verdict, "real-flip")
+    changed = any(row["relative_l2"] != 0.0 for row in comparison["sites"]) or first is not None
+    return CaseResult(case, verdict, site, rule, ok, changed, real_flips=real, flips=flips)
 
 
 def sensitivity(results: list[CaseResult]) -> dict[str, str]:
@@ -119,12 +207,48 @@ def sensitivity(results: list[CaseResult]) -> dict[str, str]:
     if accumulation:
         caught = sorted(int(r.case.site.split(".")[1]) for r in accumulation if r.ok)
         lines["bf16 accumulation"] = f"caught in {len(caught)} of {len(accumulation)} layers (layers {caught})"
-    lines["non-finite"] = "a single NaN element is caught and located" if any(r.ok for r in results if "nan" in r.case.variants[0]) else "NOT caught"
+    lone_nan = [r for r in results if "fault:nan" in r.case.variants[0] and not r.case.reference_variants]
+    if lone_nan:
+        lines["non-finite"] = "a single NaN element is caught and located" if any(r.ok for r in lone_nan) else "NOT caught"
+    nan_against_nan = [r for r in results if "fault:nan" in r.case.variants[0] and r.case.reference_variants]
+    if nan_against_nan:
+        lines["non-finite against a reference NaN"] = ("a target NaN at another element than the reference's NaN is caught and located"
+                                                       if any(r.ok for r in nan_against_nan) else "NOT caught")
+    bias = _bias_sensitivity([r for r in results if "fault:logit-bias" in r.case.variants[0]])
+    if bias:
+        lines["logit bias"] = bias
     return lines
 
 
+def _bias(result: CaseResult) -> float:
+    return float(result.case.variants[0].rsplit(":", 1)[1])
+
+
+def _bias_sensitivity(results: list[CaseResult]) -> str | None:
+    """Caught: FAIL named at the logits. Real flips are counted separately: a small bias can be caught by the
+    lm_head's local error before it is large enough to overturn any reference top-1."""
+    if not results:
+        return None
+    caught = [_bias(r) for r in results if r.changed and r.verdict.status is Status.FAIL and r.named_site == "logits"]
+    flipping = [_bias(r) for r in results if r.real_flips > 0]
+    missed = sorted((_bias(r) for r in results if r.changed and _bias(r) not in caught), reverse=True)
+    vanished = sorted((_bias(r) for r in results if not r.changed), reverse=True)
+    text = f"caught at the logits down to +{min(caught):g}" if caught else "never caught"
+    text += f"; real flips down to +{min(flipping):g}" if flipping else "; no real flips"
+    text += f" ({_flip_counts(results)})"
+    text += f"; missed at +{', +'.join(f'{m:g}' for m in missed)}" if missed else "; none missed"
+    if vanished:
+        text += f"; at +{', +'.join(f'{v:g}' for v in vanished)} every biased BF16 logit rounds back to its original (nothing to catch)"
+    return text
+
+
+def _flip_counts(results: Iterable[CaseResult]) -> str:
+    ordered = sorted(results, key=_bias, reverse=True)
+    return "real/all flips by bias: " + ", ".join(f"+{_bias(r):g}: {r.real_flips}/{r.flips}" for r in ordered)
+
+
 def all_as_expected(results: list[CaseResult]) -> bool:
-    """The four planted faults got their expected verdicts; sweep cases measure sensitivity and are reported."""
+    """The planted faults got their expected verdicts; sweep cases measure sensitivity and are reported."""
     return all(r.ok for r in results if r.case.sweep is None)
 
 

@@ -11,18 +11,30 @@ with each to measure the spread that implementation choices alone produce (the e
 Faults are not legitimate; they prove the analysis catches real bugs:
     fault:bf16-accum:LAYER          the matrix products of decoder layer LAYER accumulate in BF16, not FP32
     fault:scale-weight:LAYER:FACTOR the MLP down-projection weight of layer LAYER multiplied by FACTOR
-    fault:nan:LAYER:POSITION        NaN written into layer LAYER's output at token POSITION
+    fault:nan:LAYER:POSITION[:COLUMN]  NaN written into layer LAYER's output at token POSITION, hidden unit COLUMN
+                                    (default 0); on the reference side too, a NaN there and another one in the
+                                    target at another COLUMN prove non-finite values are judged per element
+    fault:logit-bias:TOKEN:BIAS     BIAS added to token TOKEN's logit (its lm_head output) at every position; a
+                                    bias on a token that is often the runner-up flips near-ties toward it
 """
 
 from __future__ import annotations
 
+import math
 import types
 from dataclasses import dataclass
 
 from precision.errors import BackendError
 
 LEGITIMATE_KINDS = ("permute-k", "split-k", "attn", "norm", "mlp")
-FAULT_KINDS = ("bf16-accum", "scale-weight", "nan")
+FAULT_KINDS = ("bf16-accum", "scale-weight", "nan", "logit-bias")
+_USAGE = ("permute-k:SEED, split-k:CHUNK, attn:eager, norm:fused, mlp:fused, fault:bf16-accum:LAYER, fault:scale-weight:LAYER:FACTOR, "
+          "fault:nan:LAYER:POSITION[:COLUMN], fault:logit-bias:TOKEN:BIAS")
+_ARITY = {"permute-k": (1,), "split-k": (1,), "attn": (1,), "norm": (1,), "mlp": (1,), "bf16-accum": (1,), "scale-weight": (2,),
+          "nan": (2, 3), "logit-bias": (2,)}
+_NUMBERS = {"permute-k": (int,), "split-k": (int,), "bf16-accum": (int,), "scale-weight": (int, float), "nan": (int, int, int),
+            "logit-bias": (int, float)}
+"""The type of each numeric argument, checked when the variant is parsed (before any model loads)."""
 
 
 @dataclass(frozen=True)
@@ -42,11 +54,21 @@ def parse_variant(text: str) -> Variant:
         parts = parts[1:]
     kind, args = (parts[0] if parts else ""), tuple(parts[1:])
     allowed = FAULT_KINDS if fault else LEGITIMATE_KINDS
-    arity = {"permute-k": 1, "split-k": 1, "attn": 1, "norm": 1, "mlp": 1, "bf16-accum": 1, "scale-weight": 2, "nan": 2}
-    if kind not in allowed or len(args) != arity[kind]:
-        raise BackendError(f"variant {text!r} is not one of: permute-k:SEED, split-k:CHUNK, attn:eager, norm:fused, mlp:fused, "
-                           "fault:bf16-accum:LAYER, fault:scale-weight:LAYER:FACTOR, fault:nan:LAYER:POSITION")
+    if kind not in allowed or len(args) not in _ARITY[kind]:
+        raise BackendError(f"variant {text!r} is not one of: {_USAGE}")
+    for value, kind_of_number in zip(args, _NUMBERS.get(kind, ())):
+        _check_number(text, value, kind_of_number)
     return Variant(kind, args, fault)
+
+
+def _check_number(text: str, value: str, kind_of_number: type) -> None:
+    try:
+        number = kind_of_number(value)
+    except ValueError:
+        word = "an integer" if kind_of_number is int else "a number"
+        raise BackendError(f"variant {text!r}: {value!r} is not {word}; the forms are: {_USAGE}") from None
+    if kind_of_number is float and not math.isfinite(number):
+        raise BackendError(f"variant {text!r}: {value!r} is not finite; give a finite number")
 
 
 def apply_variants(model, variants: tuple[str, ...]) -> None:
@@ -163,19 +185,41 @@ def _scale_weight(model, layer: str, factor: str) -> None:
         down.weight.mul_(float(factor))
 
 
-def _nan(model, layer: str, position: str) -> None:
-    pos = int(position)
+def _nan(model, layer: str, position: str, column: str = "0") -> None:
+    pos, col = int(position), int(column)
+    width = model.config.hidden_size
+    if pos < 0:
+        raise ValueError(f"position {pos} is negative")
+    if not 0 <= col < width:
+        raise ValueError(f"column {col} does not exist (hidden size {width}: 0..{width - 1})")
+    target = _layer(model, layer)
 
     def hook(_module, _inputs, output):
         hidden = output[0] if isinstance(output, (tuple, list)) else output
+        # Only a pass that holds the position plants it (generation's later one-token steps do not).
         if hidden.shape[-2] > pos:
-            hidden[..., pos, 0] = float("nan")
+            hidden[..., pos, col] = float("nan")
         return output
 
-    _layer(model, layer).register_forward_hook(hook)
+    target.register_forward_hook(hook)
+
+
+def _logit_bias(model, token: str, bias: str) -> None:
+    index, amount = int(token), float(bias)
+    head = model.lm_head
+    if not 0 <= index < head.out_features:
+        raise ValueError(f"token {index} does not exist (vocabulary {head.out_features}: 0..{head.out_features - 1})")
+
+    def hook(_module, _inputs, logits):
+        # Added to the lm_head's output in its dtype, as a wrong bias row or a mis-converted weight row would be;
+        # every other logit stays bit for bit what the model computed.
+        logits[..., index] += amount
+        return logits
+
+    head.register_forward_hook(hook)
 
 
 _APPLY = {
     "permute-k": _permute_k, "split-k": _split_k, "attn": _attention, "norm": _fused_norm, "mlp": _fused_mlp,
-    "bf16-accum": _bf16_accumulation, "scale-weight": _scale_weight, "nan": _nan,
+    "bf16-accum": _bf16_accumulation, "scale-weight": _scale_weight, "nan": _nan, "logit-bias": _logit_bias,
 }
