@@ -10,7 +10,10 @@ DEFINITIONS: dict[str, str] = {
     "one_thousandth_err_ratio": "msprobe's One Thousandth Err Ratio: share of elements with |a_i - e_i| / max(|e_i|, 1e-6) < 0.001.",
     "five_thousandths_err_ratio": "msprobe's Five Thousandths Err Ratio: share of elements with |a_i - e_i| / max(|e_i|, 1e-6) < 0.005.",
     "ulp_shares": "Share of elements whose bf16 values (after rounding both sides to bf16) are 0, 1, 2 or more than 2 representable bf16 numbers apart.",
-    "non_finite": "Counts of NaN and Inf on each side, and the first [position, column] where either side is not finite. Never dropped silently.",
+    "non_finite": "Counts of NaN and Inf on each side and the first [position, column] where either side is not finite; per element, "
+                  "actual_only counts the elements non-finite in the target where the reference is finite and mismatched those "
+                  "non-finite on both sides with different values (NaN vs +-Inf, +Inf vs -Inf), each with its first [position, column]. "
+                  "Never dropped silently.",
     "kl": "KL(p_e || p_a) = sum_v p_e(v) (log p_e(v) - log p_a(v)) of the softmax of the full-vocabulary logits at one position, in nats, float64.",
     "top1_agree": "Share of positions where argmax of the target's logits equals argmax of the reference's (teacher-forced, so both saw the same tokens).",
     "top5_overlap": "Mean over positions of |top5(e) ∩ top5(a)| / 5 (/ the vocabulary size when it is below 5).",

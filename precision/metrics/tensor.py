@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from precision.metrics import fused
+from precision.metrics.arrays import as_numpy
+from precision.metrics.nonfinite import NonFinite, NonFiniteCounter, non_finite
 
 BF16_UNIT_ROUNDOFF = 2.0**-8
 """Unit roundoff u of bfloat16 (8 significand bits incl. the implicit one): |round(x) - x| <= u |x|."""
@@ -24,7 +26,7 @@ expected value is (almost) zero from dividing by zero; 1e-6 matches the magnitud
 
 
 def _as_float64(x) -> np.ndarray:
-    return np.asarray(x, dtype=np.float64)
+    return as_numpy(x).astype(np.float64, copy=False)
 
 
 def _finite_pair(expected, actual) -> tuple[np.ndarray, np.ndarray]:
@@ -166,47 +168,6 @@ def ulp_histogram(expected, actual) -> dict[str, float]:
 
 
 @dataclass(frozen=True)
-class NonFinite:
-    """NaN/Inf counts on each side and the first (row-major) index where either side is non-finite."""
-
-    expected_nan: int
-    expected_inf: int
-    actual_nan: int
-    actual_inf: int
-    first_index: tuple[int, ...] | None
-
-    @property
-    def any(self) -> bool:
-        return bool(self.expected_nan or self.expected_inf or self.actual_nan or self.actual_inf)
-
-    @property
-    def actual_only(self) -> bool:
-        """Non-finite values that the target has and the reference has not."""
-        return (self.actual_nan + self.actual_inf) > 0 and (self.expected_nan + self.expected_inf) == 0
-
-
-def non_finite(expected, actual) -> NonFinite:
-    """Counts of NaN and +/-Inf in each tensor, and the index (in the tensor's own shape) of the first
-    element that is non-finite on either side; None when all are finite."""
-    e, a = np.asarray(expected), np.asarray(actual)
-    if e.shape != a.shape:
-        raise ValueError(f"shape mismatch: expected {e.shape} vs actual {a.shape}")
-    bad_e, bad_a = ~np.isfinite(e), ~np.isfinite(a)
-    either = bad_e | bad_a
-    first = None
-    if either.any():
-        flat = int(np.flatnonzero(either.ravel())[0])
-        first = tuple(int(i) for i in np.unravel_index(flat, e.shape)) if e.ndim else ()
-    return NonFinite(
-        expected_nan=int(np.isnan(e).sum()),
-        expected_inf=int(np.isinf(e).sum()),
-        actual_nan=int(np.isnan(a).sum()),
-        actual_inf=int(np.isinf(a).sum()),
-        first_index=first,
-    )
-
-
-@dataclass(frozen=True)
 class TensorStats:
     """Every element-wise metric of one tensor pair (see each function for its definition)."""
 
@@ -274,21 +235,14 @@ class StreamingStats:
         self._acc = np.zeros(fused.N_ACCUMULATORS)
         self._ulp = np.zeros(4, dtype=np.int64)
         self._count = 0
-        self._seen = 0
-        self._nan_inf = [0, 0, 0, 0]  # expected nan, expected inf, actual nan, actual inf
-        self._first: int | None = None
+        self._non_finite = NonFiniteCounter(self.shape)
 
     def add(self, expected: np.ndarray, actual: np.ndarray) -> None:
-        e, a = np.asarray(expected).reshape(-1), np.asarray(actual).reshape(-1)
+        e, a = as_numpy(expected).reshape(-1), as_numpy(actual).reshape(-1)
         if e.shape != a.shape:
             raise ValueError(f"block shape mismatch: {np.shape(expected)} vs {np.shape(actual)}")
-        bad = ~(np.isfinite(e) & np.isfinite(a))
-        any_bad = bool(bad.any())
-        if any_bad:
-            for slot, count in enumerate((np.isnan(e).sum(), np.isinf(e).sum(), np.isnan(a).sum(), np.isinf(a).sum())):
-                self._nan_inf[slot] += int(count)
-            if self._first is None:
-                self._first = self._seen + int(np.flatnonzero(bad)[0])
+        any_bad = not bool((np.isfinite(e) & np.isfinite(a)).all())
+        self._non_finite.add(e, a, any_bad)
         jobs = [_workers().submit(_chunk, e[i:i + _CHUNK], a[i:i + _CHUNK], any_bad) for i in range(0, e.size, _CHUNK)]
         for job in jobs:
             out, ulp, n = job.result()
@@ -296,13 +250,9 @@ class StreamingStats:
             self._acc[5], self._acc[6] = max(self._acc[5], out[5]), max(self._acc[6], out[6])
             self._ulp += ulp
             self._count += n
-        self._seen += e.size
 
     def result(self) -> TensorStats:
-        first = None
-        if self._first is not None:
-            first = tuple(int(i) for i in np.unravel_index(self._first, self.shape)) if self.shape else ()
-        nf = NonFinite(*self._nan_inf, first_index=first)
+        nf = self._non_finite.result()
         elements = int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
         if self._count == 0:
             nan = float("nan")
@@ -335,7 +285,7 @@ def tensor_stats(expected, actual) -> TensorStats:
     """All element-wise metrics of a pair, streamed over chunks with float64 accumulators (the compiled one-pass
     kernel when numba is installed); same definitions as the single-metric functions above, which the tests check
     it against."""
-    e_raw, a_raw = np.asarray(expected), np.asarray(actual)
+    e_raw, a_raw = as_numpy(expected), as_numpy(actual)
     if e_raw.shape != a_raw.shape:
         raise ValueError(f"shape mismatch: expected {e_raw.shape} vs actual {a_raw.shape}")
     if _needs_scaling(e_raw) or _needs_scaling(a_raw):

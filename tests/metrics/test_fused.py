@@ -52,3 +52,22 @@ def test_streaming_blocks_equal_one_pass():
     assert blocks.non_finite == whole.non_finite and blocks.non_finite.first_index == (201, 5)
     assert blocks.ulp_shares == whole.ulp_shares
     assert math.isclose(blocks.relative_l2, whole.relative_l2, rel_tol=1e-12)
+
+
+def test_streaming_non_finite_per_element_across_blocks():
+    # a reference NaN in the first block does not hide a target Inf in a later one, and the first index of each
+    # kind is found in whichever block holds it
+    e = np.ones((10, 7), dtype=np.float32)
+    a = np.ones((10, 7), dtype=np.float32)
+    e[0, 0] = np.nan
+    a[6, 4] = np.inf
+    e[8, 1], a[8, 1] = np.inf, -np.inf
+    e[9, 6], a[9, 6] = np.nan, np.inf
+    stream = tensor.StreamingStats(e.shape)
+    for start in range(0, 10, 3):
+        stream.add(e[start:start + 3], a[start:start + 3])
+    nf = stream.result().non_finite
+    assert (nf.actual_only, nf.actual_only_first_index) == (1, (6, 4))
+    assert (nf.mismatched, nf.mismatched_first_index) == (2, (8, 1))
+    assert nf.first_index == (0, 0)
+    assert nf == tensor_stats(e, a).non_finite

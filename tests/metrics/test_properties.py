@@ -230,6 +230,20 @@ def test_metrics_never_raise_on_non_finite_mixes(pair):
         assert not bad.ravel()[:flat].any()
     else:
         assert nf.first_index is None and not nf.any
+    # per element, against the plain numpy definitions (the oracle)
+    with np.errstate(invalid="ignore"):
+        actual_only = ~np.isfinite(a) & np.isfinite(e)
+        both = ~np.isfinite(a) & ~np.isfinite(e)
+        same_value = np.array([(x != x and y != y) or x == y for x, y in zip(e.ravel().tolist(), a.ravel().tolist())],
+                              dtype=bool).reshape(e.shape)
+    mismatched = both & ~same_value
+    for count, first, mask in ((nf.actual_only, nf.actual_only_first_index, actual_only),
+                               (nf.mismatched, nf.mismatched_first_index, mismatched)):
+        assert count == int(mask.sum())
+        if count:
+            assert first == tuple(int(i) for i in np.unravel_index(int(np.flatnonzero(mask.ravel())[0]), e.shape))
+        else:
+            assert first is None
 
     if finite_pair_exists(e, a):
         assert sum(hist.values()) == pytest.approx(1.0, abs=1e-12)

@@ -178,9 +178,11 @@ def test_non_finite_counts_and_locates():
     e = np.array([1.0, NAN, 3.0, 4.0, -INF])
     a = np.array([1.0, 2.0, INF, NAN, NAN])
     nf = non_finite(e, a)
-    assert nf == NonFinite(expected_nan=1, expected_inf=1, actual_nan=2, actual_inf=1, first_index=(1,))
+    # element 2: target +Inf where the reference is 3.0 (actual only); element 3 likewise (NaN);
+    # element 4: -Inf against NaN (both non-finite, different values); element 1: only the reference is NaN
+    assert nf == NonFinite(expected_nan=1, expected_inf=1, actual_nan=2, actual_inf=1, first_index=(1,),
+                           actual_only=2, actual_only_first_index=(2,), mismatched=1, mismatched_first_index=(4,))
     assert nf.any
-    assert not nf.actual_only
 
 
 def test_non_finite_first_index_is_in_the_tensors_own_shape():
@@ -190,7 +192,7 @@ def test_non_finite_first_index_is_in_the_tensors_own_shape():
     e[1, 0, 2] = INF  # flat index 12 + 2 = 14: first
     nf = non_finite(e, a)
     assert nf.first_index == (1, 0, 2)
-    assert nf == NonFinite(0, 1, 1, 0, (1, 0, 2))
+    assert nf == NonFinite(0, 1, 1, 0, (1, 0, 2), 1, (1, 2, 3), 0, None)
 
 
 def test_non_finite_first_index_either_side():
@@ -204,23 +206,50 @@ def test_non_finite_first_index_either_side():
 
 def test_non_finite_all_finite():
     nf = non_finite(np.ones((2, 2)), np.ones((2, 2)))
-    assert nf == NonFinite(0, 0, 0, 0, None)
+    assert nf == NonFinite(0, 0, 0, 0, None, 0, None, 0, None)
     assert not nf.any
-    assert not nf.actual_only
 
 
 def test_non_finite_actual_only():
     nf = non_finite(np.array([1.0, 2.0]), np.array([1.0, INF]))
-    assert nf.any and nf.actual_only
+    assert nf.any and nf.actual_only == 1 and nf.actual_only_first_index == (1,)
     assert nf.first_index == (1,)
     nf = non_finite(np.array([NAN, 2.0]), np.array([1.0, 2.0]))
-    assert nf.any and not nf.actual_only
+    assert nf.any and nf.actual_only == 0 and nf.actual_only_first_index is None
+
+
+def test_non_finite_actual_only_is_per_element_not_per_tensor():
+    # the review's case: a reference NaN at [0, 0] must not excuse a target NaN at [2, 3]
+    e, a = np.ones((3, 4)), np.ones((3, 4))
+    e[0, 0] = NAN
+    a[2, 3] = NAN
+    nf = non_finite(e, a)
+    assert nf.actual_only == 1 and nf.actual_only_first_index == (2, 3)
+    assert nf.mismatched == 0 and nf.mismatched_first_index is None
+    assert nf.first_index == (0, 0)
+    # the same NaN on both sides is neither
+    a[0, 0], a[2, 3] = NAN, 1.0
+    nf = non_finite(e, a)
+    assert (nf.actual_only, nf.mismatched, nf.actual_only_first_index) == (0, 0, None)
+
+
+@pytest.mark.parametrize("e_value, a_value, mismatched", [
+    (INF, -INF, 1), (-INF, INF, 1), (NAN, INF, 1), (INF, NAN, 1), (NAN, -INF, 1),
+    (INF, INF, 0), (-INF, -INF, 0), (NAN, NAN, 0), (INF, 1.0, 0), (1.0, 2.0, 0),
+])
+def test_non_finite_mismatched_values(e_value, a_value, mismatched):
+    e, a = np.zeros((2, 3), dtype=np.float32), np.zeros((2, 3), dtype=np.float32)
+    e[1, 2], a[1, 2] = e_value, a_value
+    nf = non_finite(e, a)
+    assert nf.mismatched == mismatched
+    assert nf.mismatched_first_index == ((1, 2) if mismatched else None)
+    assert tensor_stats(e, a).non_finite == nf
 
 
 def test_non_finite_float32_and_bf16_like_inputs():
     e = np.array([1.0, np.inf], dtype=np.float32)
     a = np.array([np.nan, 1.0], dtype=np.float16)
-    assert non_finite(e, a) == NonFinite(0, 1, 1, 0, (0,))
+    assert non_finite(e, a) == NonFinite(0, 1, 1, 0, (0,), 1, (0,), 0, None)
 
 
 def test_nothing_finite_on_both_sides_gives_nan():
@@ -238,7 +267,7 @@ def test_nothing_finite_on_both_sides_gives_nan():
         assert math.isnan(getattr(s, name)), name
     assert all(math.isnan(v) for v in s.ulp_shares.values())
     assert s.elements == 2
-    assert s.non_finite == NonFinite(1, 0, 0, 1, (0,))
+    assert s.non_finite == NonFinite(1, 0, 0, 1, (0,), 1, (1,), 0, None)
 
 
 def test_empty_tensors():
@@ -247,7 +276,7 @@ def test_empty_tensors():
         assert math.isnan(f(e, a)), f.__name__
     s = tensor_stats(e, a)
     assert s.elements == 0
-    assert s.non_finite == NonFinite(0, 0, 0, 0, None)
+    assert s.non_finite == NonFinite(0, 0, 0, 0, None, 0, None, 0, None)
     assert math.isnan(s.relative_l2)
 
 
@@ -271,9 +300,9 @@ def test_zero_dimensional():
 
 def test_zero_dimensional_non_finite_first_index_is_empty_tuple():
     nf = non_finite(np.array(NAN), np.array(1.0))
-    assert nf == NonFinite(1, 0, 0, 0, ())
+    assert nf == NonFinite(1, 0, 0, 0, (), 0, None, 0, None)
     s = tensor_stats(np.array(1.0), np.array(-INF))
-    assert s.non_finite == NonFinite(0, 0, 0, 1, ())
+    assert s.non_finite == NonFinite(0, 0, 0, 1, (), 1, (), 0, None)
     assert math.isnan(s.relative_l2)
     assert s.elements == 1
 
@@ -569,7 +598,9 @@ def test_tensor_stats_agrees_with_each_function_with_non_finite(dtype):
     a[4, 19] = -np.inf
     e[4, 19] = np.nan
     s = assert_stats_match_functions(e, a)
-    assert s.non_finite == NonFinite(expected_nan=2, expected_inf=0, actual_nan=0, actual_inf=2, first_index=(0, 3))
+    # a[2, 1] = +Inf where e is finite (actual only); e[4, 19] NaN against a[4, 19] -Inf (mismatched)
+    assert s.non_finite == NonFinite(expected_nan=2, expected_inf=0, actual_nan=0, actual_inf=2, first_index=(0, 3),
+                                     actual_only=1, actual_only_first_index=(2, 1), mismatched=1, mismatched_first_index=(4, 19))
     assert s.elements == 100
     assert math.isfinite(s.relative_l2)
 
@@ -587,7 +618,7 @@ def test_tensor_stats_by_hand():
     # 4.0 = 0x4080, 5.0 = 0x40A0: 32 apart
     assert s.ulp_shares == pytest.approx({"0": 2 / 3, "1": 0.0, "2": 0.0, ">2": 1 / 3})
     assert s.elements == 4
-    assert s.non_finite == NonFinite(1, 0, 0, 0, (1, 1))
+    assert s.non_finite == NonFinite(1, 0, 0, 0, (1, 1), 0, None, 0, None)
 
 
 # ---------------------------------------------------------------------- float64 range (norm under/overflow)
