@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 N_ACCUMULATORS = 9  # e2, a2, d2, ea, sum_abs, max_abs, max_rel, below_1e-3, below_5e-3
+N_ULP_BUCKETS = 5  # distance 0, 1, 2, >2, both sides overflow to bf16 Inf (precision.metrics.elementwise.ULP_BUCKETS)
 
 
 def _kernel(e, a, floor, out, ulp):
@@ -50,8 +51,10 @@ def _kernel(e, a, floor, out, ulp):
             oe = -oe
         if ra & np.uint32(0x8000):
             oa = -oa
-        dist = abs(oa - oe)
-        ulp[min(dist, 3)] += 1
+        if abs(oe) >= 0x7F80 and abs(oa) >= 0x7F80:  # both overflow to bf16 +-Inf: no distance to count
+            ulp[4] += 1
+        else:
+            ulp[min(abs(oa - oe), 3)] += 1
     out[0] += e2
     out[1] += a2
     out[2] += d2
@@ -85,6 +88,6 @@ def fused_accumulate(e: np.ndarray, a: np.ndarray, floor: float) -> tuple[np.nda
     """Accumulators and ULP-bucket counts of two finite, 1-D, contiguous float32 arrays."""
     available()
     out = np.zeros(N_ACCUMULATORS, dtype=np.float64)
-    ulp = np.zeros(4, dtype=np.int64)
+    ulp = np.zeros(N_ULP_BUCKETS, dtype=np.int64)
     _compiled(np.ascontiguousarray(e, dtype=np.float32), np.ascontiguousarray(a, dtype=np.float32), float(floor), out, ulp)
     return out, ulp

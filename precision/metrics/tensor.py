@@ -1,8 +1,8 @@
-"""Element-wise error metrics between two tensors of the same shape, computed in float64.
+"""All element-wise metrics of a tensor pair in one streamed pass (TensorStats), in float64.
 
-Conventions: NaN and Inf are never dropped silently. The error metrics below are computed over the elements
-that are finite on both sides, and ``non_finite`` counts and locates the rest; a tensor pair with any
-non-finite element is flagged by the analysis.
+The definitions are the single-metric functions in precision.metrics.elementwise (re-exported here); the tests
+hold this module's results against them. NaN and Inf are never dropped silently: the error metrics are computed
+over the elements that are finite on both sides, and ``non_finite`` counts and locates the rest per element.
 """
 
 from __future__ import annotations
@@ -15,156 +15,31 @@ import numpy as np
 
 from precision.metrics import fused
 from precision.metrics.arrays import as_numpy
-from precision.metrics.nonfinite import NonFinite, NonFiniteCounter, non_finite
-
-BF16_UNIT_ROUNDOFF = 2.0**-8
-"""Unit roundoff u of bfloat16 (8 significand bits incl. the implicit one): |round(x) - x| <= u |x|."""
-
-RELATIVE_ERROR_FLOOR = 1e-6
-"""Denominator floor for element-wise relative error: |a - e| / max(|e|, floor). Keeps elements whose
-expected value is (almost) zero from dividing by zero; 1e-6 matches the magnitude msprobe uses."""
-
-
-def _as_float64(x) -> np.ndarray:
-    return as_numpy(x).astype(np.float64, copy=False)
-
-
-def _finite_pair(expected, actual) -> tuple[np.ndarray, np.ndarray]:
-    e, a = _as_float64(expected), _as_float64(actual)
-    if e.shape != a.shape:
-        raise ValueError(f"shape mismatch: expected {e.shape} vs actual {a.shape}")
-    e, a = e.ravel(), a.ravel()
-    keep = np.isfinite(e) & np.isfinite(a)
-    if keep.all():
-        return e, a
-    return e[keep], a[keep]
-
-
-_SAFE_RANGE = (1e-150, 1e150)
-
-
-def _dot(x: np.ndarray, y: np.ndarray) -> float:
-    """Dot product in float64 without BLAS: numpy's einsum, which measured 30x faster than np.dot (OpenBLAS)
-    on this project's 2-core machines for cache-sized vectors, with the same float64 accumulation."""
-    return float(np.einsum("i,i->", x, y))
-
-
-def _norm(x: np.ndarray) -> float:
-    """L2 norm that neither underflows nor overflows in float64 (scaled by the largest magnitude when needed)."""
-    if x.size == 0:
-        return 0.0
-    largest = float(np.max(np.abs(x)))
-    if largest == 0.0 or _SAFE_RANGE[0] < largest < _SAFE_RANGE[1]:
-        return float(np.sqrt(_dot(x, x)))
-    return largest * float(np.sqrt(_dot(x / largest, x / largest)))
-
-
-def relative_l2_error(expected, actual) -> float:
-    """Relative L2 error ||a - e||_2 / ||e||_2 over the elements finite on both sides.
-    0 when both are all zero; +inf when only e is all zero; NaN when no element is finite on both sides."""
-    e, a = _finite_pair(expected, actual)
-    return _relative_l2(_norm(e), _norm(a - e)) if e.size else float("nan")
-
-
-def _relative_l2(norm_expected: float, norm_diff: float) -> float:
-    if norm_expected == 0.0:
-        return 0.0 if norm_diff == 0.0 else float("inf")
-    return norm_diff / norm_expected
-
-
-def max_abs_error(expected, actual) -> float:
-    """Max absolute error max_i |a_i - e_i| over elements finite on both sides (NaN if none)."""
-    e, a = _finite_pair(expected, actual)
-    return float(np.max(np.abs(a - e))) if e.size else float("nan")
-
-
-def mean_abs_error(expected, actual) -> float:
-    """Mean absolute error mean_i |a_i - e_i| over elements finite on both sides (NaN if none)."""
-    e, a = _finite_pair(expected, actual)
-    return float(np.mean(np.abs(a - e))) if e.size else float("nan")
-
-
-def _elementwise_relative(e: np.ndarray, a: np.ndarray, floor: float) -> np.ndarray:
-    return np.abs(a - e) / np.maximum(np.abs(e), floor)
-
-
-def max_relative_error(expected, actual, *, floor: float = RELATIVE_ERROR_FLOOR) -> float:
-    """Max relative error max_i |a_i - e_i| / max(|e_i|, floor), floor = RELATIVE_ERROR_FLOOR (1e-6)
-    by default, over elements finite on both sides (NaN if none)."""
-    e, a = _finite_pair(expected, actual)
-    return float(np.max(_elementwise_relative(e, a, floor))) if e.size else float("nan")
-
-
-def err_ratio_below(expected, actual, threshold: float, *, floor: float = RELATIVE_ERROR_FLOOR) -> float:
-    """Share of elements whose relative error |a - e| / max(|e|, floor) is below ``threshold``
-    (msprobe's "Err Ratio"), over elements finite on both sides (NaN if none)."""
-    e, a = _finite_pair(expected, actual)
-    return float(np.mean(_elementwise_relative(e, a, floor) < threshold)) if e.size else float("nan")
-
-
-def one_thousandth_err_ratio(expected, actual) -> float:
-    """msprobe "One Thousandth Err Ratio": share of elements with relative error below 0.001."""
-    return err_ratio_below(expected, actual, 1e-3)
-
-
-def five_thousandths_err_ratio(expected, actual) -> float:
-    """msprobe "Five Thousandths Err Ratio": share of elements with relative error below 0.005."""
-    return err_ratio_below(expected, actual, 5e-3)
-
-
-def cosine_similarity(expected, actual) -> float:
-    """Cosine similarity <e, a> / (||e|| ||a||) over elements finite on both sides.
-    1 when both are all zero (identical); NaN when exactly one is all zero (undefined) or nothing is finite."""
-    e, a = _finite_pair(expected, actual)
-    if e.size == 0:
-        return float("nan")
-    return _cosine(e, a, _norm(e), _norm(a))
-
-
-def _cosine(e: np.ndarray, a: np.ndarray, norm_e: float, norm_a: float) -> float:
-    if norm_e == 0.0 and norm_a == 0.0:
-        return 1.0
-    if norm_e == 0.0 or norm_a == 0.0:
-        return float("nan")
-    # Unit vectors first: the dot product of two tiny (or huge) vectors would underflow (overflow).
-    return float(np.clip(_dot(e / norm_e, a / norm_a), -1.0, 1.0))
-
-
-def _bf16_ordered_bits(x: np.ndarray) -> np.ndarray:
-    """bfloat16 bit patterns (round-to-nearest-even from float32) mapped to integers that are ordered like
-    the values, so that the difference of two of them counts the representable bf16 numbers between.
-    float64 inputs are rounded to float32 first, as torch's float64 -> bfloat16 cast does.
-    (uint32 arithmetic cannot overflow here: the largest finite pattern plus the rounding stays below 2^32.)"""
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    b16 = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
-    magnitude = (b16 & 0x7FFF).astype(np.int32)
-    return np.where(b16 & 0x8000, -magnitude, magnitude)
-
-
-def bf16_ulp_distance(expected, actual) -> np.ndarray:
-    """Element distance in bf16 units in the last place: the number of bf16 values between round_bf16(e)
-    and round_bf16(a) (0 = same bf16 value; +0 and -0 count as the same). Elements are first rounded to
-    bf16 (nearest-even), so bf16 captures are measured exactly. Only finite pairs are included."""
-    e, a = _finite_pair(expected, actual)
-    return np.abs(_bf16_ordered_bits(a) - _bf16_ordered_bits(e))
-
-
-ULP_BUCKETS = ("0", "1", "2", ">2")
-
-
-def ulp_histogram(expected, actual) -> dict[str, float]:
-    """Share of finite element pairs at a bf16 ULP distance of exactly 0, 1, 2, and more than 2.
-    Empty dict values are NaN when no pair is finite."""
-    d = bf16_ulp_distance(expected, actual)
-    if d.size == 0:
-        return {k: float("nan") for k in ULP_BUCKETS}
-    n = float(d.size)
-    return {
-        "0": float(np.count_nonzero(d == 0)) / n,
-        "1": float(np.count_nonzero(d == 1)) / n,
-        "2": float(np.count_nonzero(d == 2)) / n,
-        ">2": float(np.count_nonzero(d > 2)) / n,
-    }
+from precision.metrics.elementwise import (  # noqa: F401  (re-exported: callers import them from here)
+    _SAFE_RANGE,
+    BF16_INF_MAGNITUDE,
+    BF16_UNIT_ROUNDOFF,
+    RELATIVE_ERROR_FLOOR,
+    ULP_BUCKETS,
+    _bf16_ordered_bits,
+    _cosine,
+    _dot,
+    _elementwise_relative,
+    _finite_pair,
+    _norm,
+    _relative_l2,
+    bf16_ulp_distance,
+    cosine_similarity,
+    err_ratio_below,
+    five_thousandths_err_ratio,
+    max_abs_error,
+    max_relative_error,
+    mean_abs_error,
+    one_thousandth_err_ratio,
+    relative_l2_error,
+    ulp_histogram,
+)
+from precision.metrics.nonfinite import NonFinite, NonFiniteCounter, non_finite  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -209,8 +84,10 @@ def _numpy_accumulate(e_part: np.ndarray, a_part: np.ndarray) -> tuple[np.ndarra
     np.maximum(e, RELATIVE_ERROR_FLOOR, out=e)
     np.divide(d, e, out=d)
     out[6], out[7], out[8] = float(d.max()), np.count_nonzero(d < 1e-3), np.count_nonzero(d < 5e-3)
-    distance = np.abs(_bf16_ordered_bits(a_part) - _bf16_ordered_bits(e_part))
-    return out, np.bincount(np.minimum(distance, 3), minlength=4)[:4].astype(np.int64)
+    bits_e, bits_a = _bf16_ordered_bits(e_part), _bf16_ordered_bits(a_part)
+    bucket = np.minimum(np.abs(bits_a - bits_e), 3)
+    bucket[(np.abs(bits_e) >= BF16_INF_MAGNITUDE) & (np.abs(bits_a) >= BF16_INF_MAGNITUDE)] = 4
+    return out, np.bincount(bucket, minlength=fused.N_ULP_BUCKETS)[:fused.N_ULP_BUCKETS].astype(np.int64)
 
 
 def _chunk(e: np.ndarray, a: np.ndarray, filter_non_finite: bool):
@@ -218,7 +95,7 @@ def _chunk(e: np.ndarray, a: np.ndarray, filter_non_finite: bool):
         keep = np.isfinite(e) & np.isfinite(a)
         e, a = e[keep], a[keep]
     if e.size == 0:
-        return np.zeros(fused.N_ACCUMULATORS), np.zeros(4, dtype=np.int64), 0
+        return np.zeros(fused.N_ACCUMULATORS), np.zeros(fused.N_ULP_BUCKETS, dtype=np.int64), 0
     if fused.available() and e.dtype == np.float32 and a.dtype == np.float32:
         out, ulp = fused.fused_accumulate(e, a, RELATIVE_ERROR_FLOOR)
     else:
@@ -233,7 +110,7 @@ class StreamingStats:
     def __init__(self, shape: tuple[int, ...]) -> None:
         self.shape = tuple(shape)
         self._acc = np.zeros(fused.N_ACCUMULATORS)
-        self._ulp = np.zeros(4, dtype=np.int64)
+        self._ulp = np.zeros(fused.N_ULP_BUCKETS, dtype=np.int64)
         self._count = 0
         self._non_finite = NonFiniteCounter(self.shape)
 

@@ -136,11 +136,20 @@ def test_abs_errors_ordered(pair):
 def test_ulp_histogram_sums_to_one(pair):
     e, a = pair
     hist = ulp_histogram(e, a)
-    assert list(hist) == ["0", "1", "2", ">2"]
+    assert list(hist) == ["0", "1", "2", ">2", "non-finite"]
     assert all(0.0 <= v <= 1.0 for v in hist.values())
     assert sum(hist.values()) == pytest.approx(1.0, abs=1e-12)
     d = bf16_ulp_distance(e, a)
-    assert hist["0"] == pytest.approx(np.count_nonzero(d == 0) / d.size)
+    # oracle for overflow: torch's own float -> bfloat16 cast (float64 goes through float32, as documented)
+    torch = pytest.importorskip("torch")
+    keep = np.isfinite(e) & np.isfinite(a)
+
+    def bf16_inf(x):
+        return torch.isinf(torch.from_numpy(np.asarray(x[keep], dtype=np.float32).reshape(-1)).to(torch.bfloat16)).numpy()
+
+    both_overflow = bf16_inf(e) & bf16_inf(a)
+    assert hist["non-finite"] == pytest.approx(np.count_nonzero(both_overflow) / d.size)
+    assert hist["0"] == pytest.approx(np.count_nonzero((d == 0) & ~both_overflow) / d.size)
 
 
 @SETTINGS

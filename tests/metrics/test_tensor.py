@@ -120,7 +120,7 @@ def test_both_all_zero():
     assert cosine_similarity(z, z) == 1.0  # defined as identical
     assert one_thousandth_err_ratio(z, z) == 1.0  # 0 < 0.001 everywhere
     assert five_thousandths_err_ratio(z, z) == 1.0
-    assert ulp_histogram(z, z) == {"0": 1.0, "1": 0.0, "2": 0.0, ">2": 0.0}
+    assert ulp_histogram(z, z) == {"0": 1.0, "1": 0.0, "2": 0.0, ">2": 0.0, "non-finite": 0.0}
 
 
 def test_negative_zero_equals_zero():
@@ -171,7 +171,7 @@ def test_non_finite_elements_are_excluded_from_error_metrics():
     assert cosine_similarity(e, a) == pytest.approx(25 / math.sqrt(17 * 37), rel=1e-15)
     assert one_thousandth_err_ratio(e, a) == 0.5  # only position 0 of 2
     assert list(bf16_ulp_distance(e, a)) == [0, 64]  # 4.0 = 0x4080, 6.0 = 0x40C0 -> 0x40 = 64
-    assert ulp_histogram(e, a) == {"0": 0.5, "1": 0.0, "2": 0.0, ">2": 0.5}
+    assert ulp_histogram(e, a) == {"0": 0.5, "1": 0.0, "2": 0.0, ">2": 0.5, "non-finite": 0.0}
 
 
 def test_non_finite_counts_and_locates():
@@ -259,7 +259,7 @@ def test_nothing_finite_on_both_sides_gives_nan():
         assert math.isnan(f(e, a)), f.__name__
     assert bf16_ulp_distance(e, a).size == 0
     hist = ulp_histogram(e, a)
-    assert set(hist) == {"0", "1", "2", ">2"}
+    assert set(hist) == {"0", "1", "2", ">2", "non-finite"}
     assert all(math.isnan(v) for v in hist.values())
     s = tensor_stats(e, a)
     for name in ("relative_l2", "max_abs", "max_relative", "mean_abs", "cosine", "one_thousandth_err_ratio",
@@ -510,6 +510,19 @@ def test_bf16_ulp_overflow_is_one_past_max():
     assert ulp(bf16_max, (2 - 2**-6) * 2.0**127) == 1  # 0x7F7E, one step below the max
 
 
+def test_ulp_shares_count_both_overflow_as_non_finite():
+    # float32 values at or above (2 - 2^-8) * 2^127 round to bf16 Inf: both sides overflowing are not "identical"
+    f32_max = float(np.finfo(np.float32).max)
+    e = np.array([f32_max, f32_max, -f32_max, 1.0], dtype=np.float32)
+    a = np.array([f32_max, -f32_max, -f32_max, 1.0], dtype=np.float32)
+    expected = {"0": 0.25, "1": 0.0, "2": 0.0, ">2": 0.0, "non-finite": 0.75}
+    assert ulp_histogram(e, a) == expected
+    assert tensor_stats(e, a).ulp_shares == expected  # the streamed (fused) path
+    # one side overflowing keeps its distance: bf16 max to Inf is one step
+    bf16_max = np.float32((2 - 2**-7) * 2.0**127)
+    assert ulp_histogram(np.array([bf16_max]), np.array([f32_max], dtype=np.float32))["1"] == 1.0
+
+
 def test_bf16_ulp_excludes_non_finite_and_keeps_order():
     e = np.array([[1.0, NAN], [2.0, 4.0]])
     a = np.array([[1.0078125, 3.0], [INF, 4.0]])
@@ -539,8 +552,8 @@ def test_ulp_histogram_by_hand():
     a = np.array([1.0, 1.0, 1.0078125, 1.015625, 1.0234375, 2.0, 1.0, 1.0, NAN])
     # distances of the 8 finite pairs: [0, 0, 1, 2, 3, 128, 0, 0]
     hist = ulp_histogram(e, a)
-    assert hist == {"0": 0.5, "1": 0.125, "2": 0.125, ">2": 0.25}
-    assert list(hist) == ["0", "1", "2", ">2"]
+    assert hist == {"0": 0.5, "1": 0.125, "2": 0.125, ">2": 0.25, "non-finite": 0.0}
+    assert list(hist) == ["0", "1", "2", ">2", "non-finite"]
     assert sum(hist.values()) == 1.0
 
 
@@ -550,7 +563,8 @@ def test_ulp_histogram_shares_sum_to_one_on_random_data():
     a = (e * (1 + rng.standard_normal(1000) * 2**-7)).astype(np.float32)
     hist = ulp_histogram(e, a)
     assert sum(hist.values()) == pytest.approx(1.0, abs=1e-12)
-    assert all(0.0 < v < 1.0 for v in hist.values())  # this noise populates every bucket
+    assert all(0.0 < hist[k] < 1.0 for k in ("0", "1", "2", ">2"))  # this noise populates every distance bucket
+    assert hist["non-finite"] == 0.0
 
 
 # ----------------------------------------------------------------------------------------- tensor_stats
@@ -616,7 +630,7 @@ def test_tensor_stats_by_hand():
     assert s.max_relative == 0.25
     assert s.one_thousandth_err_ratio == pytest.approx(2 / 3)
     # 4.0 = 0x4080, 5.0 = 0x40A0: 32 apart
-    assert s.ulp_shares == pytest.approx({"0": 2 / 3, "1": 0.0, "2": 0.0, ">2": 1 / 3})
+    assert s.ulp_shares == pytest.approx({"0": 2 / 3, "1": 0.0, "2": 0.0, ">2": 1 / 3, "non-finite": 0.0})
     assert s.elements == 4
     assert s.non_finite == NonFinite(1, 0, 0, 0, (1, 1), 0, None, 0, None)
 
