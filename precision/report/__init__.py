@@ -7,15 +7,20 @@ from pathlib import Path
 
 from precision.analysis.verdict import Verdict
 from precision.io import write_json_atomic, write_text_atomic
+from precision.report.markdown import markdown_text
 from precision.report.view import build_view, load_decoder
 
 SUMMARY_SCHEMA_VERSION = 1
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "reports" / "templates"
 
 
-def _environment(template_dir: Path):
+def _environment(template_dir: Path, *, markdown: bool = False):
+    """HTML templates autoescape; the Markdown template escapes every output through ``markdown_text``."""
     import jinja2
 
+    if markdown:
+        return jinja2.Environment(loader=jinja2.FileSystemLoader(str(template_dir)), autoescape=False, finalize=markdown_text,
+                                  undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(template_dir)),
         autoescape=jinja2.select_autoescape(enabled_extensions=("html", "html.j2"), default_for_string=True, default=False),
@@ -71,8 +76,9 @@ def write_report(out_dir: str | Path, comparison: dict, verdict: Verdict, *, com
     model_path = manifests.get("expected", {}).get("model", {}).get("path")
     view = build_view(comparison, verdict, decode=load_decoder(model_path), command=command, manifests=manifests)
     env = _environment(template_dir)
+    markdown_env = _environment(template_dir, markdown=True)
     paths = {"report.html": out_dir / "report.html", "summary.md": out_dir / "summary.md", "summary.json": out_dir / "summary.json"}
     write_text_atomic(paths["report.html"], env.get_template("report.html.j2").render(**view))
-    write_text_atomic(paths["summary.md"], env.get_template("summary.md.j2").render(**view))
+    write_text_atomic(paths["summary.md"], markdown_env.get_template("summary.md.j2").render(**view))
     write_json_atomic(paths["summary.json"], summary_json(comparison, verdict))
     return paths

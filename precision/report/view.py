@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from precision.analysis.theory import BF16_U, ONE_ROUNDING, ROUNDINGS_PER_LAYER
 from precision.analysis.verdict import Status, Verdict
-from precision.metrics.tensor import BF16_UNIT_ROUNDOFF
-from precision.report.explanation import explain
+from precision.report.explanation import R_SAME_BAND, explain, layers_phrase, r_wording
 from precision.report.svg import Band, Series, bar_chart, line_chart
 
 Decoder = Callable[[list[int]], str]
@@ -139,10 +139,11 @@ def _verdict_rows(comparison: dict, verdict: Verdict, manifests: dict, prompts: 
     model = manifests.get("expected", {}).get("model", {})
     target = manifests.get("actual", {}).get("backend", {})
     sites = {s["site"]: s for s in comparison["sites"]}
-    rows = [{"item": "Architecture and engine", "status": "PASS",
+    # Nothing is judged here: the row states what was run and what was captured, so its status is INFO.
+    rows = [{"item": "Architecture and engine", "status": "INFO",
              "evidence": f"{model.get('architecture', '?')}, {model.get('num_layers', '?')} layers, hidden {model.get('hidden_size', '?')}, "
                          f"vocabulary {model.get('vocab_size', '?')}; target {target.get('engine', '?')} on {target.get('device', '?')} "
-                         f"({target.get('dtype', '?')}), every layer captured"}]
+                         f"({target.get('dtype', '?')}); captured: {layers_phrase(comparison)}"}]
     categories: dict[str, list[dict]] = {}
     for p in prompts:
         categories.setdefault(p["category"], []).append(p)
@@ -160,22 +161,81 @@ def _verdict_rows(comparison: dict, verdict: Verdict, manifests: dict, prompts: 
                      "evidence": f"greedy tokens identical on {all_agree}/{len(prompts)} prompts; largest relative L2 error ‖a−e‖/‖e‖ "
                                  f"{fmt(worst_layer['relative_l2'])} at {worst_layer['site']}, {fmt(logits['relative_l2'])} at the logits"})
         if logits.get("R") is not None:
-            status = "PASS" if logits["R"] <= verdict.thresholds.r_logits_fail else "FAIL"
+            r = logits["R"]
+            status = "PASS" if math.isfinite(r) and r <= verdict.thresholds.r_logits_fail else "FAIL"
             rows.append({"item": "Accuracy versus FP32 truth", "status": status,
-                         "evidence": f"R = {logits['R']:.2f} at the logits (target {fmt(logits['actual_vs_truth'])}, reference {fmt(logits['expected_vs_truth'])})"})
-    local = [f for f in verdict.findings if f.rule in ("explained", "local-R", "local-gain", "local-envelope")]
-    if local:
-        rows.append({"item": "Layer-by-layer explanation", "status": local[0].status.value, "evidence": local[0].message})
-    determinism = (comparison.get("analysis") or {}).get("determinism")
-    if determinism:
+                         "evidence": f"R = {fmt(r, '.2f')} at the logits (target {fmt(logits['actual_vs_truth'])}, reference "
+                                     f"{fmt(logits['expected_vs_truth'])}). {r_wording(r, verdict.thresholds.r_logits_fail)}"})
+    analysis = comparison.get("analysis") or {}
+    local_row = _local_row(verdict, analysis)
+    if local_row:
+        rows.append(local_row)
+    determinism = analysis.get("determinism")
+    if determinism and determinism.get("runs", 0) >= 2:
         ok = determinism["tokens_identical"] == determinism["prompts"]
         rows.append({"item": "Self-consistency (temperature 0)", "status": "PASS" if ok else "WARN",
-                     "evidence": f"{determinism['runs']}/{determinism['runs']} runs identical on {determinism['tokens_identical']}/{determinism['prompts']} prompts "
-                                 f"(tensors bitwise identical on {determinism['tensors_identical']}); run-to-run relative L2 up to {fmt(determinism['max_relative_l2'])}"})
+                     "evidence": f"{determinism['runs']} target runs per prompt: tokens identical across runs on {determinism['tokens_identical']}/"
+                                 f"{determinism['prompts']} prompts, tensors bitwise identical on {determinism['tensors_identical']}/{determinism['prompts']}; "
+                                 f"run-to-run relative L2 up to {fmt(determinism['max_relative_l2'])}"})
     runtime = manifests.get("actual", {}).get("runtime_seconds")
     rows.append({"item": "Engine performance", "status": "INFO",
                  "evidence": f"capture run took {runtime:.1f} s (generation, capture and repeats; not a throughput benchmark)" if runtime else "not measured"})
     return rows
+
+
+def _local_row(verdict: Verdict, analysis: dict) -> dict | None:
+    """The layer-by-layer row: a failing rule's own sentence, or the replay's numbers (never a claim about an
+    envelope that was not measured)."""
+    failing = next((f for f in verdict.findings if f.rule in ("local-R", "local-gain", "local-envelope") and f.status is not Status.PASS), None)
+    if failing is not None:
+        return {"item": "Layer-by-layer explanation", "status": failing.status.value, "evidence": failing.message}
+    steps = [s for s in (analysis.get("local") or {}).get("steps") or [] if isinstance(s.get("local_R"), (int, float))]
+    if not steps:
+        return None
+    worst_r = max(steps, key=lambda s: s["local_R"])
+    evidence = f"replayed {len(steps)} steps on the target's inputs; largest local R {fmt(worst_r['local_R'], '.2f')} at {worst_r['site']}"
+    ratios = [s for s in steps if isinstance(s.get("local_ratio"), (int, float)) and math.isfinite(s["local_ratio"])]
+    if ratios:
+        worst = max(ratios, key=lambda s: s["local_ratio"])
+        evidence += f"; largest local error {fmt(worst['local_ratio'], '.2f')}x the largest implementation variant's, at {worst['site']}"
+    else:
+        evidence += "; no implementation envelope was measured, so local errors are not compared with variants"
+    return {"item": "Layer-by-layer explanation", "status": "PASS", "evidence": evidence}
+
+
+def _non_finite_rows(comparison: dict) -> list[dict]:
+    """Every (prompt, site) with a NaN or Inf on either side, with whatever counts the comparison recorded."""
+    rows = []
+    for p in comparison["prompts"]:
+        for entry in p["sites"]:
+            nf = entry["metrics"].get("non_finite") or {}
+            counted = {k: v for k, v in nf.items() if k != "first_index"}
+            if any(isinstance(v, (int, float)) and v for v in counted.values()):
+                rows.append({"prompt": p["id"], "site": entry["site"], "counts": counted, "first_index": nf.get("first_index")})
+    return rows
+
+
+def _extra_site_columns(sites: list[dict]) -> list[str]:
+    """Pooled per-site metrics beyond the fixed columns (for example a Euclidean distance), shown when present."""
+    fixed = {"site", "layer", "relative_l2", "max_abs", "cosine_min", "ulp_shares", "non_finite", "expected_vs_truth", "actual_vs_truth", "R"}
+    extra: list[str] = []
+    for s in sites:
+        extra += [k for k, v in s.items() if k not in fixed and k not in extra and (v is None or isinstance(v, (int, float)))]
+    return extra
+
+
+def _report_definitions(has_truth: bool) -> dict[str, str]:
+    """Definitions of the words and bands the report itself uses, written from the constants they stand for."""
+    text = {
+        "theory band": (f"Between two BF16 engines that round independently: from sqrt(2) x u/sqrt(3) (one rounding on each side; "
+                        f"u = {BF16_U:.3e}, u/sqrt(3) = {ONE_ROUNDING:.3e}) to sqrt(2) x sqrt(n) x u/sqrt(3) after n rounding points "
+                        f"({ROUNDINGS_PER_LAYER} per decoder layer, one more for the final norm, two for the logits), plus sqrt(K) x 2^-24 "
+                        "for FP32 accumulation over the longest reduction K; without amplification (precision/analysis/theory.py)."),
+    }
+    if has_truth:
+        text["R wording"] = (f"R within 1 ± {R_SAME_BAND} is reported as 'about as accurate as the reference'; below that band the target is "
+                             f"closer to FP32 truth than the reference, above it further (precision/report/explanation.py R_SAME_BAND).")
+    return text
 
 
 def build_view(comparison: dict, verdict: Verdict, *, decode: Decoder | None = None, command: str | None = None,
@@ -192,7 +252,7 @@ def build_view(comparison: dict, verdict: Verdict, *, decode: Decoder | None = N
         "verdict": verdict,
         "status": verdict.status.value,
         "summary": verdict.summary,
-        "conclusion": _conclusion(verdict, logits_site, prompts, has_truth),
+        "conclusion": _conclusion(verdict, logits_site, prompts, has_truth, analysis),
         "verdict_rows": _verdict_rows(comparison, verdict, manifests, prompts),
         "explanation": explain(comparison, verdict),
         "expected": comparison["expected"],
@@ -207,13 +267,30 @@ def build_view(comparison: dict, verdict: Verdict, *, decode: Decoder | None = N
         "has_truth": has_truth,
         "charts": _charts(sites, analysis, has_truth),
         "definitions": comparison["definitions"],
-        "unit_roundoff": BF16_UNIT_ROUNDOFF,
+        "report_definitions": _report_definitions(has_truth),
+        "non_finite_rows": _non_finite_rows(comparison),
+        "first_non_finite": analysis.get("first_non_finite"),
+        "extra_site_columns": _extra_site_columns(sites),
+        "flip_columns": _flip_columns(prompts),
+        "layers_captured": layers_phrase(comparison),
+        "model_path": manifests.get("expected", {}).get("model", {}).get("path"),
+        "unit_roundoff": BF16_U,
         "command": command,
         "fmt": fmt,
     }
 
 
-def _conclusion(verdict: Verdict, logits_site: dict | None, prompts: list[dict], has_truth: bool) -> str:
+def _flip_columns(prompts: list[dict]) -> list[str]:
+    """Flip fields beyond the fixed ones (for example the near-tie bound and the noise sigma), shown when present."""
+    fixed = {"position", "expected_token", "actual_token", "expected_margin", "near_tie", "expected_text", "actual_text"}
+    extra: list[str] = []
+    for p in prompts:
+        for f in p["flips"]:
+            extra += [k for k in f if k not in fixed and k not in extra]
+    return extra
+
+
+def _conclusion(verdict: Verdict, logits_site: dict | None, prompts: list[dict], has_truth: bool, analysis: dict) -> str:
     n = len(prompts)
     agree = sum(p["tokens"]["first_divergence"] is None for p in prompts)
     parts = [f"{verdict.summary}."]
@@ -225,7 +302,14 @@ def _conclusion(verdict: Verdict, logits_site: dict | None, prompts: list[dict],
                 f"Against FP32 truth the target's logits err {fmt(logits_site['actual_vs_truth'])} and the reference's "
                 f"{fmt(logits_site['expected_vs_truth'])}: R = {fmt(logits_site['R'], '.2f')}."
             )
-    explained = next((f for f in verdict.findings if f.rule == "explained"), None)
-    if explained is not None:
-        parts.append("Every layer's own error lies within what legitimate implementation choices produce.")
+    steps = (analysis.get("local") or {}).get("steps") or []
+    ratios = [s for s in steps if isinstance(s.get("local_ratio"), (int, float)) and math.isfinite(s["local_ratio"])]
+    if analysis.get("envelope") and ratios:
+        worst = max(ratios, key=lambda s: s["local_ratio"])
+        if worst["local_ratio"] <= 1.0:
+            parts.append(f"Every replayed layer's own error is within the largest that an implementation variant adds there "
+                         f"(at most {worst['local_ratio']:.2f}x, at {worst['site']}).")
+        else:
+            parts.append(f"The largest own error of a replayed step, relative to the largest that an implementation variant adds there, "
+                         f"is {worst['local_ratio']:.2f}x at {worst['site']}.")
     return " ".join(parts)
