@@ -1,5 +1,5 @@
 """JUnit XML for CI systems (Jenkins, GitLab, GitHub Actions reporters): each prompt x check, each run-level
-finding and each regression row becomes a test case; FAIL is a <failure>, WARN passes with its message in
+finding and each regression row (prompt x site x metric) becomes a test case; FAIL is a <failure>, WARN passes with its message in
 <system-out>. The layout follows the Jenkins JUnit schema (testsuites > testsuite > testcase)."""
 
 from __future__ import annotations
@@ -27,6 +27,23 @@ def _suite(root, name: str, cases: list[tuple[str, str, str, str]], timestamp: s
         _case(suite, classname, case_name, status, message)
 
 
+def regression_cases(regression: dict) -> list[tuple[str, str, str, str]]:
+    """One test case per (prompt, site, metric) row of a regression (precision.analysis.regress), pooled rows
+    under "all-prompts"; a row the candidate lacks is a failure; the candidate's own verdict is one more case."""
+    cases = []
+    for row in regression["rows"]:
+        classname = f"regress.{'all-prompts' if row['prompt'] is None else row['prompt']}.{row['site']}"
+        if row["missing"]:
+            message = f"measured in the baseline ({row['baseline']:.4e}), missing from the candidate"
+        else:
+            message = (f"baseline {row['baseline']:.4e}, candidate {row['candidate']:.4e}, "
+                       f"{'lower limit' if row['kind'] == 'top-1' else 'limit'} {row['limit']:.4e} ({row['kind']} allowance)")
+        cases.append((classname, row["metric"], "FAIL" if row["worse"] else Status.PASS.value, message))
+    verdict = regression["candidate"]["verdict"]
+    cases.append(("regress.candidate", "own-verdict", "FAIL" if verdict == "FAIL" else Status.PASS.value, f"the candidate run's verdict: {verdict}"))
+    return cases
+
+
 def junit_xml(verdict: Verdict | None, *, regression: dict | None = None, timestamp: str) -> bytes:
     root = ElementTree.Element("testsuites")
     if verdict is not None:
@@ -34,9 +51,7 @@ def junit_xml(verdict: Verdict | None, *, regression: dict | None = None, timest
         cases += [("run", f.rule, f.status.value, f.message) for f in verdict.findings]
         _suite(root, "precision-check.verdict", cases, timestamp)
     if regression is not None:
-        cases = [(f"regress.{row['scope']}", row["metric"], "FAIL" if row["worse"] else Status.PASS.value,
-                  f"baseline {row['baseline']:.4e}, candidate {row['candidate']:.4e} ({row['change']:.2f}x)") for row in regression["rows"]]
-        _suite(root, "precision-check.regress", cases, timestamp)
+        _suite(root, "precision-check.regress", regression_cases(regression), timestamp)
     ElementTree.indent(root)
     return b'<?xml version="1.0" encoding="UTF-8"?>\n' + ElementTree.tostring(root, encoding="utf-8")
 
