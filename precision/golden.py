@@ -22,8 +22,9 @@ from precision.capture.reader import CaptureReader
 from precision.capture.writer import CapturePlan
 from precision.environment import utc_now
 from precision.errors import MismatchedCapturesError, PrecisionError
-from precision.io import prepare_output_dir, write_json_atomic
+from precision.io import write_json_atomic
 from precision.model import ModelInfo, sha256_file
+from precision.outputs import claim_output_dir
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
@@ -64,13 +65,19 @@ def write_compact(reference: CaptureReader, out: Path) -> dict:
 
 
 def create_store(prompts: Path, out: Path, *, model: Path | None = None, force: bool = False, show_progress: bool = True) -> dict:
-    from precision.pipeline import RunConfig, capture_cpu_side, resolve_model
+    from precision.pipeline import RunConfig, resolve_model
     from precision.planning import plan_from_prompts
 
     info = resolve_model(model)
     config = RunConfig(prompts=prompts, out=out, model=model, force=force, show_progress=show_progress)
     plan = plan_from_prompts(prompts, info, max_new_tokens=config.max_new_tokens)
-    prepare_output_dir(out, force=force, complete_marker="store.json")
+    with claim_output_dir(out, "golden-store", force=force, complete_marker="store.json", inputs=[info.path, prompts], can_resume=False):
+        return _create_store(info, plan, out, config)
+
+
+def _create_store(info: ModelInfo, plan, out: Path, config) -> dict:
+    from precision.pipeline import capture_cpu_side
+
     cpu = capture_cpu_side(info, plan, out, config)
     reference, truth, members, envelope_ids = cpu.reference, cpu.truth, cpu.members, cpu.envelope_prompts
     store = {
@@ -92,14 +99,36 @@ def create_store(prompts: Path, out: Path, *, model: Path | None = None, force: 
     return store
 
 
+def _store_entries(store: dict, path: Path) -> list[tuple[str, dict]]:
+    """(role, entry) of every capture the store lists, after checking each entry's shape and that its directory
+    is one this tool writes, inside the store (a store.json is a file a user may edit)."""
+    captures = store.get("captures")
+    if not isinstance(captures, dict) or not isinstance(captures.get("envelope", {}), dict):
+        raise PrecisionError(f"{path}/store.json has no valid 'captures' table; the store is damaged: create it again with 'precision-check golden create'")
+    entries = [(role, captures.get(role)) for role in ("reference", "truth")]
+    entries += [(f"envelope {name}", entry) for name, entry in captures.get("envelope", {}).items()]
+    for role, entry in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("dir"), str) or not isinstance(entry.get("manifest_sha256"), str):
+            raise PrecisionError(f"{path}/store.json: the {role} entry lacks 'dir' or 'manifest_sha256'; the store is damaged, create it again")
+        expected = f"captures/{role.replace(' ', '/')}"
+        if entry["dir"] != expected:
+            raise PrecisionError(f"{path}/store.json: the {role} capture is listed at {entry['dir']!r}, a store keeps it at {expected!r}; "
+                                 "the store was edited: create it again")
+    return entries
+
+
 def load_store(path: str | Path) -> dict:
     path = Path(path)
     try:
         store = json.loads((path / "store.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise PrecisionError(f"{path} is not a readable golden store ({exc}); create one with 'precision-check golden create'") from exc
-    if store.get("format") != FORMAT_NAME or store.get("schema_version") != SCHEMA_VERSION:
+    if not isinstance(store, dict) or store.get("format") != FORMAT_NAME or store.get("schema_version") != SCHEMA_VERSION:
         raise PrecisionError(f"{path}/store.json is not a golden store of schema version {SCHEMA_VERSION}")
+    missing = [key for key in ("model", "tokenizer", "prompt_ids", "compact") if not isinstance(store.get(key), (dict, list))]
+    if missing:
+        raise PrecisionError(f"{path}/store.json lacks {missing}; the store is damaged: create it again with 'precision-check golden create'")
+    _store_entries(store, path)
     return store
 
 
@@ -108,9 +137,7 @@ def verify_store(path: str | Path) -> list[str]:
     path = Path(path)
     store = load_store(path)
     problems = []
-    entries = [("reference", store["captures"]["reference"]), ("truth", store["captures"]["truth"])]
-    entries += [(f"envelope {name}", entry) for name, entry in store["captures"]["envelope"].items()]
-    for role, entry in entries:
+    for role, entry in _store_entries(store, path):
         try:
             reader = CaptureReader(path / entry["dir"])
             if reader.manifest_sha256() != entry["manifest_sha256"]:
@@ -119,8 +146,8 @@ def verify_store(path: str | Path) -> list[str]:
                 reader.verify(record)
         except PrecisionError as exc:
             problems.append(f"{role}: {exc}")
-    compact = path / store["compact"]["file"]
-    if not compact.is_file() or sha256_file(compact) != store["compact"]["sha256"]:
+    compact = path / "compact.safetensors"
+    if store["compact"].get("file") != compact.name or not compact.is_file() or sha256_file(compact) != store["compact"].get("sha256"):
         problems.append(f"{compact} is missing or its sha256 differs from store.json")
     return problems
 
@@ -130,9 +157,13 @@ def open_store(path: str | Path, model: ModelInfo, plan: CapturePlan) -> tuple[C
     prompt set; refusals name what differs."""
     path = Path(path)
     store = load_store(path)
+    problems = verify_store(path)
+    if problems:
+        raise MismatchedCapturesError(f"golden store {path} does not match its recorded hashes ({len(problems)} problem(s); first: {problems[0]}); "
+                                      "it was edited or damaged: run 'precision-check golden verify' for the list, and create the store again")
     stored = store["model"]
-    if stored["config_sha256"] != model.config_sha256 or stored["weights_sha256"] != model.weights_sha256:
-        raise MismatchedCapturesError(f"golden store {path} was made for the model at {stored['path']} (another config or weights than {model.path}); "
+    if stored.get("config_sha256") != model.config_sha256 or stored.get("weights_sha256") != model.weights_sha256:
+        raise MismatchedCapturesError(f"golden store {path} was made for the model at {stored.get('path')} (another config or weights than {model.path}); "
                                       "create a store for this model with 'precision-check golden create'")
     if store["tokenizer"] != plan.tokenizer:
         raise MismatchedCapturesError(f"golden store {path} was made with another tokenizer or chat template than {model.path}'s")

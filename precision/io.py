@@ -77,29 +77,18 @@ def write_json_atomic(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(_json_safe(data), indent=1, ensure_ascii=False, allow_nan=False) + "\n")
 
 
-def prepare_output_dir(path: Path, *, force: bool, complete_marker: str, resume: bool = False) -> None:
-    """Create ``path`` for new results. An existing result is never overwritten without ``force``; an
-    interrupted one (no ``complete_marker`` file) is continued only with ``resume``."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise PrecisionError(f"output path {path} exists and is not a directory; choose another --out")
-    if path.is_dir() and any(path.iterdir()):
-        complete = (path / complete_marker).exists()
-        if force:
-            shutil.rmtree(path)
-        elif resume and not complete:
-            return
-        elif complete:
-            raise PrecisionError(f"{path} already holds a finished result; pass --force to overwrite it or choose another --out")
-        else:
-            raise PrecisionError(f"{path} holds an unfinished result; pass --resume to continue it or --force to start over")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise PrecisionError(os_error_message(exc, path, "creating")) from exc
+_KIND_OF_COMPLETE_MARKER = {"manifest.json": "capture", "summary.json": "run", "comparison.json": "comparison",
+                            "store.json": "golden-store", "selftest.json": "selftest"}
+
+
+def prepare_output_dir(path: Path, *, force: bool, complete_marker: str, resume: bool = False, kind: str | None = None,
+                       inputs=()):
+    """Claim ``path`` for new results (precision.outputs.claim_output_dir); kept for callers that name the
+    complete-marker file only. The returned OutputDir holds the directory's lock until it is closed."""
+    from precision.outputs import claim_output_dir
+
+    return claim_output_dir(path, kind or _KIND_OF_COMPLETE_MARKER[complete_marker], force=force, resume=resume,
+                            complete_marker=complete_marker, inputs=inputs)
 
 
 @contextlib.contextmanager

@@ -22,12 +22,13 @@ from precision.analysis.verdict import Thresholds, Verdict, judge
 from precision.backends import BackendOptions, create_backend, parse_spec
 from precision.capture.reader import CaptureReader
 from precision.capture.sites import CaptureSelection
-from precision.capture.writer import CapturePlan, capture
-from precision.errors import MismatchedCapturesError
-from precision.io import prepare_output_dir, write_json_atomic
+from precision.capture.writer import CapturePlan, capture, capture_identity, check_finished_capture
+from precision.errors import MismatchedCapturesError, PrecisionError
+from precision.io import write_json_atomic
 from precision.model import ModelInfo, inspect_model
+from precision.outputs import claim_output_dir
 from precision.planning import plan_from_prompts
-from precision.prompts import DEFAULT_MAX_NEW_TOKENS
+from precision.prompts import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS_LIMIT
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +89,16 @@ def resolve_model(model: Path | None) -> ModelInfo:
 def capture_role(role: str, spec: str, model: ModelInfo, plan: CapturePlan, run_dir: Path, config: RunConfig, *,
                  options: BackendOptions | None = None, repeats: int = 1) -> CaptureReader:
     out = run_dir / "captures" / role
-    if config.resume and (out / "manifest.json").is_file():
-        log.info("reusing the finished %s capture in %s", role, out)
-        return CaptureReader(out)
     options = options or BackendOptions(trust_remote_code=config.trust_remote_code)
     if options.max_model_len is None:
         # +1: an engine's capture pass asks for one token after the whole teacher-forced sequence
         options = BackendOptions(**{**options.__dict__, "max_model_len": min(plan.max_tokens_needed + 1, model.max_position_embeddings)})
     backend = create_backend(parse_spec(spec), model, options)
+    if config.resume and (out / "manifest.json").is_file():
+        reader = CaptureReader(out)
+        check_finished_capture(reader, capture_identity(backend, plan, config.selection, repeats))
+        log.info("reusing the finished %s capture in %s (same settings)", role, out)
+        return reader
     return capture(backend, plan, out, selection=config.selection, resume=config.resume, show_progress=config.show_progress, repeats=repeats)
 
 
@@ -106,32 +109,83 @@ def _check_same_architecture(reference: ModelInfo, target: ModelInfo) -> None:
                                           f"{getattr(reference, key)}; the target must be the same architecture")
 
 
-def run(config: RunConfig) -> RunResult:
-    from precision.golden import is_store, open_store
+def validate_config(config: RunConfig) -> None:
+    """Refuse settings that cannot be honoured, before any model loads."""
+    if config.repeats < 1:
+        raise PrecisionError(f"--repeats {config.repeats}: runs per prompt must be at least 1 (1 turns the determinism check off)")
+    if not 1 <= config.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+        raise PrecisionError(f"--max-new-tokens {config.max_new_tokens}: must be between 1 and {MAX_NEW_TOKENS_LIMIT}")
+    if config.envelope_max_tokens < 1:
+        raise PrecisionError(f"envelope_max_tokens {config.envelope_max_tokens} must be at least 1")
 
+
+def _run_record(config: RunConfig, model: ModelInfo, target_model: ModelInfo, target_spec: str, store: str | None) -> dict:
+    return {
+        "prompts": str(config.prompts), "model": model.path, "target_model": target_model.path, "reference": config.reference,
+        "target": target_spec, "target_variants": list(config.target_variants),
+        "truth": "golden store" if store else config.truth,
+        "max_new_tokens": config.max_new_tokens, "selection": config.selection.to_json(), "engine_args": config.engine_args,
+        "envelope": "golden store" if store else [member_name(m) for m in config.envelope], "replay": config.replay,
+        "repeats": config.repeats, "command": config.command,
+    }
+
+
+def _check_resumed_run(out: Path, record: dict) -> None:
+    """A resumed run continues only the run it was: same prompts, models, backends and settings."""
+    from precision.io import read_result_json
+
+    try:
+        stored = read_result_json(out / "run.json")
+    except (OSError, ValueError, RecursionError) as exc:
+        raise PrecisionError(f"{out} has no readable run.json ({exc}); it cannot be resumed: use --force to start over") from exc
+    differing = [key for key in record if key != "command" and stored.get(key) != record[key]]
+    if differing:
+        raise PrecisionError(f"{out} was started with another {', '.join(differing)} ({', '.join(f'{k}: {stored.get(k)!r}' for k in differing[:3])}); "
+                             "resume it with the same settings, or use --force to start over")
+
+
+def _reference_store(config: RunConfig) -> str | None:
+    from precision.golden import is_store
+
+    if is_store(config.reference):
+        if config.truth != DEFAULT_TRUTH:
+            raise PrecisionError("--truth cannot be combined with --reference STORE: the golden store brings its own FP32 truth")
+        if tuple(config.envelope) != DEFAULT_MEMBERS:
+            raise PrecisionError("--envelope cannot be combined with --reference STORE: the golden store brings its own envelope")
+        return config.reference
+    if Path(config.reference).is_dir():
+        raise PrecisionError(f"--reference {config.reference} is a directory but not a golden store (no store.json); "
+                             "pass a backend spec such as hf:cpu:bf16, or a store made by 'precision-check golden create'")
+    return None
+
+
+def run(config: RunConfig) -> RunResult:
+    from precision.golden import open_store
+
+    validate_config(config)
     target_spec = config.target or default_target()
-    store = config.reference if is_store(config.reference) else None
+    store = _reference_store(config)
     for spec in (None if store else config.reference, target_spec, config.truth):
         if spec is not None:
             parse_spec(spec)  # fail on a misspelled backend before any model is loaded
+    if config.engine_args and parse_spec(target_spec).name != "vllm":
+        raise PrecisionError(f"--engine-arg / --additional-config apply to a vLLM target; the target {target_spec} would ignore them")
     model = resolve_model(config.model)
     target_model = inspect_model(config.target_model) if config.target_model else model
     _check_same_architecture(model, target_model)
     plan = plan_from_prompts(config.prompts, model, max_new_tokens=config.max_new_tokens, trust_remote_code=config.trust_remote_code)
-    prepare_output_dir(config.out, force=config.force, complete_marker="summary.json", resume=config.resume)
-    write_json_atomic(config.out / "run.json", {
-        "prompts": str(config.prompts), "model": model.path, "target_model": target_model.path, "reference": config.reference,
-        "target": target_spec, "target_variants": list(config.target_variants), "truth": config.truth,
-        "max_new_tokens": config.max_new_tokens, "selection": config.selection.to_json(), "engine_args": config.engine_args,
-        "envelope": [member_name(m) for m in config.envelope], "replay": config.replay, "repeats": config.repeats,
-        "command": config.command,
-    })
-    # The CPU side comes from a golden store (checked for this model, tokenizer and prompt set) or is captured now.
-    cpu = CpuSide(*open_store(store, model, plan)) if store else capture_cpu_side(model, plan, config.out, config)
-    target_options = BackendOptions(trust_remote_code=config.trust_remote_code, engine_args=config.engine_args, variants=config.target_variants)
-    actual = capture_role("target", target_spec, target_model, cpu.following, config.out, config, options=target_options, repeats=config.repeats)
-    return compare_and_report(cpu.reference, actual, cpu.truth, config.out, members=cpu.members, envelope_prompts=cpu.envelope_prompts,
-                              replay=config.replay, thresholds=config.thresholds, command=config.command, show_progress=config.show_progress)
+    record = _run_record(config, model, target_model, target_spec, store)
+    inputs = [model.path, target_model.path, config.prompts, store]
+    with claim_output_dir(config.out, "run", force=config.force, resume=config.resume, complete_marker="summary.json", inputs=inputs) as claimed:
+        if claimed.resumed and (config.out / "run.json").is_file():
+            _check_resumed_run(config.out, record)
+        write_json_atomic(config.out / "run.json", record)
+        # The CPU side comes from a golden store (checked for this model, tokenizer and prompt set) or is captured now.
+        cpu = CpuSide(*open_store(store, model, plan)) if store else capture_cpu_side(model, plan, config.out, config)
+        target_options = BackendOptions(trust_remote_code=config.trust_remote_code, engine_args=config.engine_args, variants=config.target_variants)
+        actual = capture_role("target", target_spec, target_model, cpu.following, config.out, config, options=target_options, repeats=config.repeats)
+        return compare_and_report(cpu.reference, actual, cpu.truth, config.out, members=cpu.members, envelope_prompts=cpu.envelope_prompts,
+                                  replay=config.replay, thresholds=config.thresholds, command=config.command, show_progress=config.show_progress)
 
 
 @dataclass(frozen=True)

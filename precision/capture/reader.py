@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from precision.capture import manifest as schema
-from precision.capture.sites import POSITIONS, site_order
+from precision.capture.sites import LOGITS, POSITIONS, site_order
 from precision.errors import CaptureFormatError
 from precision.model import sha256_file
 
@@ -97,7 +97,7 @@ class CaptureReader:
             raise CaptureFormatError(f"{self.path} is not a capture directory (no manifest.json)")
         try:
             data = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise CaptureFormatError(f"{manifest_path} is corrupted (not valid JSON: {exc}); capture again") from exc
         if not isinstance(data, dict):
             raise CaptureFormatError(f"{manifest_path} is not a JSON object; capture again")
@@ -127,6 +127,35 @@ class CaptureReader:
         size = path.stat().st_size
         if size != record.bytes:
             raise CaptureFormatError(f"{path} has {size:,} bytes, the manifest says {record.bytes:,}: the file is truncated or was replaced; capture again")
+        self._check_listing(record)
+
+    def _check_listing(self, record: PromptRecord) -> None:
+        """The manifest's tensor list must describe a capture of this model: [positions] int64 and, per site,
+        [positions, hidden size or vocabulary] in the backend's dtype. Checked before any tensor is read, so a
+        damaged or hostile file cannot make the reader allocate what the model does not imply."""
+        where = f"{self.path}: prompt {record.id!r}"
+        model = self.manifest["model"]
+        try:
+            hidden, vocab = int(model["hidden_size"]), int(model["vocab_size"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CaptureFormatError(f"{self.path / schema.MANIFEST}: the model record lacks hidden_size/vocab_size ({exc}); capture again") from exc
+        float_dtype = schema.SAFETENSORS_DTYPES.get(self.dtype)
+        for name, info in record.tensors.items():
+            if not isinstance(info, dict) or not isinstance(info.get("shape"), list) or not all(isinstance(d, int) and d >= 0 for d in info["shape"]):
+                raise CaptureFormatError(f"{where}: tensor {name!r} has no valid shape in the manifest; capture again")
+        positions = record.tensors.get(POSITIONS)
+        if positions is None or positions.get("dtype") != "I64" or len(positions["shape"]) != 1:
+            raise CaptureFormatError(f"{where}: the manifest lists no int64 'positions' tensor; capture again")
+        rows = positions["shape"][0]
+        if rows > len(record.forced_ids):
+            raise CaptureFormatError(f"{where}: {rows} positions captured from {len(record.forced_ids)} tokens; the manifest is damaged, capture again")
+        for name in record.sites:
+            info = record.tensors[name]
+            width = vocab if name == LOGITS else hidden
+            if info["shape"] != [rows, width]:
+                raise CaptureFormatError(f"{where}: tensor {name!r} has shape {info['shape']}, a capture of this model has [{rows}, {width}]; capture again")
+            if float_dtype is not None and info.get("dtype") != float_dtype:
+                raise CaptureFormatError(f"{where}: tensor {name!r} is {info.get('dtype')}, the backend ran in {self.dtype} ({float_dtype}); capture again")
 
     def records(self, prompt_ids: list[str] | None = None) -> list[PromptRecord]:
         """The prompt records, in capture order, restricted to ``prompt_ids`` when given."""
@@ -175,6 +204,10 @@ class CaptureReader:
         handle = TensorFile(self.tensor_path(record))
         if handle.names() != set(record.tensors):
             raise CaptureFormatError(f"{handle.path} holds tensors {sorted(handle.names())}, the manifest lists {sorted(record.tensors)}; capture again")
+        for name, info in record.tensors.items():
+            if list(handle.shape(name)) != info["shape"] or handle.dtype_name(name) != info.get("dtype"):
+                raise CaptureFormatError(f"{handle.path}: tensor {name!r} is {handle.dtype_name(name)} {list(handle.shape(name))} in the file, "
+                                         f"{info.get('dtype')} {info['shape']} in the manifest; the file was replaced or damaged, capture again")
         return handle
 
     @contextlib.contextmanager

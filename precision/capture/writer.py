@@ -8,6 +8,7 @@ own greedy output as the continuation.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -22,8 +23,9 @@ from precision.capture.reader import CaptureReader, PromptRecord
 from precision.capture.sites import CaptureSelection
 from precision.environment import environment_record, utc_now
 from precision.errors import CaptureFormatError, PrecisionError
-from precision.io import os_error_message, prepare_output_dir, write_json_atomic
+from precision.io import os_error_message, write_json_atomic
 from precision.model import sha256_file
+from precision.outputs import claim_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +76,51 @@ class CapturePlan:
         )
 
 
-def _progress_header(backend: Backend, plan: CapturePlan, selection: CaptureSelection) -> dict:
+def _sha256_json(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
+
+
+def capture_identity(backend: Backend, plan: CapturePlan, selection: CaptureSelection, repeats: int = 1) -> dict:
+    """Everything that decides what a capture holds. A resumed capture continues only when every field is equal,
+    and ``run --resume`` reuses a finished capture only on the same condition (its manifest records this)."""
+    options = backend.options
     return {
         "backend": str(backend.spec),
+        "engine_args": options.engine_args,
+        "variants": list(options.variants),
+        "trust_remote_code": options.trust_remote_code,
         "model_config_sha256": backend.model.config_sha256,
+        "model_weights_sha256": _sha256_json(backend.model.weights_sha256),
+        "tokenizer_sha256": _sha256_json(plan.tokenizer),
+        "prompts_sha256": _sha256_json([[p.id, list(p.prompt_ids), p.max_new_tokens,
+                                         None if p.continuation_ids is None else list(p.continuation_ids)] for p in plan.prompts]),
         "selection": selection.to_json(),
         "teacher_manifest_sha256": plan.teacher_manifest_sha256,
+        "repeats": repeats,
     }
+
+
+_IDENTITY_WORDS = {
+    "backend": "backend spec", "engine_args": "engine arguments", "variants": "implementation variants",
+    "trust_remote_code": "--trust-remote-code", "model_config_sha256": "model config.json", "model_weights_sha256": "model weights",
+    "tokenizer_sha256": "tokenizer or chat template", "prompts_sha256": "prompt set, token ids or max_new_tokens",
+    "selection": "--positions/--layers selection", "teacher_manifest_sha256": "teacher-forcing reference capture", "repeats": "--repeats",
+}
+
+
+def identity_differences(stored: Any, wanted: dict) -> list[str]:
+    """The fields (in words) in which a stored identity differs from ``wanted``; every field when none is stored."""
+    if not isinstance(stored, dict):
+        return ["everything (it was written by an older precision-check, which did not record its settings)"]
+    return [_IDENTITY_WORDS.get(key, key) for key in wanted if stored.get(key) != wanted[key]]
+
+
+def check_finished_capture(reader: CaptureReader, identity: dict) -> None:
+    """Refuse to reuse a finished capture made with other settings than ``identity``, naming what differs."""
+    differences = identity_differences(reader.manifest.get("identity"), identity)
+    if differences:
+        raise PrecisionError(f"the finished capture in {reader.path} was made with another {', '.join(differences)} than this run asks for; "
+                             "it cannot be reused: rerun without --resume (with --force) to capture again")
 
 
 def _resume_records(out_dir: Path, header: dict, plan: CapturePlan) -> list[PromptRecord]:
@@ -91,18 +131,21 @@ def _resume_records(out_dir: Path, header: dict, plan: CapturePlan) -> list[Prom
     records: list[PromptRecord] = []
     try:
         first = json.loads(lines[0]) if lines else None
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         first = None
-    if first != {"header": header}:
-        raise PrecisionError(f"{out_dir} was started with other settings (backend, model, selection or reference); use --force to start over")
+    stored = first.get("header") if isinstance(first, dict) else None
+    differences = identity_differences(stored, header)
+    if differences:
+        raise PrecisionError(f"{out_dir} was started with another {', '.join(differences)}; it cannot be resumed with these settings: "
+                             "use the original settings, or --force to start over")
     for number, line in enumerate(lines[1:], start=2):
         try:
             record = PromptRecord.from_json(json.loads(line), f"{progress}:{number}")
-        except (json.JSONDecodeError, CaptureFormatError):
+        except (json.JSONDecodeError, RecursionError, CaptureFormatError):
             break  # a line cut by the interruption: that prompt is redone
         planned = plan.prompts[record.index] if record.index < len(plan.prompts) else None
         path = out_dir / record.file
-        if planned is None or planned.prompt_ids != record.prompt_ids or not path.is_file() or sha256_file(path) != record.sha256:
+        if planned is None or planned.id != record.id or planned.prompt_ids != record.prompt_ids or not path.is_file() or sha256_file(path) != record.sha256:
             break
         records.append(record)
     return records
@@ -114,12 +157,18 @@ def capture(backend: Backend, plan: CapturePlan, out_dir: str | Path, *, selecti
 
     ``repeats`` > 1 runs every prompt that many times on the same inputs (generation and capture) and records in
     the manifest whether the runs were bitwise identical, and how far apart they were if not."""
+    out_dir = Path(out_dir)
+    inputs = [backend.model.path, plan.teacher_capture]
+    with claim_output_dir(out_dir, "capture", force=force, resume=resume, complete_marker=schema.MANIFEST, inputs=inputs) as claimed:
+        return _capture_into(backend, plan, out_dir, selection, claimed.resumed, show_progress, repeats)
+
+
+def _capture_into(backend: Backend, plan: CapturePlan, out_dir: Path, selection: CaptureSelection, resume: bool,
+                  show_progress: bool, repeats: int) -> CaptureReader:
     from tqdm import tqdm
 
-    out_dir = Path(out_dir)
-    prepare_output_dir(out_dir, force=force, complete_marker=schema.MANIFEST, resume=resume)
     (out_dir / schema.TENSOR_DIR).mkdir(exist_ok=True)
-    header = _progress_header(backend, plan, selection)
+    header = capture_identity(backend, plan, selection, repeats)
     records = _resume_records(out_dir, header, plan) if resume else []
     if records:
         log.info("resuming %s: %d of %d prompts already captured", out_dir, len(records), len(plan.prompts))
@@ -156,6 +205,7 @@ def capture(backend: Backend, plan: CapturePlan, out_dir: str | Path, *, selecti
         "skipped": list(plan.skipped),
         "runtime_seconds": round(time.perf_counter() - started, 3),
         "repeats": repeats,
+        "identity": header,
     }
     write_json_atomic(out_dir / schema.MANIFEST, manifest)
     return CaptureReader(out_dir)

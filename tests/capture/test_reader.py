@@ -116,7 +116,7 @@ def test_capture_error_is_precision_error():
 def test_capture_layout_and_manifest(env):
     reader = env.base
     path = reader.path
-    assert sorted(p.name for p in path.iterdir()) == [schema.MANIFEST, schema.PROGRESS, schema.TENSOR_DIR]
+    assert sorted(p.name for p in path.iterdir()) == [".precision-check", ".precision-check.lock", schema.MANIFEST, schema.PROGRESS, schema.TENSOR_DIR]
     assert sorted(p.name for p in (path / schema.TENSOR_DIR).iterdir()) == ["0000.safetensors", "0001.safetensors"]
     m = reader.manifest
     assert m["schema_version"] == SCHEMA_VERSION == 1 and m["format"] == schema.FORMAT_NAME
@@ -541,10 +541,16 @@ def test_existing_complete_capture_needs_force(env, cap):
 
 
 def test_force_overwrites_complete_capture(env, cap):
-    (cap / "stray.txt").write_text("left from before")
     reader = env.capture(cap, force=True)
-    assert not (cap / "stray.txt").exists()
     assert records_json(reader) == records_json(env.base)
+
+
+def test_force_refuses_a_capture_holding_a_file_it_did_not_write(env, cap):
+    (cap / "stray.txt").write_text("the user's own notes")
+    before = sorted(p.name for p in cap.rglob("*"))
+    with pytest.raises(PrecisionError, match="did not write.*stray.txt.*nothing was removed"):
+        env.capture(cap, force=True)
+    assert sorted(p.name for p in cap.rglob("*")) == before and (cap / "stray.txt").read_text() == "the user's own notes"
 
 
 def test_incomplete_capture_needs_resume(env, cap):
@@ -624,7 +630,7 @@ def test_resume_redoes_prompt_whose_tensor_file_changed(env, cap):
 
 def test_resume_with_other_selection_refused(env, cap):
     _interrupt(cap)
-    with pytest.raises(PrecisionError, match="other settings"):
+    with pytest.raises(PrecisionError, match="another --positions/--layers selection"):
         env.capture(cap, resume=True, selection=CaptureSelection.parse("last", "all"))
 
 
