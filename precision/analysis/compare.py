@@ -11,7 +11,9 @@ comparison.json (schema_version 1):
                  truth: {expected_vs_truth, actual_vs_truth, R} | null}],
         logits: {kl_mean, kl_max, top1_agreement, top5_overlap_mean, positions: [...],
                  per_position: {kl, top1_agree, top5_overlap, expected_margin, max_abs},
-                 flips: [{position, expected_token, actual_token, expected_margin, logit_noise, near_tie}],
+                 flips: [{position, expected_token, actual_token, expected_margin, flip_margin, other_rms, flip_scale,
+                          logit_noise, z, alpha, family_positions, ulp, rounding_allowance, bound, near_tie}]
+                        (near_tie: precision.analysis.near_tie),
                  non_finite_positions: [...]},
     }],
     sites: [{site, layer, relative_l2 (pooled over prompts), max_abs, cosine_min, ulp_shares (pooled),
@@ -30,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from precision.analysis.alignment import check_comparable
+from precision.analysis.near_tie import classify_flips
 from precision.capture import sites as site_names
 from precision.capture.reader import CaptureReader, PromptRecord
 from precision.environment import utc_now
@@ -41,8 +44,6 @@ from precision.metrics.tensor import ULP_BUCKETS
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 FORMAT_NAME = "precision-check-comparison"
-NEAR_TIE_NOISE_FACTOR = 2.0
-"""A top-1 flip is a near-tie when the reference's margin <= NEAR_TIE_NOISE_FACTOR x the position's max |a - e|."""
 
 
 def ratio(numerator: float, denominator: float) -> float:
@@ -82,6 +83,7 @@ def compare_captures(expected: CaptureReader, actual: CaptureReader, *, truth: C
     prompts = []
     for e, a, t in tqdm(list(zip(e_records, a_records, t_records)), desc="compare", unit="prompt", disable=not show_progress):
         prompts.append(_compare_prompt(expected, actual, truth, e, a, t, verify=verify))
+    _classify_run_flips(prompts, expected, actual)
     return {
         "schema_version": SCHEMA_VERSION,
         "format": FORMAT_NAME,
@@ -95,6 +97,16 @@ def compare_captures(expected: CaptureReader, actual: CaptureReader, *, truth: C
         "prompts": prompts,
         "sites": pool_sites(prompts),
     }
+
+
+def _classify_run_flips(prompts: list[dict], expected: CaptureReader, actual: CaptureReader) -> None:
+    """Near-tie or real, for every flip of the run at once: the false-alarm rate is held over all positions
+    compared in the run (see precision.analysis.near_tie)."""
+    logits = [p["logits"] for p in prompts if "logits" in p]
+    compared = sum(sum(1 for kl in lg["per_position"]["kl"] if math.isfinite(kl)) for lg in logits)
+    flips = [flip for lg in logits for flip in lg["flips"]]
+    classify_flips(flips, compared, reference_dtype=expected.manifest["backend"].get("dtype"),
+                   target_dtype=actual.manifest["backend"].get("dtype"))
 
 
 def _compare_prompt(expected: CaptureReader, actual: CaptureReader, truth: CaptureReader | None,
@@ -174,15 +186,16 @@ def _compare_logits(eh: TensorFile, ah: TensorFile, th: TensorFile | None, posit
     stats = _concat(parts)
     flips = []
     for row in np.flatnonzero(stats.finite_rows & ~stats.top1_agree):
-        margin, noise = float(stats.expected_margin[row]), float(stats.max_abs[row])
         flips.append({
             "position": positions[row],
             "expected_token": int(stats.expected_top1[row]),
             "actual_token": int(stats.actual_top1[row]),
-            "expected_margin": margin,
-            "logit_noise": noise,
-            "near_tie": margin <= NEAR_TIE_NOISE_FACTOR * noise,
-        })
+            "expected_margin": float(stats.expected_margin[row]),
+            "flip_margin": float(stats.flip_margin[row]),
+            "other_rms": float(stats.other_rms[row]),
+            "flip_scale": float(stats.flip_scale[row]),
+            "logit_noise": float(stats.max_abs[row]),
+        })  # near_tie and its bound are set once the whole run is compared (_classify_run_flips)
     finite = stats.finite_rows
     kl = stats.kl[finite]
     summary = {

@@ -4,9 +4,11 @@ Rule table (defaults in ``Thresholds``; every finding carries the sentence that 
 
 | rule            | status | when                                                                                   |
 |-----------------|--------|----------------------------------------------------------------------------------------|
-| non-finite      | FAIL   | the target has NaN/Inf where the reference is finite (first site and position named)    |
-| non-finite-ref  | WARN   | the reference itself has NaN/Inf (nothing to compare against there)                    |
-| real-flip       | FAIL   | a teacher-forced top-1 disagreement whose reference margin exceeds the near-tie bound   |
+| non-finite      | FAIL   | at any site, the target has NaN/Inf where the reference is finite, or both are         |
+|                 |        | non-finite with different values (NaN vs Inf, +Inf vs -Inf); first site and element    |
+| non-finite-ref  | WARN   | the reference alone has NaN/Inf, matched by the target (nothing to compare there)      |
+| real-flip       | FAIL   | a teacher-forced top-1 disagreement whose reference margin e_i - e_j exceeds the        |
+|                 |        | near-tie bound: stored rounding + z sqrt(2) sigma_other (precision.analysis.near_tie)  |
 | near-tie-flip   | PASS   | top-1 disagreements within the near-tie bound (reported, not failed)                    |
 | r-logits        | FAIL   | with FP32 truth: R at the logits > r_logits_fail (1.5)                                  |
 | r-layer         | WARN   | with FP32 truth: R at any hidden-state site > r_layer_warn (1.5)                        |
@@ -210,32 +212,69 @@ def _judge_prompt(prompt: dict, th: Thresholds) -> PromptVerdict:
 
 
 def _non_finite_findings(prompt: dict) -> list[Finding]:
+    """Every site, element by element where the comparison measured it.
+
+    A site's ``non_finite`` counts, when present, ``actual_only`` (target NaN/Inf where the reference is finite)
+    and ``mismatched`` (both non-finite, different values: NaN vs Inf, +Inf vs -Inf), each with its first
+    [row, column]; either FAILs. Comparisons written before those counts existed are judged on per-kind counts:
+    more target NaN (or Inf) than reference NaN (or Inf) means at least one target element is non-finite where
+    the reference is not. What is non-finite in the reference alone is a WARN: nothing to compare there."""
+    target_fail: list[tuple[dict, str]] = []
+    reference_only: list[dict] = []
     for entry in prompt["sites"]:
         nf = entry["metrics"]["non_finite"]
-        target_bad = nf["actual_nan"] + nf["actual_inf"]
-        reference_bad = nf["expected_nan"] + nf["expected_inf"]
-        if target_bad and not reference_bad:
-            return [Finding("non-finite", Status.FAIL,
-                f"the target has {nf['actual_nan']} NaN and {nf['actual_inf']} Inf values first at {entry['site']}, "
-                f"[row, column] {nf['first_index']}, where the reference is finite", entry["site"])]
-        if reference_bad:
-            return [Finding("non-finite-ref", Status.WARN,
-                f"the reference itself has {nf['expected_nan']} NaN and {nf['expected_inf']} Inf values first at {entry['site']} {nf['first_index']}", entry["site"])]
-    return []
+        target_bad, reference_bad = nf["actual_nan"] + nf["actual_inf"], nf["expected_nan"] + nf["expected_inf"]
+        if "actual_only" in nf:
+            if nf["actual_only"]:
+                target_fail.append((entry, f"{nf['actual_only']} target NaN/Inf value(s) where the reference is finite, "
+                                           f"first at [row, column] {nf.get('actual_only_first_index')}"))
+            elif nf.get("mismatched"):
+                target_fail.append((entry, f"{nf['mismatched']} element(s) non-finite on both sides with different values "
+                                           f"(NaN vs Inf or +Inf vs -Inf), first at [row, column] {nf.get('mismatched_first_index')}"))
+            elif reference_bad:
+                reference_only.append(entry)
+        elif target_bad and (nf["actual_nan"] > nf["expected_nan"] or nf["actual_inf"] > nf["expected_inf"]):
+            target_fail.append((entry, f"{nf['actual_nan']} NaN and {nf['actual_inf']} Inf target values against "
+                                       f"{nf['expected_nan']} NaN and {nf['expected_inf']} Inf in the reference, first non-finite "
+                                       f"at [row, column] {nf['first_index']}"))
+        elif reference_bad:
+            reference_only.append(entry)
+    findings = []
+    if target_fail:
+        entry, text = target_fail[0]
+        more = f"; {len(target_fail) - 1} later site(s) too" if len(target_fail) > 1 else ""
+        findings.append(Finding("non-finite", Status.FAIL, f"at {entry['site']} the target has {text}{more}", entry["site"]))
+    if reference_only:
+        entry = reference_only[0]
+        nf = entry["metrics"]["non_finite"]
+        findings.append(Finding("non-finite-ref", Status.WARN,
+            f"the reference itself has {nf['expected_nan']} NaN and {nf['expected_inf']} Inf values at {entry['site']}, first at "
+            f"{nf['first_index']} (nothing to compare against there; the target is not non-finite anywhere the reference is finite); "
+            f"{len(reference_only)} site(s) so", entry["site"]))
+    return findings
 
 
 def _flip_findings(prompt: dict) -> list[Finding]:
+    """Real flips FAIL, near-ties are reported (precision.analysis.near_tie: the bound is the stored logits'
+    rounding plus z sqrt(2) sigma, sigma the logit noise of the position's other tokens)."""
     flips = prompt.get("logits", {}).get("flips", [])
     real = [f for f in flips if not f["near_tie"]]
     findings = []
     if real:
         f = real[0]
+        bound_text = (f"the near-tie bound {f['bound']:.3g} ({f['rounding_allowance']:.3g} for the stored logits' rounding + "
+                      f"z {f['z']:.2f} x sqrt(2) x the other tokens' logit noise {f['other_rms']:.3g})") if "bound" in f else \
+                     f"a logit noise of {f['logit_noise']:.3g}"
+        margin = f.get("flip_margin", f["expected_margin"])
         findings.append(Finding("real-flip", Status.FAIL,
             f"{len(real)} teacher-forced top-1 flip(s) beyond the near-tie bound; first at position {f['position']}: "
-            f"token {f['expected_token']} -> {f['actual_token']} with a reference margin of {f['expected_margin']:.3g} logits "
-            f"against a logit noise of {f['logit_noise']:.3g}"))
-    near = len(flips) - len(real)
+            f"token {f['expected_token']} -> {f['actual_token']}, which the reference ranks {margin:.3g} logits lower, against "
+            f"{bound_text}", "logits"))
+    near = [f for f in flips if f["near_tie"]]
     if near:
+        widest = max(near, key=lambda f: f.get("flip_margin", f["expected_margin"]))
+        detail = (f"; largest margin {widest['flip_margin']:.3g} against its bound {widest['bound']:.3g}" if "bound" in widest else "")
         findings.append(Finding("near-tie-flip", Status.PASS,
-            f"{near} teacher-forced top-1 flip(s) at near-ties (reference margin within twice the position's logit noise)"))
+            f"{len(near)} teacher-forced top-1 flip(s) at near-ties (reference margin within what the position's rounding noise "
+            f"produces){detail}"))
     return findings

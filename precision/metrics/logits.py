@@ -26,7 +26,15 @@ class LogitsStats:
     expected_top1: np.ndarray
     actual_top1: np.ndarray
     max_abs: np.ndarray
-    """max_v |a_v - e_v| at the position: the logit noise that could swap two tokens."""
+    """max_v |a_v - e_v| at the position: the largest logit difference."""
+    flip_margin: np.ndarray
+    """e[i] - e[j] with i = argmax(e), j = argmax(a): how far the reference prefers its token over the target's
+    (0 where they agree)."""
+    other_rms: np.ndarray
+    """sqrt(mean over v not in {i, j} of (a_v - e_v)^2), float64: the logit noise at the position measured on
+    every token except the two top-1 tokens, so it does not contain a flip's own error (NaN when V <= 2)."""
+    flip_scale: np.ndarray
+    """max(|e[i]|, |e[j]|): the magnitude whose rounding unit bounds how a stored margin differs from the exact one."""
     finite_rows: np.ndarray
     """True where both rows are entirely finite; the other metrics are NaN (or -1 for ids) elsewhere."""
 
@@ -63,7 +71,8 @@ def logits_stats(expected, actual) -> LogitsStats:
     if e_shape != a_shape or len(e_shape) != 2:
         raise ValueError(f"logits must be two [positions, vocab] arrays of one shape, got {e_shape} and {a_shape}")
     positions = e_shape[0]
-    out = {name: np.full(positions, np.nan) for name in ("kl", "top5_overlap", "expected_margin", "max_abs")}
+    out = {name: np.full(positions, np.nan) for name in ("kl", "top5_overlap", "expected_margin", "max_abs", "flip_margin",
+                                                          "other_rms", "flip_scale")}
     top1_agree = np.zeros(positions, dtype=bool)
     e_top1 = np.full(positions, -1, dtype=np.int64)
     a_top1 = np.full(positions, -1, dtype=np.int64)
@@ -89,7 +98,9 @@ def logits_stats(expected, actual) -> LogitsStats:
         if e.shape[1] > 1:
             ranked = np.take_along_axis(e, top_e[:, :2], axis=1)
             out["expected_margin"][idx] = ranked[:, 0] - ranked[:, 1]
-        out["max_abs"][idx] = np.abs(a - e).max(axis=1)
+        diff = a - e
+        out["max_abs"][idx] = np.abs(diff).max(axis=1)
+        _flip_noise(e, diff, top_e[:, 0], top_a[:, 0], idx, out)
     return LogitsStats(
         kl=out["kl"],
         top1_agree=top1_agree,
@@ -98,5 +109,26 @@ def logits_stats(expected, actual) -> LogitsStats:
         expected_top1=e_top1,
         actual_top1=a_top1,
         max_abs=out["max_abs"],
+        flip_margin=out["flip_margin"],
+        other_rms=out["other_rms"],
+        flip_scale=out["flip_scale"],
         finite_rows=finite_rows,
     )
+
+
+def _flip_noise(e: np.ndarray, diff: np.ndarray, top_e: np.ndarray, top_a: np.ndarray, idx: np.ndarray, out: dict) -> None:
+    """flip_margin, other_rms and flip_scale of a chunk's finite rows (see LogitsStats).
+
+    The two top-1 tokens' squares are set to zero before the sum rather than subtracted from the full sum:
+    a flip's own error can be far larger than the others' (a biased token), and subtracting it would cancel
+    most of the sum's digits."""
+    rows = np.arange(e.shape[0])
+    e_i, e_j = e[rows, top_e], e[rows, top_a]
+    out["flip_margin"][idx] = e_i - e_j
+    out["flip_scale"][idx] = np.maximum(np.abs(e_i), np.abs(e_j))
+    squares = diff * diff
+    squares[rows, top_e] = 0.0
+    squares[rows, top_a] = 0.0
+    others = e.shape[1] - 1 - (top_e != top_a)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out["other_rms"][idx] = np.where(others > 0, np.sqrt(squares.sum(axis=1) / np.maximum(others, 1)), np.nan)

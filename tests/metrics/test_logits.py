@@ -13,7 +13,7 @@ from precision.metrics import logits as logits_module
 
 NAN, INF = float("nan"), float("inf")
 ARRAY_FIELDS = ("kl", "top1_agree", "top5_overlap", "expected_margin", "expected_top1", "actual_top1", "max_abs",
-                "finite_rows")
+                "flip_margin", "other_rms", "flip_scale", "finite_rows")
 
 
 def scipy_kl(e: np.ndarray, a: np.ndarray) -> np.ndarray:
@@ -177,6 +177,36 @@ def test_max_abs_by_hand():
     assert logits_stats(e, a).max_abs.tolist() == [2.0, 7.0]
 
 
+def test_flip_noise_by_hand():
+    # Row 0: the target flips 0 -> 2 by +3 on token 2; the other tokens (1, 3) differ by 0.3 and -0.4:
+    # other_rms = sqrt((0.09 + 0.16) / 2) = sqrt(0.125), untouched by the flip's own +3.
+    # Row 1: no flip; the one top-1 token (0) is left out: other_rms = sqrt((1 + 4 + 0) / 3).
+    e = np.array([[5.0, 1.0, 4.0, -6.0], [5.0, 1.0, 2.0, 3.0]])
+    a = np.array([[5.0, 1.3, 7.0, -6.4], [5.0, 2.0, 0.0, 3.0]])
+    s = logits_stats(e, a)
+    assert s.flip_margin.tolist() == [1.0, 0.0]
+    assert s.flip_scale.tolist() == [5.0, 5.0]
+    assert s.other_rms[0] == pytest.approx(math.sqrt(0.125), rel=1e-12)
+    assert s.other_rms[1] == pytest.approx(math.sqrt(5.0 / 3.0), rel=1e-12)
+
+
+def test_other_rms_does_not_cancel_next_to_a_huge_flip_error():
+    # A +1e12 error on the flip token next to 1e-3 noise: subtracting (1e12)^2 from the full sum of squares
+    # would leave nothing of the 1e-3 noise; leaving the token out of the sum keeps it exact.
+    e = np.zeros((1, 1001))
+    e[0, 0] = 1.0
+    a = e.copy()
+    a[0, 1] = 1e12
+    a[0, 2:] += 1e-3
+    s = logits_stats(e, a)
+    assert s.actual_top1[0] == 1 and s.other_rms[0] == pytest.approx(1e-3, rel=1e-9)
+
+
+def test_other_rms_of_a_two_token_vocabulary_is_nan():
+    s = logits_stats(np.array([[1.0, 0.0]]), np.array([[0.0, 1.0]]))
+    assert math.isnan(s.other_rms[0]) and s.flip_margin[0] == 1.0
+
+
 # ----------------------------------------------------------------------------------------- non-finite
 
 
@@ -188,7 +218,7 @@ def test_non_finite_rows_are_marked_with_nan_metrics(side, bad):
     (e if side == "expected" else a)[1, 2] = bad
     s = logits_stats(e, a)
     assert s.finite_rows.tolist() == [True, False, True]
-    for name in ("kl", "top5_overlap", "expected_margin", "max_abs"):
+    for name in ("kl", "top5_overlap", "expected_margin", "max_abs", "flip_margin", "other_rms", "flip_scale"):
         values = getattr(s, name)
         assert math.isnan(values[1]), name
         assert np.isfinite(values[[0, 2]]).all(), name
@@ -248,9 +278,6 @@ def make_200_rows():
     e[128:192, 0] = np.inf  # a whole chunk without a finite row
     return e, a
 
-
-def test_chunk_size_is_64():
-    assert logits_module._ROWS_PER_CHUNK == 64
 
 
 def test_chunked_results_equal_row_by_row():
