@@ -12,6 +12,7 @@ from precision.metrics.tensor import (
     bf16_ulp_distance,
     cosine_similarity,
     err_ratio_below,
+    euclidean_distance,
     five_thousandths_err_ratio,
     max_abs_error,
     max_relative_error,
@@ -22,11 +23,13 @@ from precision.metrics.tensor import (
     tensor_stats,
     ulp_histogram,
 )
+from precision.metrics.msprobe import CONVENTIONS, msprobe_metrics
 from precision.metrics.tokens import TokenAgreement, token_agreement
 from precision.metrics.definitions import DEFINITIONS
 
 __all__ = [
     "BF16_UNIT_ROUNDOFF",
+    "CONVENTIONS",
     "DEFINITIONS",
     "LogitsStats",
     "NonFinite",
@@ -36,11 +39,13 @@ __all__ = [
     "bf16_ulp_distance",
     "cosine_similarity",
     "err_ratio_below",
+    "euclidean_distance",
     "five_thousandths_err_ratio",
     "logits_stats",
     "max_abs_error",
     "max_relative_error",
     "mean_abs_error",
+    "msprobe_metrics",
     "non_finite",
     "one_thousandth_err_ratio",
     "relative_l2_error",

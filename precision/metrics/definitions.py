@@ -4,12 +4,23 @@ e is the expected (reference) tensor, a the actual (target) tensor; sums run ove
 DEFINITIONS: dict[str, str] = {
     "relative_l2": "Relative L2 error ||a - e||_2 / ||e||_2, in float64 over all elements of the tensor.",
     "max_abs": "Max absolute error max_i |a_i - e_i|.",
-    "max_relative": "Max relative error max_i |a_i - e_i| / max(|e_i|, 1e-6); the 1e-6 floor keeps near-zero reference values from dividing by zero.",
+    "max_relative": "Max relative error max_i |a_i - e_i| / max(|e_i|, 1e-6). The 1e-6 floor is this tool's convention (msprobe has none; "
+                    "it adds float32 eps to both sides only where e_i is exactly 0): it keeps near-zero reference values from dividing by zero.",
     "mean_abs": "Mean absolute error mean_i |a_i - e_i|.",
     "cosine": "Cosine similarity <e, a> / (||e|| ||a||); 1 when both are all zero, NaN when only one is.",
-    "one_thousandth_err_ratio": "msprobe's One Thousandth Err Ratio: share of elements with |a_i - e_i| / max(|e_i|, 1e-6) < 0.001.",
-    "five_thousandths_err_ratio": "msprobe's Five Thousandths Err Ratio: share of elements with |a_i - e_i| / max(|e_i|, 1e-6) < 0.005.",
-    "ulp_shares": "Share of elements whose bf16 values (after rounding both sides to bf16) are 0, 1, 2 or more than 2 representable bf16 numbers apart.",
+    "euclidean_distance": "Euclidean distance ||a - e||_2 (msprobe's EucDist), in float64 over the elements finite on both sides.",
+    "one_thousandth_err_ratio": "One Thousandth Err Ratio (msprobe's name): share of elements with |a_i - e_i| / max(|e_i|, 1e-6) < 0.001. "
+                                "The 1e-6 floor is this tool's convention, not msprobe's: on references near 1e-7 the shares differ "
+                                "(the msprobe convention reproduces msprobe's).",
+    "five_thousandths_err_ratio": "Five Thousandths Err Ratio (msprobe's name): share of elements with |a_i - e_i| / max(|e_i|, 1e-6) < 0.005, "
+                                  "with this tool's 1e-6 floor (see one_thousandth_err_ratio).",
+    "convention": "Whose definitions Cosine, EucDist, MaxAbsErr, MaxRelativeErr and the two err ratios follow. precision-check: the "
+                  "definitions here. msprobe: msprobe compare's, exactly: no floor, float32 eps added to both sides where e_i is exactly "
+                  "0 (relative error in float32 for float32/bf16/fp16 data), NaN/Inf at the same elements on both sides set to 0 "
+                  "(otherwise no number), cosine 1 when both norms are at most float64 eps, numbers rounded to 12 decimals "
+                  "(a cosine above 0.9999 to 6). The other metrics are this tool's in both.",
+    "ulp_shares": "Share of elements whose bf16 values (after rounding both sides to bf16) are 0, 1, 2 or more than 2 representable bf16 numbers apart, "
+                  "and (non-finite) of those where both sides overflow to bf16 Inf, which no distance describes.",
     "non_finite": "Counts of NaN and Inf on each side and the first [position, column] where either side is not finite; per element, "
                   "actual_only counts the elements non-finite in the target where the reference is finite and mismatched those "
                   "non-finite on both sides with different values (NaN vs +-Inf, +Inf vs -Inf), each with its first [position, column]. "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -31,6 +31,7 @@ from precision.metrics.elementwise import (  # noqa: F401  (re-exported: callers
     bf16_ulp_distance,
     cosine_similarity,
     err_ratio_below,
+    euclidean_distance,
     five_thousandths_err_ratio,
     max_abs_error,
     max_relative_error,
@@ -39,12 +40,17 @@ from precision.metrics.elementwise import (  # noqa: F401  (re-exported: callers
     relative_l2_error,
     ulp_histogram,
 )
+from precision.metrics.msprobe import MsprobeAccumulator, check_convention
 from precision.metrics.nonfinite import NonFinite, NonFiniteCounter, non_finite  # noqa: F401
 
 
 @dataclass(frozen=True)
 class TensorStats:
-    """Every element-wise metric of one tensor pair (see each function for its definition)."""
+    """Every element-wise metric of one tensor pair (see each function in precision.metrics.elementwise for its
+    definition). ``convention`` says whose definitions cosine, euclidean_distance, max_abs, max_relative and the two
+    err ratios follow: "precision-check" (this tool's: float64, elements finite on both sides, the 1e-6 relative-error
+    floor) or "msprobe" (msprobe's compare, exactly; see precision.metrics.msprobe). relative_l2, mean_abs,
+    ulp_shares, expected_l2 and non_finite are this tool's in both."""
 
     relative_l2: float
     max_abs: float
@@ -57,6 +63,8 @@ class TensorStats:
     expected_l2: float
     elements: int
     non_finite: NonFinite
+    euclidean_distance: float
+    convention: str
 
 
 _CHUNK = 1 << 20
@@ -107,8 +115,10 @@ class StreamingStats:
     """tensor_stats over a tensor that arrives in blocks (rows of a logits matrix read from disk, say), so that
     memory holds one block pair rather than the whole tensor. Blocks must come in row-major order."""
 
-    def __init__(self, shape: tuple[int, ...]) -> None:
+    def __init__(self, shape: tuple[int, ...], convention: str = "precision-check") -> None:
         self.shape = tuple(shape)
+        self.convention = check_convention(convention)
+        self._msprobe = MsprobeAccumulator() if convention == "msprobe" else None
         self._acc = np.zeros(fused.N_ACCUMULATORS)
         self._ulp = np.zeros(fused.N_ULP_BUCKETS, dtype=np.int64)
         self._count = 0
@@ -121,6 +131,8 @@ class StreamingStats:
         any_bad = not bool((np.isfinite(e) & np.isfinite(a)).all())
         self._non_finite.add(e, a, any_bad)
         jobs = [_workers().submit(_chunk, e[i:i + _CHUNK], a[i:i + _CHUNK], any_bad) for i in range(0, e.size, _CHUNK)]
+        if self._msprobe is not None:
+            self._msprobe.add(e, a)
         for job in jobs:
             out, ulp, n = job.result()
             self._acc[[0, 1, 2, 3, 4, 7, 8]] += out[[0, 1, 2, 3, 4, 7, 8]]
@@ -129,11 +141,16 @@ class StreamingStats:
             self._count += n
 
     def result(self) -> TensorStats:
+        stats = self._own_result()
+        return _with_msprobe(stats, self._msprobe) if self._msprobe is not None else stats
+
+    def _own_result(self) -> TensorStats:
         nf = self._non_finite.result()
         elements = int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
         if self._count == 0:
             nan = float("nan")
-            return TensorStats(nan, nan, nan, nan, nan, nan, nan, {k: nan for k in ULP_BUCKETS}, nan, elements, nf)
+            return TensorStats(nan, nan, nan, nan, nan, nan, nan, {k: nan for k in ULP_BUCKETS}, nan, elements, nf, nan,
+                               "precision-check")
         e2, a2, d2, ea, sum_abs, max_abs, max_rel, below_1e3, below_5e3 = self._acc
         norm_e, norm_a = float(np.sqrt(e2)), float(np.sqrt(a2))
         if norm_e == 0.0 and norm_a == 0.0:
@@ -155,19 +172,32 @@ class StreamingStats:
             expected_l2=norm_e,
             elements=elements,
             non_finite=nf,
+            euclidean_distance=float(np.sqrt(d2)),
+            convention="precision-check",
         )
 
 
-def tensor_stats(expected, actual) -> TensorStats:
-    """All element-wise metrics of a pair, streamed over chunks with float64 accumulators (the compiled one-pass
-    kernel when numba is installed); same definitions as the single-metric functions above, which the tests check
-    it against."""
+def _with_msprobe(stats: TensorStats, msprobe: MsprobeAccumulator) -> TensorStats:
+    return replace(stats, **msprobe.result(), convention="msprobe")
+
+
+def tensor_stats(expected, actual, *, convention: str = "precision-check") -> TensorStats:
+    """All element-wise metrics of a pair (numpy arrays or torch tensors of any float dtype), streamed over chunks
+    with float64 accumulators (the compiled one-pass kernel when numba is installed); same definitions as the
+    single-metric functions in precision.metrics.elementwise, which the tests check it against. ``convention``:
+    "precision-check" (default) or "msprobe" (see TensorStats)."""
+    check_convention(convention)
     e_raw, a_raw = as_numpy(expected), as_numpy(actual)
     if e_raw.shape != a_raw.shape:
         raise ValueError(f"shape mismatch: expected {e_raw.shape} vs actual {a_raw.shape}")
     if _needs_scaling(e_raw) or _needs_scaling(a_raw):
-        return _tensor_stats_whole(e_raw, a_raw, non_finite(e_raw, a_raw))
-    stream = StreamingStats(e_raw.shape)
+        stats = _tensor_stats_whole(e_raw, a_raw, non_finite(e_raw, a_raw))
+        if convention == "msprobe":
+            msprobe = MsprobeAccumulator()
+            msprobe.add(e_raw.reshape(-1), a_raw.reshape(-1))
+            stats = _with_msprobe(stats, msprobe)
+        return stats
+    stream = StreamingStats(e_raw.shape, convention)
     stream.add(e_raw, a_raw)
     return stream.result()
 
@@ -187,7 +217,7 @@ def _tensor_stats_whole(e_raw: np.ndarray, a_raw: np.ndarray, nf: NonFinite) -> 
     e, a = _finite_pair(e_raw, a_raw)
     if e.size == 0:
         nan = float("nan")
-        return TensorStats(nan, nan, nan, nan, nan, nan, nan, ulp_histogram(e, a), nan, int(e_raw.size), nf)
+        return TensorStats(nan, nan, nan, nan, nan, nan, nan, ulp_histogram(e, a), nan, int(e_raw.size), nf, nan, "precision-check")
     diff = a - e
     abs_diff = np.abs(diff)
     norm_e, norm_a, norm_d = (_norm(v) for v in (e, a, diff))
@@ -204,4 +234,6 @@ def _tensor_stats_whole(e_raw: np.ndarray, a_raw: np.ndarray, nf: NonFinite) -> 
         expected_l2=norm_e,
         elements=int(e_raw.size),
         non_finite=nf,
+        euclidean_distance=norm_d,
+        convention="precision-check",
     )

@@ -26,7 +26,7 @@ def test_fused_and_numpy_paths_agree(size, monkeypatch):
     assert with_kernel.ulp_shares == without.ulp_shares
     assert with_kernel.non_finite == without.non_finite
     for name in ("relative_l2", "max_abs", "max_relative", "mean_abs", "cosine", "one_thousandth_err_ratio",
-                 "five_thousandths_err_ratio", "expected_l2"):
+                 "five_thousandths_err_ratio", "expected_l2", "euclidean_distance"):
         # float64 sums of a million terms in another order agree to ~1e-12 relative; 1e-9 leaves room
         assert math.isclose(getattr(with_kernel, name), getattr(without, name), rel_tol=1e-9), name
 

@@ -15,6 +15,7 @@ from precision.metrics import (
     bf16_ulp_distance,
     cosine_similarity,
     err_ratio_below,
+    euclidean_distance,
     five_thousandths_err_ratio,
     logits_stats,
     max_abs_error,
@@ -220,6 +221,7 @@ def test_metrics_never_raise_on_non_finite_mixes(pair):
         "cosine": cosine_similarity(e, a),
         "one_thousandth_err_ratio": one_thousandth_err_ratio(e, a),
         "five_thousandths_err_ratio": five_thousandths_err_ratio(e, a),
+        "euclidean_distance": euclidean_distance(e, a),
     }
     for name, value in singles.items():
         assert same_float(getattr(s, name), value), name
@@ -292,3 +294,23 @@ def test_logits_metrics_in_range(e, data):
         assert (s.expected_margin >= 0.0).all()
     same = logits_stats(e, e.copy())
     assert (same.kl == 0.0).all() and (same.top5_overlap == 1.0).all() and same.top1_agree.all()
+
+
+@SETTINGS
+@given(pairs(allow_non_finite=True), st.integers(1, 5))
+def test_msprobe_convention_does_not_depend_on_blocks(pair, rows_per_block):
+    # streamed in row blocks or in one piece: the same msprobe numbers (sums may differ in their last bits only)
+    from precision.metrics import msprobe_metrics
+    from precision.metrics.tensor import StreamingStats
+
+    e, a = pair
+    whole = msprobe_metrics(e, a)
+    e2, a2 = e.reshape(e.shape[0] if e.ndim else 1, -1), a.reshape(e.shape[0] if e.ndim else 1, -1)
+    stream = StreamingStats(e2.shape, convention="msprobe")
+    for start in range(0, e2.shape[0], rows_per_block):
+        stream.add(e2[start:start + rows_per_block], a2[start:start + rows_per_block])
+    streamed = stream.result()
+    assert streamed.convention == "msprobe"
+    for name, value in whole.items():
+        got = getattr(streamed, name)
+        assert same_float(got, value) or math.isclose(got, value, rel_tol=1e-9), name

@@ -15,6 +15,7 @@ from precision.metrics import (
     bf16_ulp_distance,
     cosine_similarity,
     err_ratio_below,
+    euclidean_distance,
     five_thousandths_err_ratio,
     max_abs_error,
     max_relative_error,
@@ -54,9 +55,35 @@ def test_constants():
 
 
 def test_every_tensor_stats_field_has_a_definition():
-    for name in ("relative_l2", "max_abs", "max_relative", "mean_abs", "cosine", "one_thousandth_err_ratio",
-                 "five_thousandths_err_ratio", "ulp_shares", "non_finite"):
-        assert name in DEFINITIONS and DEFINITIONS[name]
+    from dataclasses import fields
+
+    from precision.metrics import TensorStats
+
+    bookkeeping = {"expected_l2", "elements"}  # inputs of other numbers (pooling), not shown as metrics
+    for field in fields(TensorStats):
+        if field.name not in bookkeeping:
+            assert DEFINITIONS.get(field.name), field.name
+
+
+@pytest.mark.parametrize("torch_dtype", ["bfloat16", "float16", "float32"])
+def test_metric_functions_accept_torch_tensors(torch_dtype):
+    torch = pytest.importorskip("torch")
+    dtype = getattr(torch, torch_dtype)
+    e_t = torch.tensor([[1.0, 2.0, -3.0], [0.5, 0.25, 8.0]], dtype=dtype)
+    a_t = torch.tensor([[1.0078125, 2.0, -3.0], [0.5, float("nan"), 8.0]], dtype=dtype)
+    e, a = e_t.float().numpy(), a_t.float().numpy()  # the same values (bf16 and fp16 widen exactly)
+    for f in SCALAR_METRICS + [euclidean_distance]:
+        assert same_float(f(e_t, a_t), f(e, a)), f.__name__
+    assert ulp_histogram(e_t, a_t) == ulp_histogram(e, a)
+    assert non_finite(e_t, a_t) == non_finite(e, a)
+    assert non_finite(e_t, a_t).actual_only_first_index == (1, 1)
+    for convention, (x_t, y_t) in (("precision-check", (e_t, a_t)), ("msprobe", (e_t, e_t * 1.5))):
+        ours, reference = tensor_stats(x_t, y_t, convention=convention), tensor_stats(x_t.float().numpy(), y_t.float().numpy(), convention=convention)
+        for name in ("relative_l2", "max_abs", "max_relative", "mean_abs", "cosine", "one_thousandth_err_ratio",
+                     "five_thousandths_err_ratio", "euclidean_distance"):
+            assert same_float(getattr(ours, name), getattr(reference, name)), (convention, name)
+            assert not math.isnan(getattr(ours, name)), (convention, name)
+        assert ours.ulp_shares == reference.ulp_shares and ours.non_finite == reference.non_finite
 
 
 # ----------------------------------------------------------------------------------- basic hand examples
@@ -579,6 +606,7 @@ def assert_stats_match_functions(e, a):
     assert same_float(s.cosine, cosine_similarity(e, a))
     assert same_float(s.one_thousandth_err_ratio, one_thousandth_err_ratio(e, a))
     assert same_float(s.five_thousandths_err_ratio, five_thousandths_err_ratio(e, a))
+    assert same_float(s.euclidean_distance, euclidean_distance(e, a))
     hist = ulp_histogram(e, a)
     assert set(s.ulp_shares) == set(hist)
     assert all(same_float(s.ulp_shares[k], hist[k]) for k in hist)
