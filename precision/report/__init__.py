@@ -19,7 +19,7 @@ def _environment(template_dir: Path, *, markdown: bool = False):
     import jinja2
 
     if markdown:
-        return jinja2.Environment(loader=jinja2.FileSystemLoader(str(template_dir)), autoescape=False, finalize=markdown_text,
+        return jinja2.Environment(loader=jinja2.FileSystemLoader(str(template_dir)), autoescape=False, finalize=markdown_text, keep_trailing_newline=True,
                                   undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(template_dir)),

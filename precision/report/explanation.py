@@ -19,6 +19,11 @@ R_SAME_BAND = 0.1
 """R within 1 +/- R_SAME_BAND is worded "about as accurate as the reference"; outside it the report says which side
 is closer to FP32 truth. A wording band, not a verdict threshold (the verdict uses Thresholds.r_logits_fail)."""
 
+NOT_MEASURED = "Not measured:"
+"""Opens the sentence that lists what this run did not measure (the only sentence that names absent data)."""
+NO_TRUTH = "no FP32 truth was captured"
+NO_ENVELOPE = "no implementation envelope was measured"
+
 REORDER_PREFIXES = ("permute-k", "split-k")
 """Envelope members that change only the order of the sums in matrix products (FP32 accumulators); the other
 members change where results are rounded to BF16 or how attention is computed (precision.backends.variants)."""
@@ -153,8 +158,8 @@ def _envelope_paragraph(envelope: dict | None) -> str | None:
 
 def _local_paragraph(local: dict) -> str | None:
     steps = local.get("steps") or []
-    if not steps:
-        return f"No layer replay: {local['reason']}." if local.get("reason") else None
+    if not steps:  # the closing paragraph says that no layer was replayed, and why
+        return None
     measured = [s for s in steps if _finite(s.get("local_R"))]
     worst_local = max((s for s in steps if _finite(s.get("local"))), key=lambda s: s["local"], default=None)
     text = "Replaying every reference layer on the target's own input separates what a layer adds from what it inherits."
@@ -193,9 +198,9 @@ def _checks_paragraph(comparison: dict, verdict: Verdict, analysis: dict) -> str
     text = "What would have shown a real problem in this run: " + "; ".join(applied) + "."
     missing = []
     if not has_truth:
-        missing.append("no FP32 truth was captured, so R (which side is closer to FP32) is unknown")
+        missing.append(f"{NO_TRUTH}, so R (which side is closer to FP32) is unknown")
     if not envelope:
-        missing.append("no implementation envelope was measured, so the difference is not placed among implementation variants")
+        missing.append(f"{NO_ENVELOPE}, so the difference is not placed among implementation variants")
     if not replayed:
         missing.append("no layer was replayed" + (f" ({local['reason']})" if local.get("reason") else "")
                        + ", so local and inherited error are not separated")
@@ -203,7 +208,7 @@ def _checks_paragraph(comparison: dict, verdict: Verdict, analysis: dict) -> str
     if total is not None and layers != list(range(total)):
         missing.append(f"only {layers_phrase(comparison)} were captured")
     if missing:
-        text += " Not measured: " + "; ".join(missing) + "."
+        text += f" {NOT_MEASURED} " + "; ".join(missing) + "."
     return text + " `precision-check selftest` plants faults of these kinds and shows which checks catch them."
 
 

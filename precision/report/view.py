@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from precision.analysis.theory import BF16_U, ONE_ROUNDING, ROUNDINGS_PER_LAYER
 from precision.analysis.verdict import Status, Verdict
-from precision.report.explanation import R_SAME_BAND, explain, layers_phrase, r_wording
+from precision.report.explanation import NO_ENVELOPE, R_SAME_BAND, explain, layers_phrase, r_wording
 from precision.report.svg import Band, Series, bar_chart, line_chart
 
 Decoder = Callable[[list[int]], str]
@@ -129,9 +129,18 @@ def _charts(sites: list[dict], analysis: dict, has_truth: bool) -> dict:
             Series("largest local error of any variant", tuple(s.get("envelope_local_max") for s in steps), dashed=True),
         ], y_label="relative L2 error", title="Local versus inherited error (reference layers replayed on the target's inputs)", height=300)
     chosen = [sites[i] for i in sorted({1, len(sites) // 2, len(sites) - 2, len(sites) - 1}) if 0 <= i < len(sites)]
-    charts["ulp"] = [bar_chart(["0", "1", "2", ">2"], [s["ulp_shares"][k] for k in ("0", "1", "2", ">2")], title=f"{s['site']}: ULP distance",
+    buckets = ulp_buckets(sites)
+    charts["ulp"] = [bar_chart(list(buckets), [s["ulp_shares"].get(k, math.nan) for k in buckets], title=f"{s['site']}: ULP distance",
                                y_label="share") for s in chosen]
     return charts
+
+
+def ulp_buckets(sites: list[dict]) -> tuple[str, ...]:
+    """The ULP-share keys the comparison holds, in its order (a newer comparison adds a non-finite bucket)."""
+    keys: list[str] = []
+    for s in sites:
+        keys += [k for k in s.get("ulp_shares", {}) if k not in keys]
+    return tuple(keys)
 
 
 def _verdict_rows(comparison: dict, verdict: Verdict, manifests: dict, prompts: list[dict]) -> list[dict]:
@@ -199,7 +208,7 @@ def _local_row(verdict: Verdict, analysis: dict) -> dict | None:
         worst = max(ratios, key=lambda s: s["local_ratio"])
         evidence += f"; largest local error {fmt(worst['local_ratio'], '.2f')}x the largest implementation variant's, at {worst['site']}"
     else:
-        evidence += "; no implementation envelope was measured, so local errors are not compared with variants"
+        evidence += f"; {NO_ENVELOPE}, so local errors are not compared with variants"
     return {"item": "Layer-by-layer explanation", "status": "PASS", "evidence": evidence}
 
 
@@ -209,9 +218,9 @@ def _non_finite_rows(comparison: dict) -> list[dict]:
     for p in comparison["prompts"]:
         for entry in p["sites"]:
             nf = entry["metrics"].get("non_finite") or {}
-            counted = {k: v for k, v in nf.items() if k != "first_index"}
-            if any(isinstance(v, (int, float)) and v for v in counted.values()):
-                rows.append({"prompt": p["id"], "site": entry["site"], "counts": counted, "first_index": nf.get("first_index")})
+            shown = {k: v for k, v in nf.items() if k != "first_index" and v not in (None, 0, [])}
+            if any(isinstance(v, (int, float)) for v in shown.values()):
+                rows.append({"prompt": p["id"], "site": entry["site"], "counts": shown, "first_index": nf.get("first_index")})
     return rows
 
 
@@ -220,6 +229,16 @@ def _extra_site_columns(sites: list[dict]) -> list[str]:
     fixed = {"site", "layer", "relative_l2", "max_abs", "cosine_min", "ulp_shares", "non_finite", "expected_vs_truth", "actual_vs_truth", "R"}
     extra: list[str] = []
     for s in sites:
+        extra += [k for k, v in s.items() if k not in fixed and k not in extra and (v is None or isinstance(v, (int, float)))]
+    return extra
+
+
+def _extra_step_columns(steps: list[dict]) -> list[str]:
+    """Replay figures beyond the fixed columns (for example a step's rounding floor), shown when present."""
+    fixed = {"site", "input_site", "input", "inherited", "amplification", "local", "envelope_local_max", "local_ratio", "local_R",
+             "local_gain", "local_ulp_shares", "envelope_gain_max"}
+    extra: list[str] = []
+    for s in steps:
         extra += [k for k, v in s.items() if k not in fixed and k not in extra and (v is None or isinstance(v, (int, float)))]
     return extra
 
@@ -271,6 +290,8 @@ def build_view(comparison: dict, verdict: Verdict, *, decode: Decoder | None = N
         "non_finite_rows": _non_finite_rows(comparison),
         "first_non_finite": analysis.get("first_non_finite"),
         "extra_site_columns": _extra_site_columns(sites),
+        "ulp_buckets": ulp_buckets(sites),
+        "extra_step_columns": _extra_step_columns((analysis.get("local") or {}).get("steps") or []),
         "flip_columns": _flip_columns(prompts),
         "layers_captured": layers_phrase(comparison),
         "model_path": manifests.get("expected", {}).get("model", {}).get("path"),

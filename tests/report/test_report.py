@@ -14,24 +14,10 @@ import pytest
 
 from precision.cli import main
 from precision.verify import verify_run
-from tests.conftest import write_prompts
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 requires_chromium = pytest.mark.skipif(CHROMIUM is None and os.environ.get("PRECISION_REQUIRE_CHROMIUM") != "1",
                                        reason="Debian's chromium is not installed (.ci/run installs it)")
-HOSTILE_CATEGORY = "<b>bold</b><script>document.title='PWNED'</script>"
-
-
-@pytest.fixture(scope="module")
-def run_dir(stories_path, tmp_path_factory):
-    prompts = write_prompts(tmp_path_factory.mktemp("rp") / "hostile.jsonl", [
-        json.dumps({"id": "hostile", "category": HOSTILE_CATEGORY, "text": "Lily said <img src=x onerror=\"document.title='PWNED2'\"> & </pre> hello"}),
-        json.dumps({"id": "plain", "category": "story", "messages": [{"role": "user", "content": "Tell me a story about a cat."}]}),
-    ])
-    out = tmp_path_factory.mktemp("rp") / "run"
-    assert main(["-q", "run", "--prompts", str(prompts), "--model", str(stories_path), "--target", "hf:cpu:bf16",
-                 "--target-variant", "attn:eager", "--max-new-tokens", "8", "--out", str(out)]) == 0
-    return out
 
 
 def test_report_is_self_contained_and_escapes_user_strings(run_dir):
