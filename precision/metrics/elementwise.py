@@ -94,18 +94,20 @@ def max_relative_error(expected, actual, *, floor: float = RELATIVE_ERROR_FLOOR)
 
 def err_ratio_below(expected, actual, threshold: float, *, floor: float = RELATIVE_ERROR_FLOOR) -> float:
     """Share of elements whose relative error |a - e| / max(|e|, floor) is below ``threshold``
-    (msprobe's "Err Ratio"), over elements finite on both sides (NaN if none)."""
+    (an "Err Ratio" in msprobe's naming, with this tool's floor), over elements finite on both sides (NaN if none)."""
     e, a = _finite_pair(expected, actual)
     return float(np.mean(_elementwise_relative(e, a, floor) < threshold)) if e.size else float("nan")
 
 
 def one_thousandth_err_ratio(expected, actual) -> float:
-    """msprobe "One Thousandth Err Ratio": share of elements with relative error below 0.001."""
+    """"One Thousandth Err Ratio" (msprobe's name): share of elements with relative error below 0.001, with this tool's
+    denominator floor (RELATIVE_ERROR_FLOOR); tensor_stats(..., convention="msprobe") gives msprobe's own number."""
     return err_ratio_below(expected, actual, 1e-3)
 
 
 def five_thousandths_err_ratio(expected, actual) -> float:
-    """msprobe "Five Thousandths Err Ratio": share of elements with relative error below 0.005."""
+    """"Five Thousandths Err Ratio" (msprobe's name): share of elements with relative error below 0.005, with this
+    tool's denominator floor (see one_thousandth_err_ratio)."""
     return err_ratio_below(expected, actual, 5e-3)
 
 

@@ -3,7 +3,7 @@
 
 The pure-numpy path in precision.metrics.tensor needs about fifteen passes over float64 copies of each chunk; this
 kernel reads each float32 element once and keeps every accumulator in float64, which moves the comparison from
-compute-bound to close to the speed of reading memory. Definitions are the same (see tensor.py); the tests check
+compute-bound to close to the speed of reading memory. Definitions are the same (see elementwise.py); the tests check
 both paths against each other. Summation order differs (``reassoc`` lets LLVM vectorize the float64 sums), which
 changes the sums only in their last bits.
 """

@@ -113,7 +113,9 @@ def _chunk(e: np.ndarray, a: np.ndarray, filter_non_finite: bool):
 
 class StreamingStats:
     """tensor_stats over a tensor that arrives in blocks (rows of a logits matrix read from disk, say), so that
-    memory holds one block pair rather than the whole tensor. Blocks must come in row-major order."""
+    memory holds one block pair rather than the whole tensor. Blocks must come in row-major order. ``convention``:
+    "precision-check" (default) or "msprobe" (see TensorStats; msprobe's numbers come from a numpy pass of their own
+    beside the fused kernel, so that convention costs a few more passes over each block)."""
 
     def __init__(self, shape: tuple[int, ...], convention: str = "precision-check") -> None:
         self.shape = tuple(shape)
