@@ -28,6 +28,8 @@ import math
 
 import numpy as np
 
+from precision.metrics.arrays import as_numpy
+
 CONVENTIONS = ("precision-check", "msprobe")
 """Metric conventions: "precision-check" (this tool's definitions, precision.metrics.elementwise) and "msprobe"."""
 
@@ -144,8 +146,6 @@ def _cosine(dot: float, norm_a: float, norm_e: float) -> float:
 def msprobe_metrics(expected, actual) -> dict[str, float]:
     """msprobe's Cosine, EucDist, MaxAbsErr, MaxRelativeErr, One and Five Thousandth(s) Err Ratio of one pair
     (see the module's docstring), keyed as in TensorStats."""
-    from precision.metrics.arrays import as_numpy
-
     e, a = as_numpy(expected), as_numpy(actual)
     if e.shape != a.shape:
         raise ValueError(f"shape mismatch: expected {e.shape} vs actual {a.shape}")
