@@ -9,6 +9,9 @@ envelope of reorderings alone would call every healthy engine broken.
 Per site, the envelope is the set of member errors against the unperturbed reference; the target's error is
 placed in it as a ratio to the largest member error and as a percentile (share of members below it).
 Per replayed step, the local envelope is the largest local error and the largest |local gain| of any member.
+The step's local ratio is its local error over max(that largest local error, the step's rounding floor): where
+every member computes a step bit for bit like the reference (a norm with unit weights, fused or not), the
+envelope there is 0 and a target off by a single rounding would otherwise get an infinite ratio.
 """
 
 from __future__ import annotations
@@ -68,10 +71,11 @@ def local_envelope(target_steps: list[dict], member_steps: dict[str, list[dict]]
         gains = [abs(steps[index]["local_gain"]) for steps in member_steps.values() if steps[index]["local_gain"] is not None]
         largest_local = max(locals_) if locals_ else math.nan
         largest_gain = max(gains) if gains else None
+        floor = step.get("rounding_floor", 0.0)
         rows.append({
             **step,
             "envelope_local_max": largest_local,
-            "local_ratio": ratio(step["local"], largest_local) if locals_ else None,
+            "local_ratio": ratio(step["local"], max(largest_local, floor)) if locals_ else None,
             "envelope_gain_max": largest_gain,
         })
     return rows

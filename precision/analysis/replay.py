@@ -9,11 +9,18 @@ x_in:
                                                                 reference's own output e_out
     input error       ‖x_in − e_in‖ / ‖e_in‖
     amplification     inherited / input error                   how the step grows the error it is handed
-    local R           ‖x_out − ref32(x_in)‖ / ‖ref16(x_in) − ref32(x_in)‖
-                      how far the step is from FP32 truth, relative to the reference's own BF16 rounding
-    local gain        <x_out − ref16, u> / <u, u> with u = ref16(x_in) − x_in, the step's update: a systematic
-                      error along what the layer computes (a scaled weight, a wrong constant) shows as a gain;
-                      rounding noise, uncorrelated with the update, does not
+    local R           ‖x_out − ref32(x_in)‖ / max(‖ref16(x_in) − ref32(x_in)‖, f ‖ref32(x_in)‖)
+                      how far the step is from FP32 truth, relative to the reference's own BF16 rounding, with
+                      f = theory.rounding_floor (one rounding, u/sqrt(3)): where the reference's replay happens
+                      to be (nearly) exact, a target off by one rounding would otherwise get an unbounded R
+    local gain        <x_out − ref16, u> / <u, u> with u = ref16(x_in) − x_in, the update of a decoder layer: a
+                      systematic error along what the layer computes (a scaled weight, a wrong constant) shows as
+                      a gain; rounding noise, uncorrelated with the update, does not. Decoder layers only: the
+                      final norm's output minus its input is no update (it rescales), and the lm_head's has
+                      another shape
+    rounding gain     |<ref16 − ref32, u>| / <u, u>: the gain the reference's own BF16 rounding shows against FP32
+                      (decoder layers); a target off by rounding alone can show about this much
+    rounding floor    f above, recorded with each step (the envelope ratios use it too, see envelope.py)
 Replaying the reference capture itself must give local error 0 (checked by the tests): the replay is exact.
 Needs captures of every position and every layer (attention needs the whole sequence).
 """
@@ -26,6 +33,7 @@ from dataclasses import dataclass
 
 
 from precision.analysis.compare import ratio
+from precision.analysis.theory import rounding_floor
 from precision.capture import sites as site_names
 from precision.capture.reader import CaptureReader
 from precision.metrics.tensor import _dot, ulp_histogram
@@ -59,6 +67,7 @@ class _Accumulator:
     local_den: float = 0.0
     truth_num: float = 0.0
     truth_den: float = 0.0
+    truth_norm: float = 0.0
     inherited_num: float = 0.0
     out_den: float = 0.0
     input_num: float = 0.0
@@ -66,28 +75,31 @@ class _Accumulator:
     ulp_weighted: dict | None = None
     elements: int = 0
     gain_num: float = 0.0
+    rounding_gain_num: float = 0.0
     update_den: float = 0.0
 
-    def add(self, x_in, x_out, r16, r32, e_in, e_out) -> None:
+    def add(self, x_in, x_out, r16, r32, e_in, e_out, *, has_update: bool) -> None:
         sq = lambda v: _dot(v.ravel(), v.ravel())  # noqa: E731
         self.local_num += sq(x_out - r16)
         self.local_den += sq(r16)
         self.truth_num += sq(x_out - r32)
         self.truth_den += sq(r16 - r32)
+        self.truth_norm += sq(r32)
         self.inherited_num += sq(r16 - e_out)
         self.out_den += sq(e_out)
         self.input_num += sq(x_in - e_in)
         self.input_den += sq(e_in)
-        if x_in.shape == r16.shape:  # decoder layers and the norm: the step's own update is r16 - x_in
+        if has_update:  # a decoder layer: its update is r16 - x_in (added to the residual stream)
             update = r16 - x_in
             self.gain_num += _dot((x_out - r16).ravel(), update.ravel())
+            self.rounding_gain_num += _dot((r16 - r32).ravel(), update.ravel())
             self.update_den += sq(update)
         shares = ulp_histogram(r16, x_out)
         n = x_out.size
         self.ulp_weighted = {k: (self.ulp_weighted or {}).get(k, 0.0) + v * n for k, v in shares.items()}
         self.elements += n
 
-    def result(self, step_in: str, step_out: str) -> dict:
+    def result(self, step_in: str, step_out: str, floor: float) -> dict:
         local = ratio(math.sqrt(self.local_num), math.sqrt(self.local_den))
         inherited = ratio(math.sqrt(self.inherited_num), math.sqrt(self.out_den))
         input_err = ratio(math.sqrt(self.input_num), math.sqrt(self.input_den))
@@ -98,10 +110,15 @@ class _Accumulator:
             "inherited": inherited,
             "input": input_err,
             "amplification": ratio(inherited, input_err) if input_err > 0 else None,
-            "local_R": ratio(math.sqrt(self.truth_num), math.sqrt(self.truth_den)),
+            "local_R": ratio(math.sqrt(self.truth_num), max(math.sqrt(self.truth_den), floor * math.sqrt(self.truth_norm))),
+            "rounding_floor": floor,
             # Least-squares gain of the local difference along the step's own update: a layer that computes
             # (1 + g) times its update has gain g; rounding noise has none (see the gain rule in verdict.py).
             "local_gain": self.gain_num / self.update_den if self.update_den > 0 else None,
+            # The same gain of the reference's own BF16 rounding against FP32: BF16 rounding of a layer's output
+            # is not free of correlation with its update, and a target in a wider dtype, close to FP32, shows
+            # this much gain against the reference with no fault at all.
+            "rounding_gain": abs(self.rounding_gain_num) / self.update_den if self.update_den > 0 else None,
             "local_ulp_shares": {k: v / self.elements for k, v in (self.ulp_weighted or {}).items()},
         }
 
@@ -118,6 +135,7 @@ class Replayer:
         self.low = load_hf_model(model_path, dtype_name, device)
         self.high = load_hf_model(model_path, "float32", device)
         self.dtype = getattr(torch, dtype_name)
+        self.floor = rounding_floor(dtype_name)
         self._done: dict[tuple[str, str], list[dict]] = {}
 
     def _step(self, model, step_out: str, x):
@@ -158,5 +176,6 @@ class Replayer:
                     r16 = self._step(self.low, step_out, x_in.to(self.dtype).unsqueeze(0))[0]
                     r32 = self._step(self.high, step_out, x_in.to(torch.float32).unsqueeze(0))[0]
                     pooled[step_out].add(f64(x_in), f64(xh.get_tensor(step_out)), f64(r16), f64(r32),
-                                         f64(eh.get_tensor(step_in)), f64(eh.get_tensor(step_out)))
-        return [pooled[out].result(step_in, out) for step_in, out in steps]
+                                         f64(eh.get_tensor(step_in)), f64(eh.get_tensor(step_out)),
+                                         has_update=site_names.layer_index(step_out) is not None)
+        return [pooled[out].result(step_in, out, self.floor) for step_in, out in steps]

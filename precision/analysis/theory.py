@@ -21,6 +21,14 @@ BF16_U = 2.0**-8
 FP32_U = 2.0**-24
 ONE_ROUNDING = BF16_U / math.sqrt(3.0)
 ROUNDINGS_PER_LAYER = 4
+UNIT_ROUNDOFF = {"bfloat16": BF16_U, "float16": 2.0**-11, "float32": FP32_U, "float64": 2.0**-53}
+
+
+def rounding_floor(dtype_name: str = "bfloat16") -> float:
+    """The relative RMS error of one rounding to ``dtype_name`` (u / sqrt(3), u its unit roundoff): the least a
+    step computed by another correct implementation may differ by, since each rounds its output once. Ratios of
+    local error and local R are taken against at least this, so a step off by one rounding never fails."""
+    return UNIT_ROUNDOFF.get(dtype_name, BF16_U) / math.sqrt(3.0)
 
 
 def theory_band(sites: list[str], *, hidden_size: int, intermediate_size: int | None, head_dim: int | None,
