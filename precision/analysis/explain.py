@@ -4,8 +4,13 @@ determinism and the first non-finite value. The result is the ``analysis`` secti
     analysis: {
       theory:      [{site, roundings, vs_truth_low/high, between_engines_low/high}]        precision.analysis.theory
       envelope:    {members, prompts, sites: [{site, target, members, max, ratio, percentile}]} | null
+      theory_source: "model config.json" | "capture manifest (...)": where the model's sizes came from
       local:       {available, reason, steps: [{site, input_site, local, inherited, input, amplification,
-                    local_R, local_gain, local_ulp_shares, envelope_local_max, local_ratio, envelope_gain_max}]}
+                    local_R, local_gain, rounding_gain, rounding_floor, local_ulp_shares, envelope_local_max,
+                    local_ratio, envelope_gain_max}]}
+The model directory recorded in the reference capture is needed only for the replay (and the theory band's
+intermediate and head sizes): on a machine without it (a capture pair copied off the NPU box) the replay is
+skipped with that reason, and the theory band uses the hidden size the manifest records.
       determinism: {runs, prompts, tokens_identical, tensors_identical, max_relative_l2} | null
       first_non_finite: {prompt, site, index, side} | null
     }
@@ -38,6 +43,20 @@ def first_non_finite(comparison: dict) -> dict | None:
     return None
 
 
+def _reductions(reference: CaptureReader, model_dir: Path) -> tuple[dict, str]:
+    """The theory band's sizes from the model's config.json, or from the manifest when the model is elsewhere."""
+    config_path = model_dir / "config.json"
+    if config_path.is_file():
+        try:
+            return model_reductions(json.loads(config_path.read_text())), "model config.json"
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("%s is unreadable (%s); the theory band uses the capture manifest's sizes", config_path, exc)
+    hidden = reference.manifest["model"]["hidden_size"]
+    return ({"hidden_size": hidden, "intermediate_size": None, "head_dim": None},
+            f"capture manifest (hidden size {hidden}; {model_dir} not found on this machine, so intermediate and head sizes "
+            "count as the hidden size)")
+
+
 def determinism(target: CaptureReader) -> dict | None:
     records = [r.determinism for r in target.prompts if r.determinism]
     if not records:
@@ -54,15 +73,19 @@ def determinism(target: CaptureReader) -> dict | None:
 def build_analysis(comparison: dict, *, reference: CaptureReader, target: CaptureReader,
                    members: dict[str, CaptureReader] | None = None, envelope_prompts: list[str] | None = None,
                    replayer: Replayer | None = None) -> dict:
-    config = json.loads((Path(reference.manifest["model"]["path"]) / "config.json").read_text())
+    model_dir = Path(reference.manifest["model"]["path"])
+    reductions, source = _reductions(reference, model_dir)
     longest = max(len(r.forced_ids) for r in reference.prompts)
     analysis: dict = {
-        "theory": theory_band([s["site"] for s in comparison["sites"]], **model_reductions(config), sequence_length=longest),
+        "theory": theory_band([s["site"] for s in comparison["sites"]], **reductions, sequence_length=longest),
+        "theory_source": source,
         "envelope": site_envelope(reference, members, comparison, envelope_prompts) if members and envelope_prompts else None,
         "determinism": determinism(target),
         "first_non_finite": first_non_finite(comparison),
     }
     reason = replayable(target) or replayable(reference) or (None if replayer is not None else "no replay was asked for")
+    if reason is None and not (model_dir / "config.json").is_file():
+        reason = f"replay skipped: model directory {model_dir} not found on this machine"
     if reason is None and analysis["first_non_finite"] is not None:
         reason = "the captures hold non-finite values; see first_non_finite"
     if reason is None:
