@@ -219,18 +219,24 @@ def _compare_logits(eh: TensorFile, ah: TensorFile, th: TensorFile | None, posit
 
 
 def pool_sites(prompts: list[dict]) -> list[dict]:
-    """Per-site figures pooled over prompts (weights: each prompt's elements and norms)."""
+    """Per-site figures pooled over prompts (weights: each prompt's elements and norms). max_abs and cosine_min
+    are NaN when any prompt's value is (``undefined_prompts`` counts those prompts); relative L2 is Inf when any
+    prompt's is not finite."""
     pooled: dict[str, dict] = {}
     for prompt in prompts:
         for entry in prompt["sites"]:
             m = entry["metrics"]
             acc = pooled.setdefault(entry["site"], {"site": entry["site"], "layer": entry["layer"], "e2": 0.0, "d2": 0.0, "max_abs": 0.0,
                                                     "cosine_min": 1.0, "ulp": dict.fromkeys(ULP_BUCKETS, 0.0), "n": 0,
-                                                    "t2": 0.0, "te2": 0.0, "ta2": 0.0, "has_truth": entry["truth"] is not None, "non_finite": 0})
+                                                    "t2": 0.0, "te2": 0.0, "ta2": 0.0, "has_truth": entry["truth"] is not None, "non_finite": 0,
+                                                    "undefined_prompts": 0})
             acc["e2"] += m["expected_l2"] ** 2
             acc["d2"] += (m["relative_l2"] * m["expected_l2"]) ** 2 if math.isfinite(m["relative_l2"]) else math.inf
-            acc["max_abs"] = max(acc["max_abs"], m["max_abs"]) if math.isfinite(m["max_abs"]) else acc["max_abs"]
-            acc["cosine_min"] = min(acc["cosine_min"], m["cosine"]) if math.isfinite(m["cosine"]) else acc["cosine_min"]
+            # NaN propagates: a prompt whose cosine or max |a-e| is undefined (an all-zero side, no finite element)
+            # makes the pooled value undefined, and undefined_prompts counts them, instead of pooling the others.
+            acc["max_abs"] = max(acc["max_abs"], m["max_abs"]) if not math.isnan(m["max_abs"]) else math.nan
+            acc["cosine_min"] = min(acc["cosine_min"], m["cosine"]) if not math.isnan(m["cosine"]) else math.nan
+            acc["undefined_prompts"] += math.isnan(m["max_abs"]) or math.isnan(m["cosine"])
             nf = m["non_finite"]
             acc["non_finite"] += nf["expected_nan"] + nf["expected_inf"] + nf["actual_nan"] + nf["actual_inf"]
             for bucket in ULP_BUCKETS:
@@ -253,6 +259,7 @@ def pool_sites(prompts: list[dict]) -> list[dict]:
             "cosine_min": acc["cosine_min"],
             "ulp_shares": {b: (v / acc["n"] if acc["n"] else math.nan) for b, v in acc["ulp"].items()},
             "non_finite": acc["non_finite"],
+            "undefined_prompts": acc["undefined_prompts"],
             "expected_vs_truth": None,
             "actual_vs_truth": None,
             "R": None,
