@@ -150,7 +150,8 @@ def _compare_prompt(expected: CaptureReader, actual: CaptureReader, truth: Captu
 def _stats_json(stats) -> dict:
     data = asdict(stats)
     nf = data.pop("non_finite")
-    nf["first_index"] = list(nf["first_index"]) if nf["first_index"] is not None else None
+    for key in [k for k in nf if k.endswith("first_index")]:  # [row, column] lists, as they read back from JSON
+        nf[key] = list(nf[key]) if nf[key] is not None else None
     data["non_finite"] = nf
     return data
 

@@ -236,7 +236,7 @@ def _non_finite_findings(prompt: dict) -> list[Finding]:
         target_bad, reference_bad = nf["actual_nan"] + nf["actual_inf"], nf["expected_nan"] + nf["expected_inf"]
         if "actual_only" in nf:
             if nf["actual_only"]:
-                target_fail.append((entry, f"{nf['actual_only']} target NaN/Inf value(s) where the reference is finite, "
+                target_fail.append((entry, f"{nf['actual_only']} NaN/Inf value(s) where the reference is finite, "
                                            f"first at [row, column] {nf.get('actual_only_first_index')}"))
             elif nf.get("mismatched"):
                 target_fail.append((entry, f"{nf['mismatched']} element(s) non-finite on both sides with different values "
@@ -244,7 +244,7 @@ def _non_finite_findings(prompt: dict) -> list[Finding]:
             elif reference_bad:
                 reference_only.append(entry)
         elif target_bad and (nf["actual_nan"] > nf["expected_nan"] or nf["actual_inf"] > nf["expected_inf"]):
-            target_fail.append((entry, f"{nf['actual_nan']} NaN and {nf['actual_inf']} Inf target values against "
+            target_fail.append((entry, f"{nf['actual_nan']} NaN and {nf['actual_inf']} Inf values against "
                                        f"{nf['expected_nan']} NaN and {nf['expected_inf']} Inf in the reference, first non-finite "
                                        f"at [row, column] {nf['first_index']}"))
         elif reference_bad:

@@ -110,13 +110,21 @@ def test_target_nan_fails_with_its_location():
     assert finding.status is Status.FAIL and finding.site == "layer.0" and "[3, 0]" in finding.message
 
 
-def test_real_flip_fails_near_tie_does_not():
+def test_local_gain_is_not_judged_at_the_final_norm():
+    """A comparison written before the replay knew better carries a gain at the norm: it is not an update."""
     doc = comparison()
-    doc["prompts"][0]["logits"]["flips"] = [{"position": 7, "expected_token": 5, "actual_token": 9, "expected_margin": 0.01, "logit_noise": 0.02, "near_tie": True}]
+    doc["analysis"]["local"]["steps"][1] = _step("final_norm", gain=-2.1e-3, env_gain=0.0)
     assert judge(doc).status is Status.PASS
-    doc["prompts"][0]["logits"]["flips"].append({"position": 9, "expected_token": 1, "actual_token": 2, "expected_margin": 3.0, "logit_noise": 0.02, "near_tie": False})
-    finding = rules(judge(doc))["real-flip"]
-    assert finding.status is Status.FAIL and "position 9" in finding.message
+    doc["analysis"]["local"]["steps"][1] = _step("layer.1", gain=-2.1e-3, env_gain=0.0)
+    assert rules(judge(doc))["local-gain"].site == "layer.1"
+
+
+def test_local_gain_within_the_references_own_rounding_gain_passes():
+    doc = comparison()
+    doc["analysis"]["local"]["steps"][0] = {**_step("layer.0", gain=1.9e-3, env_gain=0.0), "rounding_gain": 1.9e-3}
+    assert judge(doc).status is Status.PASS
+    doc["analysis"]["local"]["steps"][0]["local_gain"] = 8e-3  # beyond 4x the rounding gain
+    assert rules(judge(doc))["local-gain"].status is Status.FAIL
 
 
 def test_gross_error_fails_without_truth():
