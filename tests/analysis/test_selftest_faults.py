@@ -125,3 +125,82 @@ def test_runner_up_token_is_the_most_frequent_second_place(reference):
     most = max(counts.values())
     assert runner_up_token(reference) == min(t for t, c in counts.items() if c == most)
     assert most >= 2  # a token that is runner-up at several positions, so a bias on it can flip several
+
+
+# -- the verdicts, both ways, on the captures alone (no envelope, no replay) ----------------------------------
+
+def _verdict(expected, actual):
+    from precision.analysis.compare import compare_captures
+    from precision.analysis.verdict import judge
+
+    return judge(compare_captures(expected, actual))
+
+
+def _failing(verdict):
+    return [(f.rule, f.site) for p in verdict.prompts for f in p.findings if f.status.value == "FAIL"]
+
+
+def test_nan_against_a_reference_nan_elsewhere_fails_and_the_same_nan_does_not(stories, reference, tmp_path):
+    reference_nan = _planted(stories, reference, ("fault:nan:1:3:0",), tmp_path / "ref-nan")
+    elsewhere = _planted(stories, reference, ("fault:nan:1:3:1",), tmp_path / "nan-elsewhere")
+    same = _planted(stories, reference, ("fault:nan:1:3:0",), tmp_path / "nan-same")
+    caught = _verdict(reference_nan, elsewhere)
+    assert caught.status.value == "FAIL" and ("non-finite", "layer.1") in _failing(caught)
+    matched = _verdict(reference_nan, same)  # the target reproduces the reference's NaN: nothing to blame it for
+    assert matched.status.value != "FAIL", _failing(matched)
+    assert any(f.rule == "non-finite-ref" for p in matched.prompts for f in p.findings)
+
+
+def test_large_logit_bias_gives_real_flips_and_a_tiny_one_none(stories, reference, tmp_path):
+    token = runner_up_token(reference)
+    large = _verdict(reference, _planted(stories, reference, (f"fault:logit-bias:{token}:{BIAS!r}",), tmp_path / "large"))
+    assert ("real-flip", "logits") in _failing(large)
+    tiny = _verdict(reference, _planted(stories, reference, (f"fault:logit-bias:{token}:0.0625",), tmp_path / "tiny"))
+    assert not any(rule == "real-flip" for rule, _ in _failing(tiny))
+
+
+# -- selftest end to end --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def selftest(stories_path, short_prompts, tmp_path_factory):
+    from precision.selftest import run_selftest
+
+    results = run_selftest(short_prompts, tmp_path_factory.mktemp("selftest") / "st", model=stories_path, sweep=("logit bias",))
+    return {r.case.name: r for r in results}, results
+
+
+def test_selftest_logit_bias_fails_at_the_logits_with_real_flips(selftest):
+    by_name, _ = selftest
+    main = next(r for r in by_name.values() if r.case.real_flips)
+    assert main.case.variants[0].endswith(f":{BIAS!r}")
+    assert main.verdict.status.value == "FAIL" and main.named_site == "logits" and main.ok
+    assert main.real_flips > 0 and main.real_flips == main.flips
+    assert any(f.rule == "real-flip" and f.site == "logits" for p in main.verdict.prompts for f in p.findings)
+
+
+def test_selftest_nan_against_reference_nan_fails_naming_the_layer(selftest):
+    by_name, _ = selftest
+    case = by_name["NaN in layer 1 at position 3 against a reference NaN at another element"]
+    assert case.case.reference_variants == ("fault:nan:1:3:0",)
+    assert case.verdict.status.value == "FAIL" and case.named_site == "layer.1" and case.rule == "non-finite" and case.ok
+
+
+def test_selftest_reordering_still_passes_without_real_flips(selftest):
+    by_name, _ = selftest
+    case = by_name["reordered reduction"]
+    assert case.verdict.status.value == "PASS" and case.ok and case.real_flips == 0
+
+
+def test_selftest_bias_sweep_finds_the_smallest_bias_caught(selftest):
+    from precision.selftest import BIAS_SWEEP, all_as_expected, sensitivity
+
+    _, results = selftest
+    assert all_as_expected(results)
+    swept = [r for r in results if r.case.sweep == "logit bias"]
+    assert sorted(float(r.case.variants[0].rsplit(":", 1)[1]) for r in swept) == sorted(BIAS_SWEEP)
+    caught = [float(r.case.variants[0].rsplit(":", 1)[1]) for r in swept + [r for r in results if r.case.real_flips] if r.ok]
+    line = sensitivity(results)["logit bias"]
+    assert line.startswith(f"caught at the logits down to +{min(caught):g};"), line
+    # The sweep measures a boundary: the smallest bias tried is too small to flip or fail anything here.
+    smallest = min(swept, key=lambda r: float(r.case.variants[0].rsplit(":", 1)[1]))
+    assert not smallest.ok and smallest.real_flips == 0
