@@ -206,7 +206,7 @@ def _checks_paragraph(comparison: dict, verdict: Verdict, analysis: dict) -> str
                        + ", so local and inherited error are not separated")
     layers, total = captured_layers(comparison)
     if total is not None and layers != list(range(total)):
-        missing.append(f"only {layers_phrase(comparison)} were captured")
+        missing.append(f"captured only {layers_phrase(comparison)}")
     if missing:
         text += f" {NOT_MEASURED} " + "; ".join(missing) + "."
     return text + " `precision-check selftest` plants faults of these kinds and shows which checks catch them."

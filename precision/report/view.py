@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from precision.analysis.theory import BF16_U, ONE_ROUNDING, ROUNDINGS_PER_LAYER
+from precision.analysis.theory import BF16_U, FP32_U, ONE_ROUNDING, ROUNDINGS_PER_LAYER
 from precision.analysis.verdict import Status, Verdict
 from precision.report.explanation import NO_ENVELOPE, R_SAME_BAND, explain, layers_phrase, r_wording
 from precision.report.svg import Band, Series, bar_chart, line_chart
@@ -246,10 +246,11 @@ def _extra_step_columns(steps: list[dict]) -> list[str]:
 def _report_definitions(has_truth: bool) -> dict[str, str]:
     """Definitions of the words and bands the report itself uses, written from the constants they stand for."""
     text = {
-        "theory band": (f"Between two BF16 engines that round independently: from sqrt(2) x u/sqrt(3) (one rounding on each side; "
-                        f"u = {BF16_U:.3e}, u/sqrt(3) = {ONE_ROUNDING:.3e}) to sqrt(2) x sqrt(n) x u/sqrt(3) after n rounding points "
-                        f"({ROUNDINGS_PER_LAYER} per decoder layer, one more for the final norm, two for the logits), plus sqrt(K) x 2^-24 "
-                        "for FP32 accumulation over the longest reduction K; without amplification (precision/analysis/theory.py)."),
+        "theory band": (f"Between two BF16 engines that round independently: from sqrt(2) x (u/sqrt(3) + a) to sqrt(2) x sqrt(n) x "
+                        f"(u/sqrt(3) + a), with u = {BF16_U:.3e} (u/sqrt(3) = {ONE_ROUNDING:.3e}, one rounding in RMS), a = sqrt(K) x "
+                        f"{FP32_U:.3e} for FP32 accumulation over the longest reduction K, and n the rounding points up to the site "
+                        f"(1 at the embedding, {ROUNDINGS_PER_LAYER} per decoder layer, one more at the final norm, two more at the "
+                        "logits); amplification is not modelled (precision/analysis/theory.py)."),
     }
     if has_truth:
         text["R wording"] = (f"R within 1 ± {R_SAME_BAND} is reported as 'about as accurate as the reference'; below that band the target is "
