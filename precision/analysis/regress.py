@@ -199,6 +199,8 @@ def _extract(comparison: dict) -> tuple[dict[RowKey, dict], list[str], dict]:
         at = f"analysis.local.steps[{index}]"
         step = _mapping(step, at)
         site = step.get("site")
+        if not isinstance(site, str):
+            raise _Malformed(f"{at}.site is {site!r}")
         local_error = _number(step.get("local"), f"{at}.local")
         local_r = _number(step.get("local_R"), f"{at}.local_R")
         gain = _number(step.get("local_gain"), f"{at}.local_gain")
