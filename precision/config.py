@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import fields
 from typing import TypeVar
 
@@ -17,7 +18,14 @@ def from_mapping(cls: type[T], values: dict, table: str) -> T:
     unknown = set(values) - known
     if unknown:
         raise PrecisionError(f"unknown {table} setting(s) {sorted(unknown)}; known: {sorted(known)}")
-    try:
-        return cls(**{k: float(v) for k, v in values.items()})
-    except (TypeError, ValueError) as exc:
-        raise PrecisionError(f"{table} settings must be numbers: {exc}") from exc
+    numbers = {}
+    for name, value in values.items():
+        try:
+            number = float(value) if not isinstance(value, bool) else math.nan
+        except (TypeError, ValueError):
+            number = math.nan
+        # NaN compares false with everything: a NaN limit would switch its rule off without a word.
+        if not math.isfinite(number) or number < 0:
+            raise PrecisionError(f"{table} {name}={value!r}: must be a finite number >= 0")
+        numbers[name] = number
+    return cls(**numbers)

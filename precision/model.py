@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,16 +40,54 @@ class ModelInfo:
 
 
 def _read_json(path: Path) -> dict:
+    if not path.is_file() or not stat.S_ISREG(path.stat().st_mode):
+        raise ModelError(f"{path} is not a regular file; the model directory needs a valid config.json")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ModelError(f"cannot read {path}: {exc}; the model directory needs a valid config.json") from exc
+    if not isinstance(data, dict):
+        raise ModelError(f"{path} is not a JSON object; the model directory needs a valid config.json")
+    return data
 
 
 def _as_id_list(value) -> list[int]:
     if value is None:
         return []
     return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+
+
+def _tensor_shapes(weights: list[Path]) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes from the safetensors headers (no tensor data is read)."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for weight in weights:
+        try:
+            with safe_open(str(weight), framework="numpy") as handle:
+                for name in handle.keys():
+                    shapes[name] = tuple(handle.get_slice(name).get_shape())
+        except Exception as exc:  # safetensors raises its own error type for a damaged header
+            raise ModelError(f"{weight} is not a readable safetensors file ({exc}); replace it with an intact copy of the checkpoint") from exc
+    return shapes
+
+
+def _check_weights_match_config(weights: list[Path], config: dict, num_layers: int, hidden: int, vocab: int) -> None:
+    """config.json must describe the weights beside it: a mismatch would make transformers allocate what the
+    config says (once 131 GB for a 260K-parameter checkpoint) before failing."""
+    shapes = _tensor_shapes(weights)
+    expected = {"model.embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden)}
+    intermediate = config.get("intermediate_size")
+    if isinstance(intermediate, int):
+        expected["model.layers.0.mlp.down_proj.weight"] = (hidden, intermediate)
+    for name, shape in expected.items():
+        if name in shapes and shapes[name] != shape:
+            raise ModelError(f"config.json does not match the weights: {name} is {list(shapes[name])}, the config implies {list(shape)}; "
+                             "use the config.json that came with these weights")
+    layers = {int(name.split(".")[2]) for name in shapes if name.startswith("model.layers.") and name.split(".")[2].isdigit()}
+    if layers and layers != set(range(num_layers)):
+        raise ModelError(f"config.json says num_hidden_layers={num_layers}, the weights hold decoder layers {min(layers)}..{max(layers)} "
+                         f"({len(layers)} of them); use the config.json that came with these weights")
 
 
 def inspect_model(path: str | Path, *, hash_weights: bool = True) -> ModelInfo:
@@ -67,6 +106,9 @@ def inspect_model(path: str | Path, *, hash_weights: bool = True) -> ModelInfo:
     if not any(str(a).endswith("ForCausalLM") for a in architectures):
         raise ModelError(f"{config_path}: architectures {architectures} name no *ForCausalLM; precision-check compares causal language models")
     weights = sorted(model_dir.glob("*.safetensors"))
+    for weight in weights:
+        if not weight.is_file() or not stat.S_ISREG(weight.stat().st_mode):
+            raise ModelError(f"{weight} is not a regular file (a directory, device or dangling link); a model directory holds *.safetensors files")
     if not weights:
         pickled = sorted(p.name for p in model_dir.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
         hint = f" (found {pickled}: pickle checkpoints are never loaded; convert them to safetensors)" if pickled else ""
@@ -78,6 +120,9 @@ def inspect_model(path: str | Path, *, hash_weights: bool = True) -> ModelInfo:
         vocab = int(text_config["vocab_size"])
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelError(f"{config_path}: missing or invalid {exc}; need num_hidden_layers, hidden_size, vocab_size") from exc
+    if min(num_layers, hidden, vocab) <= 0:
+        raise ModelError(f"{config_path}: num_hidden_layers, hidden_size and vocab_size must be positive")
+    _check_weights_match_config(weights, text_config, num_layers, hidden, vocab)
     max_positions = int(text_config.get("max_position_embeddings") or 0)
     if max_positions <= 0:
         raise ModelError(f"{config_path}: max_position_embeddings is missing; precision-check needs the model's context length")

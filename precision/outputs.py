@@ -175,6 +175,8 @@ def claim_output_dir(out: Path | str, kind: str, *, force: bool = False, resume:
     if out.is_dir() and read_marker(out) is None and _foreign_entries(out):
         raise PrecisionError(f"{out} holds files precision-check did not create ({_describe_entries(_foreign_entries(out))}); "
                              "it is never overwritten, resumed or cleared: choose a new or empty --out directory")
+    if out.is_dir() and read_marker(out) is not None:
+        _refuse_foreign_contents(out)  # before the lock file is made: a forged marker must not earn a write
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -201,6 +203,19 @@ def claim_output_dir(out: Path | str, kind: str, *, force: bool = False, resume:
     return OutputDir(out, kind, resumed, fd)
 
 
+def claim_for_update(out: Path | str, kinds: tuple[str, ...], *, new_kind: str, inputs: Iterable[Path | str | None] = ()) -> OutputDir:
+    """Lock ``out`` to add or refresh derived files (a report, a regression) in a result directory of one of
+    ``kinds``; a new or empty directory is created as ``new_kind``; anything else is refused."""
+    out = Path(out)
+    check_output_path(out, inputs)
+    marker = read_marker(out) if out.is_dir() else None
+    if marker is None:
+        return claim_output_dir(out, new_kind, complete_marker="summary.json", inputs=inputs)
+    if marker["kind"] not in kinds:
+        raise PrecisionError(f"{out} holds a precision-check {marker['kind']} result; write into a run or comparison directory, or a new --out")
+    return OutputDir(out, marker["kind"], True, _acquire_lock(out))
+
+
 def _now() -> str:
     from precision.environment import utc_now
 
@@ -217,6 +232,7 @@ def _settle_existing(out: Path, kind: str, *, force: bool, resume: bool, complet
         raise PrecisionError(f"{out} holds files precision-check did not create ({_describe_entries(entries)}); choose a new or empty --out directory")
     if marker["kind"] != kind:
         raise PrecisionError(f"{out} holds a precision-check {marker['kind']} result, not a {kind}; choose another --out")
+    _refuse_foreign_contents(out)
     complete = (out / complete_marker).exists()
     if force:
         remove_owned_contents(out)
@@ -255,9 +271,9 @@ def _removal_plan(path: Path, kind: str, marker: dict | None, plan: list[Path], 
             foreign.append(str(entry))
 
 
-def remove_owned_contents(path: Path) -> None:
-    """Remove what precision-check wrote in the marked directory ``path`` (its own lock file aside), after
-    checking the whole tree: if anything there is not known to be the tool's, nothing is removed."""
+def _refuse_foreign_contents(path: Path) -> list[Path]:
+    """What the marked directory ``path`` holds that its kind writes (children before their directory); refuses,
+    naming them, when anything there is not known to be the tool's."""
     marker = read_marker(path)
     if marker is None:
         raise PrecisionError(f"{path} has no precision-check marker; it is not cleared")
@@ -265,9 +281,15 @@ def remove_owned_contents(path: Path) -> None:
     foreign: list[str] = []
     _removal_plan(path, marker["kind"], marker, plan, foreign)
     if foreign:
-        raise PrecisionError(f"{path} is a precision-check {marker['kind']} directory but also holds files it did not write "
-                             f"({_describe_entries(foreign)}); nothing was removed: move those away or choose another --out")
-    for entry in plan:  # children before their parents: the plan lists a directory after its contents
+        raise PrecisionError(f"{path} is marked as a precision-check {marker['kind']} directory but also holds files it did not write "
+                             f"({_describe_entries(foreign)}); nothing there is changed: move those away or choose another --out")
+    return plan
+
+
+def remove_owned_contents(path: Path) -> None:
+    """Remove what precision-check wrote in the marked directory ``path`` (its own lock file aside), after
+    checking the whole tree: if anything there is not known to be the tool's, nothing is removed."""
+    for entry in _refuse_foreign_contents(path):  # children before their parents: the plan lists a directory after its contents
         if entry == path / LOCK:
             continue
         if entry.is_dir() and not entry.is_symlink():

@@ -18,6 +18,7 @@ Token ids are computed once, with the reference tokenizer, and fed unchanged to 
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,10 +75,13 @@ def load_prompts(path: str | Path) -> list[Prompt]:
     if not path.exists():
         raise PromptFileError(f"prompt path {path} does not exist; pass a .jsonl file or a directory of them (e.g. golden/)")
     if path.is_dir():
-        files = sorted(p for p in path.glob("*.jsonl") if p.is_file())
+        files = sorted(path.glob("*.jsonl"))
+        for file in files:
+            _require_regular_file(file)
         if not files:
             raise PromptFileError(f"prompt directory {path} holds no *.jsonl file; add one (see golden/README.md for the schema)")
     else:
+        _require_regular_file(path)
         files = [path]
     prompts: list[Prompt] = []
     seen: dict[str, str] = {}
@@ -90,6 +94,14 @@ def load_prompts(path: str | Path) -> list[Prompt]:
     if not prompts:
         raise PromptFileError(f"no prompts found in {path}; each line of a .jsonl file must hold one prompt object")
     return prompts
+
+
+def _require_regular_file(file: Path) -> None:
+    """A FIFO or device would block or never end; a dangling link would be skipped without a word."""
+    if file.is_symlink() and not file.exists():
+        raise PromptFileError(f"prompt file {file} is a symbolic link to nothing ({os.readlink(file)}); fix or remove the link")
+    if not file.is_file():
+        raise PromptFileError(f"prompt path {file} is not a regular file (a FIFO, device or directory); pass a .jsonl file or a directory of them")
 
 
 def _load_file(file: Path) -> list[Prompt]:
@@ -196,7 +208,11 @@ def tokenize_prompts(prompts: list[Prompt], tokenizer: Any, *, default_max_new_t
     for prompt in prompts:
         if prompt.is_chat and has_template:
             conversation = [{"role": m.role, "content": m.content} for m in prompt.messages]
-            text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+            try:
+                text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+            except Exception as exc:  # jinja2's sandbox and template errors; the template is the model's, not ours
+                raise PromptFileError(f"{prompt.source}: the model's chat template failed on prompt {prompt.id!r} "
+                                      f"({type(exc).__name__}: {str(exc)[:120]}); fix the template in tokenizer_config.json or use a 'text' prompt") from exc
             # The template writes its own special tokens (BOS included), so none are added again.
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             rendering = "chat-template"

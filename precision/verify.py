@@ -62,7 +62,43 @@ def _json_roundtrip(data: Any) -> Any:
     return _restore_non_finite(json.loads(json.dumps(_json_safe(data), allow_nan=False)))
 
 
+def _store_of(run: dict) -> Path | None:
+    from precision.golden import is_store, verify_store
+
+    reference = run.get("reference")
+    if not isinstance(reference, str) or not is_store(reference):
+        return None
+    problems = verify_store(reference)
+    if problems:
+        raise PrecisionError(f"the golden store {reference} this run used does not match its hashes: {problems[0]}")
+    return Path(reference)
+
+
+def _model_problems(reference: CaptureReader) -> list[str]:
+    """The replay is recomputed from the reference model: it must be the model the run used, checked by the
+    weight hashes the capture recorded (not by the comparison's numbers)."""
+    from precision.model import inspect_model
+
+    recorded = reference.manifest["model"]
+    path = Path(str(recorded.get("path")))
+    if not path.is_dir():
+        return [f"the reference model {path} is not on this machine: the layer replay cannot be recomputed (verify where the model is)"]
+    current = inspect_model(path)
+    if current.config_sha256 != recorded.get("config_sha256") or current.weights_sha256 != recorded.get("weights_sha256"):
+        return [f"the model at {path} changed since the run (config or weight sha256 differ from the capture's record): the replay cannot be verified against it"]
+    return []
+
+
 def verify_run(run_dir: str | Path) -> list[str]:
+    """The problems found in ``run_dir`` (see the module docstring); an empty list means it verifies."""
+    try:
+        return _verify_run(Path(run_dir))
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise PrecisionError(f"{run_dir} holds a damaged comparison.json, summary.json or run.json (missing or malformed {exc}); "
+                             "it cannot be verified: rerun 'precision-check run'") from exc
+
+
+def _verify_run(run_dir: Path) -> list[str]:
     from precision.analysis.compare import compare_captures
     from precision.analysis.explain import build_analysis
     from precision.analysis.replay import Replayer
@@ -75,13 +111,19 @@ def verify_run(run_dir: str | Path) -> list[str]:
     run = _load_json(run_dir / "run.json") if (run_dir / "run.json").is_file() else {}
     problems: list[str] = []
     readers: dict[str, CaptureReader | None] = {}
+    store = _store_of(run)
     for role, folder in _ROLES.items():
         if stored.get(role) is None:
             readers[role] = None
             continue
         local = run_dir / "captures" / folder
-        # A run against a golden store keeps its reference and truth in the store: follow the recorded path.
-        reader = CaptureReader(local if local.is_dir() else stored[role]["path"])
+        if store is not None and role != "actual":
+            # A run against a golden store keeps its reference and truth in the store (verified by its hashes).
+            local = store / "captures" / folder
+        if not local.is_dir():
+            problems.append(f"{local} is missing: the comparison cannot be recomputed without the capture it was made from")
+            continue
+        reader = CaptureReader(local)
         digest = reader.manifest_sha256()
         if digest != stored[role]["manifest_sha256"]:
             problems.append(f"captures/{folder}/manifest.json (sha256 {digest[:12]}…) is not the manifest the comparison was made from ({stored[role]['manifest_sha256'][:12]}…)")
@@ -93,10 +135,17 @@ def verify_run(run_dir: str | Path) -> list[str]:
         readers[role] = reader
     if problems:
         return problems
+    if bool((stored.get("analysis") or {}).get("local", {}).get("available")):
+        problems += _model_problems(readers["expected"])
+        if problems:
+            return problems
     members = {}
     envelope = (stored.get("analysis") or {}).get("envelope")
     for name in (envelope or {}).get("members", []):
-        members[name] = CaptureReader(readers["expected"].path.parent / "envelope" / name)
+        folder = readers["expected"].path.parent / "envelope" / name
+        if not folder.is_dir():
+            return [f"{folder} is missing: the envelope cannot be recomputed"]
+        members[name] = CaptureReader(folder)
     fresh = compare_captures(readers["expected"], readers["actual"], truth=readers["truth"])
     replay = bool((stored.get("analysis") or {}).get("local", {}).get("available"))
     if "analysis" in stored:

@@ -77,6 +77,11 @@ class Backend(abc.ABC):
         if self._entered == 0:
             self.deactivate()
 
+    def validate(self) -> None:
+        """Check the settings without loading anything (run before any model loads); engines override it."""
+        if self.options.engine_args:
+            raise BackendError(f"engine arguments {sorted(self.options.engine_args)} apply to the vLLM backend; {self.spec} has no engine to pass them to")
+
     @property
     def is_active(self) -> bool:
         return self._active

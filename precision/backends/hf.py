@@ -37,13 +37,20 @@ def load_hf_model(path: str, dtype_name: str, device, *, trust_remote_code: bool
     dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     try:
         model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, use_safetensors=True, **{dtype_kw: dtype})
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RuntimeError) as exc:  # safetensors' own errors derive from these
         raise ModelError(f"transformers cannot load the model at {path}: {exc}") from exc
     return model.to(device).eval()
 
 
 class TransformersBackend(Backend):
     name = "hf"
+
+    def validate(self) -> None:
+        super().validate()
+        from precision.backends.variants import parse_variant
+
+        for text in self.options.variants:
+            parse_variant(text)
 
     def _activate_impl(self) -> None:
         self._device = resolve_device(self.spec.device)

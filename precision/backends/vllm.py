@@ -14,6 +14,7 @@ one eager forward step; the backend sets them and refuses user options that woul
 
 from __future__ import annotations
 
+import difflib
 import gc
 import logging
 import os
@@ -51,8 +52,36 @@ def _shield_llvmlite_from_kernel_scan() -> None:
         table.setdefault("__dict__", {})
 
 
+def _positive_int(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BackendError(f"engine setting {key}={value!r} must be a positive integer, e.g. --engine-arg {key}=2048")
+    return value
+
+
+def _check_known_engine_args(user: dict[str, Any]) -> None:
+    """Refuse names vLLM's engine does not know, before anything starts (vLLM would fail minutes later, after
+    the CPU side was captured). Without vLLM installed there is nothing to check against."""
+    try:
+        from dataclasses import fields
+
+        from vllm.engine.arg_utils import EngineArgs
+    except ImportError:
+        return
+    known = {f.name for f in fields(EngineArgs)}
+    unknown = sorted(set(user) - known)
+    if unknown:
+        close = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
+        hints = "; ".join(f"{k!r}" + (f" (did you mean {c[0]!r}?)" if c else "") for k, c in close.items())
+        raise BackendError(f"unknown vLLM engine setting(s): {hints}; see vLLM's EngineArgs for the names")
+
+
 class VllmBackend(Backend):
     name = "vllm"
+
+    def validate(self) -> None:
+        """Check the engine settings without starting the engine."""
+        if self.options.engine_args or self.options.variants:
+            self.engine_kwargs()
 
     # -- settings ---------------------------------------------------------------------------------------------
     def engine_kwargs(self) -> dict[str, Any]:
@@ -68,8 +97,9 @@ class VllmBackend(Backend):
         owned = [k for k in _OWNED if k in user]
         if owned:
             raise BackendError(f"engine setting(s) {owned} are set by precision-check itself; use --model instead")
-        max_len = int(user.pop("max_model_len", self.options.max_model_len or self.model.max_position_embeddings))
-        batched = int(user.pop("max_num_batched_tokens", max_len))
+        _check_known_engine_args(user)
+        max_len = _positive_int(user.pop("max_model_len", self.options.max_model_len or self.model.max_position_embeddings), "max_model_len")
+        batched = _positive_int(user.pop("max_num_batched_tokens", max_len), "max_num_batched_tokens")
         if batched < max_len:
             raise BackendError(
                 f"max_num_batched_tokens={batched} is below max_model_len={max_len}: a long prompt would be split over "

@@ -1,6 +1,7 @@
 """Command line: argument parsing and exit codes only; the work is done by the importable API.
 
-Exit codes: 0 pass (or warn), 1 a verdict failed, 2 bad input or configuration.
+Exit codes: 0 pass (or warn), 1 a verdict or regression failed, 2 bad input or configuration (one line naming
+the problem and the fix), 3 an internal error (one line; the traceback is saved to a file the line names).
 Nothing here imports torch or vLLM at module level, so ``precision-check --help`` stays fast.
 """
 
@@ -9,14 +10,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import re
 import shlex
 import sys
+import tempfile
+import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
 from precision.errors import PrecisionError
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+_BARE_WORD = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:/+-]*$")
 log = logging.getLogger("precision")
 
 
@@ -35,12 +41,19 @@ def _engine_args(pairs: list[str], additional_config: str | None) -> dict:
         try:
             args[key.strip()] = json.loads(value)
         except json.JSONDecodeError:
+            # A bare word (bfloat16, fp8, auto) is a string; anything else that is not JSON is a typo that
+            # vLLM would only reject after the whole CPU side was captured (max_model_len=2O48).
+            if not _BARE_WORD.match(value):
+                raise PrecisionError(f"--engine-arg {pair!r}: {value!r} is neither JSON nor a plain word; write numbers as numbers "
+                                     f"(max_model_len=2048) and other strings in JSON quotes ({key.strip()}='\"...\"')") from None
             args[key.strip()] = value
     if additional_config:
         try:
             args["additional_config"] = json.loads(additional_config)
-        except json.JSONDecodeError as exc:
-            raise PrecisionError(f"--additional-config is not valid JSON ({exc.msg}); pass an object like '{{\"ascend_scheduler_config\": {{}}}}'") from exc
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise PrecisionError(f"--additional-config is not valid JSON ({exc}); pass an object like '{{\"ascend_scheduler_config\": {{}}}}'") from exc
+        if not isinstance(args["additional_config"], dict):
+            raise PrecisionError("--additional-config must be a JSON object, like '{\"ascend_scheduler_config\": {}}'")
     return args
 
 
@@ -147,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--layer", type=int, required=True)
     p.add_argument("--factor", type=float, required=True, help="e.g. 1.01")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="a new directory for the faulty copy (never the model directory)")
+    p.add_argument("--force", action="store_true", help="replace a faulty copy this command wrote before")
 
     p = sub.add_parser("verify", help="recompute a run's comparison and verdict from its captures and check every hash")
     p.add_argument("run_dir", help="the --out directory of 'precision-check run'")
@@ -209,30 +223,47 @@ def _capture(args) -> int:
     from precision.planning import plan_from_prompts
 
     spec = parse_spec(args.backend)
+    _check_count(args.max_new_tokens, "--max-new-tokens", upper=4096)
     model = resolve_model(Path(args.model) if args.model else None)
+    options = BackendOptions(trust_remote_code=args.trust_remote_code, engine_args=_engine_args(args.engine_arg, args.additional_config))
+    backend = create_backend(spec, model, options)
+    backend.validate()
     if args.teacher_forcing:
         plan = CapturePlan.following(CaptureReader(args.teacher_forcing))
     elif args.prompts:
         plan = plan_from_prompts(args.prompts, model, max_new_tokens=args.max_new_tokens, trust_remote_code=args.trust_remote_code)
     else:
         raise PrecisionError("capture needs --prompts (for a reference) or --teacher-forcing REFERENCE_CAPTURE (for a target)")
-    options = BackendOptions(trust_remote_code=args.trust_remote_code, engine_args=_engine_args(args.engine_arg, args.additional_config))
-    reader = capture(create_backend(spec, model, options), plan, Path(args.out), selection=_selection(args), resume=args.resume, force=args.force)
+    reader = capture(backend, plan, Path(args.out), selection=_selection(args), resume=args.resume, force=args.force)
     print(f"captured {len(reader.prompts)} prompts with {spec} into {reader.path}")
     return EXIT_OK
 
 
 def _compare(args) -> int:
+    from precision.capture.reader import CaptureReader
+    from precision.outputs import claim_output_dir
+
+    expected, actual = CaptureReader(args.expected), CaptureReader(args.actual)
+    truth = CaptureReader(args.truth) if args.truth else None
+    if args.envelope_dir and not Path(args.envelope_dir).is_dir():
+        raise PrecisionError(f"--envelope-dir {args.envelope_dir} is not a directory; pass captures/envelope of a run or a golden store")
+    model_path = expected.manifest["model"].get("path")
+    if args.replay and not (model_path and Path(model_path).is_dir()):
+        raise PrecisionError(f"--replay needs the reference model at {model_path}, which is not on this machine; compare without --replay "
+                             "(the report then says the replay was skipped), or run where the model is")
+    out = Path(args.out)
+    inputs = [args.expected, args.actual, args.truth, args.envelope_dir]
+    with claim_output_dir(out, "comparison", force=args.force, complete_marker="comparison.json", inputs=inputs, can_resume=False):
+        return _compare_into(args, out, expected, actual, truth)
+
+
+def _compare_into(args, out: Path, expected, actual, truth) -> int:
     from precision.analysis.compare import compare_captures
     from precision.analysis.explain import build_analysis
     from precision.analysis.replay import Replayer
     from precision.capture.reader import CaptureReader
-    from precision.io import prepare_output_dir, write_json_atomic
+    from precision.io import write_json_atomic
 
-    expected, actual = CaptureReader(args.expected), CaptureReader(args.actual)
-    truth = CaptureReader(args.truth) if args.truth else None
-    out = Path(args.out)
-    prepare_output_dir(out, force=args.force, complete_marker="comparison.json")
     comparison = compare_captures(expected, actual, truth=truth, show_progress=not args.quiet)
     members, envelope_ids = {}, None
     if args.envelope_dir:
@@ -249,20 +280,27 @@ def _compare(args) -> int:
 def _report(args) -> int:
     from precision.analysis.verdict import judge
     from precision.io import read_result_json
+    from precision.outputs import claim_for_update
     from precision.report import write_report
 
     path = Path(args.comparison)
     path = path / "comparison.json" if path.is_dir() else path
     try:
         comparison = read_result_json(path)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise PrecisionError(f"cannot read comparison {path}: {exc}; pass the comparison.json written by 'precision-check compare'") from exc
     if not isinstance(comparison, dict) or comparison.get("format") != "precision-check-comparison":
         raise PrecisionError(f"{path} is not a precision-check comparison.json")
+    thresholds = _thresholds(args.config, args.threshold)
     out = Path(args.out) if args.out else path.parent
-    out.mkdir(parents=True, exist_ok=True)
-    verdict = judge(comparison, _thresholds(args.config, args.threshold))
-    return _finish(verdict, write_report(out, comparison, verdict, command=args.command_line))
+    with claim_for_update(out, ("run", "comparison", "selftest-case"), new_kind="comparison"):
+        try:
+            verdict = judge(comparison, thresholds)
+            files = write_report(out, comparison, verdict, command=args.command_line)
+        except (KeyError, TypeError, AttributeError, IndexError) as exc:
+            raise PrecisionError(f"{path} is damaged or of another version (missing or malformed {exc}); "
+                                 "recreate it with 'precision-check compare'") from exc
+    return _finish(verdict, files)
 
 
 def _selftest(args) -> int:
@@ -308,15 +346,16 @@ def _regress(args) -> int:
 
     from precision.analysis.regress import RegressTolerance, regress
     from precision.io import write_json_atomic, write_text_atomic
+    from precision.outputs import claim_for_update
     from precision.report import TEMPLATE_DIR
 
     tolerance = RegressTolerance.from_mapping({**_config_table(args.config, "regress"), **_overrides(args.tolerance, "--tolerance")})
     result = regress(Path(args.baseline), Path(args.candidate), tolerance)
     out = Path(args.out) if args.out else Path(args.candidate)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "regression.json", result)
-    template = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)), trim_blocks=True, lstrip_blocks=True).get_template("regression.md.j2")
-    write_text_atomic(out / "regression.md", template.render(r=result))
+    with claim_for_update(out, ("run", "comparison"), new_kind="comparison"):
+        write_json_atomic(out / "regression.json", result)
+        template = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)), trim_blocks=True, lstrip_blocks=True).get_template("regression.md.j2")
+        write_text_atomic(out / "regression.md", template.render(r=result))
     if args.junit:
         from precision.environment import utc_now
         from precision.report.junit import write_junit
@@ -331,7 +370,7 @@ def _plant_fault(args) -> int:
     from precision.faults import write_scaled_checkpoint
     from precision.model import inspect_model
 
-    path = write_scaled_checkpoint(inspect_model(args.model), Path(args.out), layer=args.layer, factor=args.factor)
+    path = write_scaled_checkpoint(inspect_model(args.model), Path(args.out), layer=args.layer, factor=args.factor, force=args.force)
     print(f"wrote {path}: layer {args.layer} down_proj weight x {args.factor}")
     return EXIT_OK
 
@@ -370,5 +409,30 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _COMMANDS[args.command](args)
     except PrecisionError as exc:
-        print(f"precision-check: error: {exc}", file=sys.stderr)
+        print(f"precision-check: error: {_one_line(str(exc))}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("precision-check: interrupted; an unfinished capture continues with --resume", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug, not a verdict: exit 3 so that CI never reads it as "the build is wrong"
+        saved = _save_traceback(args.command_line)
+        print(f"precision-check: internal error ({type(exc).__name__}: {_one_line(str(exc))[:300]}); this is a bug in precision-check, "
+              f"not a verdict; the traceback is in {saved}: please report it", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _save_traceback(command_line: str) -> str:
+    handle = tempfile.NamedTemporaryFile("w", prefix="precision-check-crash-", suffix=".txt", delete=False, encoding="utf-8")
+    with handle:
+        handle.write(f"{command_line}\n\n{traceback.format_exc()}")
+    return handle.name
+
+
+def _check_count(value: int, flag: str, *, lower: int = 1, upper: int | None = None) -> None:
+    if value < lower or (upper is not None and value > upper):
+        bounds = f"between {lower} and {upper}" if upper is not None else f"at least {lower}"
+        raise PrecisionError(f"{flag} {value}: must be {bounds}")
