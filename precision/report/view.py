@@ -309,7 +309,7 @@ def _flip_columns(prompts: list[dict]) -> list[str]:
     for p in prompts:
         for f in p["flips"]:
             extra += [k for k in f if k not in fixed and k not in extra]
-    return extra
+    return sorted(extra, key=lambda k: k != "bound")  # the near-tie bound beside the margin it is compared with
 
 
 def _conclusion(verdict: Verdict, logits_site: dict | None, prompts: list[dict], has_truth: bool, analysis: dict) -> str:

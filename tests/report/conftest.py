@@ -57,3 +57,21 @@ def fp16_subset_run(stories_path, tmp_path_factory):
              for i, c, p in zip(HOSTILE_SUMMARY_IDS, HOSTILE_SUMMARY_CATEGORIES, SHORT_PROMPTS)]
     prompts = write_prompts(base / "hostile.jsonl", lines)
     return _fp16_run(model, prompts, base / "run", "--envelope", "none", "--layers", "0,2", "--truth", "none", "--repeats", "1")
+
+
+@pytest.fixture(scope="package")
+def nan_fault_run(stories_path, short_prompts, tmp_path_factory):
+    """A target with a NaN planted in layer 1 at position 3 (precision.backends.variants), bare otherwise."""
+    return _bare_fault_run(stories_path, short_prompts, tmp_path_factory.mktemp("nan") / "run", "fault:nan:1:3")
+
+
+@pytest.fixture(scope="package")
+def logit_bias_run(stories_path, short_prompts, tmp_path_factory):
+    """A target whose lm_head adds 30 to token 400's logit: every position flips to it (real flips)."""
+    return _bare_fault_run(stories_path, short_prompts, tmp_path_factory.mktemp("bias") / "run", "fault:logit-bias:400:30")
+
+
+def _bare_fault_run(model, prompts, out, variant: str):
+    assert main(["-q", "run", "--prompts", str(prompts), "--model", str(model), "--target", "hf:cpu:bf16", "--target-variant", variant,
+                 "--truth", "none", "--envelope", "none", "--no-replay", "--repeats", "1", "--max-new-tokens", "4", "--out", str(out)]) == 1
+    return out
