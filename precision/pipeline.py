@@ -168,11 +168,11 @@ def run(config: RunConfig) -> RunResult:
     for spec in (None if store else config.reference, target_spec, config.truth):
         if spec is not None:
             parse_spec(spec)  # fail on a misspelled backend before any model is loaded
-    if config.engine_args and parse_spec(target_spec).name != "vllm":
-        raise PrecisionError(f"--engine-arg / --additional-config apply to a vLLM target; the target {target_spec} would ignore them")
     model = resolve_model(config.model)
     target_model = inspect_model(config.target_model) if config.target_model else model
     _check_same_architecture(model, target_model)
+    target_options = BackendOptions(trust_remote_code=config.trust_remote_code, engine_args=config.engine_args, variants=config.target_variants)
+    create_backend(parse_spec(target_spec), target_model, target_options).validate()
     plan = plan_from_prompts(config.prompts, model, max_new_tokens=config.max_new_tokens, trust_remote_code=config.trust_remote_code)
     record = _run_record(config, model, target_model, target_spec, store)
     inputs = [model.path, target_model.path, config.prompts, store]
@@ -182,7 +182,6 @@ def run(config: RunConfig) -> RunResult:
         write_json_atomic(config.out / "run.json", record)
         # The CPU side comes from a golden store (checked for this model, tokenizer and prompt set) or is captured now.
         cpu = CpuSide(*open_store(store, model, plan)) if store else capture_cpu_side(model, plan, config.out, config)
-        target_options = BackendOptions(trust_remote_code=config.trust_remote_code, engine_args=config.engine_args, variants=config.target_variants)
         actual = capture_role("target", target_spec, target_model, cpu.following, config.out, config, options=target_options, repeats=config.repeats)
         return compare_and_report(cpu.reference, actual, cpu.truth, config.out, members=cpu.members, envelope_prompts=cpu.envelope_prompts,
                                   replay=config.replay, thresholds=config.thresholds, command=config.command, show_progress=config.show_progress)
