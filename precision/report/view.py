@@ -188,7 +188,9 @@ def _verdict_rows(comparison: dict, verdict: Verdict, manifests: dict, prompts: 
                                  f"run-to-run relative L2 up to {fmt(determinism['max_relative_l2'])}"})
     runtime = manifests.get("actual", {}).get("runtime_seconds")
     rows.append({"item": "Engine performance", "status": "INFO",
-                 "evidence": f"capture run took {runtime:.1f} s (generation, capture and repeats; not a throughput benchmark)" if runtime else "not measured"})
+                 "evidence": f"capture run took {runtime:.1f} s (generation and capture"
+                             + (f", {determinism['runs']} runs per prompt" if determinism and determinism.get("runs", 0) >= 2 else "")
+                             + "; not a throughput benchmark)" if runtime else "not measured"})
     return rows
 
 
