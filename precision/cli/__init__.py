@@ -152,9 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("baseline", help="run directory of the baseline build")
     p.add_argument("candidate", help="run directory of the candidate build")
     p.add_argument("--out", help="directory for regression.json and regression.md (default: the candidate run)")
-    p.add_argument("--config", help="TOML file with a [regress] table (relative_tolerance, noise_factor, top1_drop)")
+    p.add_argument("--config", help="TOML file with a [regress] table (relative_tolerance, noise_factor, envelope_factor, top1_drop)")
     p.add_argument("--tolerance", action="append", metavar="NAME=VALUE", help="override one [regress] setting; repeatable")
-    p.add_argument("--junit", metavar="FILE", help="also write JUnit XML (each site x metric a test case)")
+    p.add_argument("--junit", metavar="FILE", help="also write JUnit XML (each prompt x site x metric a test case)")
 
     p = sub.add_parser("plant-fault", help="write a copy of a checkpoint with one layer's weight scaled (to test a gate)")
     p.add_argument("--model", required=True)
