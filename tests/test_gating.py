@@ -122,7 +122,7 @@ def test_store_is_intact_and_compact_form_small(store, capsys):
     assert "intact" in capsys.readouterr().out
 
 
-def test_store_detects_a_changed_file(store, tmp_path, capsys):
+def test_store_detects_a_changed_file(store, stories_path, short_prompts, tmp_path, capsys):
     copy = tmp_path / "store"
     shutil.copytree(store, copy)
     tensor = copy / "captures" / "truth" / "tensors" / "0000.safetensors"
@@ -131,6 +131,13 @@ def test_store_detects_a_changed_file(store, tmp_path, capsys):
     tensor.write_bytes(bytes(data))
     assert main(["golden", "verify", str(copy)]) == 1
     assert "0000.safetensors" in capsys.readouterr().out
+    # A run against the edited store is refused before anything is captured: open_store checks every hash.
+    out = tmp_path / "run"
+    assert main(["-q", "run", "--prompts", str(short_prompts), "--model", str(stories_path), "--reference", str(copy), "--target", "hf:cpu:bf16",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "does not match its recorded hashes" in err and "0000.safetensors" in err
+    assert not (out / "captures").exists()
 
 
 def test_the_run_used_the_store_not_a_new_reference(baseline, store):
