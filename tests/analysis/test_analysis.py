@@ -34,7 +34,9 @@ def test_replaying_the_reference_on_itself_is_exact(stories, reference):
     assert [s["site"] for s in steps] == [f"layer.{i}" for i in range(5)] + ["final_norm", "logits"]
     for step in steps:
         assert step["local"] == 0.0, step
-        assert step["local_R"] == 1.0
+        # The reference's own distance from FP32 over max(that distance, one rounding): 1, or below 1 at a step
+        # whose BF16 replay is closer to FP32 than one rounding (the floor that keeps R bounded).
+        assert 0.0 < step["local_R"] <= 1.0, step
 
 
 def test_replay_separates_local_from_inherited_error(stories, reference, tmp_path):
