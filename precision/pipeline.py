@@ -64,6 +64,8 @@ class RunConfig:
     repeats: int = DEFAULT_REPEATS
     trust_remote_code: bool = False
     thresholds: Thresholds = field(default_factory=Thresholds)
+    metric_convention: str = "precision-check"
+    """"msprobe" computes the element-wise metrics exactly as msprobe's compare does (precision.metrics.msprobe)."""
     force: bool = False
     resume: bool = False
     show_progress: bool = True
@@ -115,6 +117,8 @@ def validate_config(config: RunConfig) -> None:
         raise PrecisionError(f"--repeats {config.repeats}: runs per prompt must be at least 1 (1 turns the determinism check off)")
     if not 1 <= config.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
         raise PrecisionError(f"--max-new-tokens {config.max_new_tokens}: must be between 1 and {MAX_NEW_TOKENS_LIMIT}")
+    if config.metric_convention not in ("precision-check", "msprobe"):
+        raise PrecisionError(f"--metric-convention {config.metric_convention!r}: use precision-check or msprobe")
     if config.envelope_max_tokens < 1:
         raise PrecisionError(f"envelope_max_tokens {config.envelope_max_tokens} must be at least 1")
 
@@ -126,7 +130,7 @@ def _run_record(config: RunConfig, model: ModelInfo, target_model: ModelInfo, ta
         "truth": "golden store" if store else config.truth,
         "max_new_tokens": config.max_new_tokens, "selection": config.selection.to_json(), "engine_args": config.engine_args,
         "envelope": "golden store" if store else [member_name(m) for m in config.envelope], "replay": config.replay,
-        "repeats": config.repeats, "command": config.command,
+        "repeats": config.repeats, "metric_convention": config.metric_convention, "command": config.command,
     }
 
 
@@ -184,7 +188,8 @@ def run(config: RunConfig) -> RunResult:
         cpu = CpuSide(*open_store(store, model, plan)) if store else capture_cpu_side(model, plan, config.out, config)
         actual = capture_role("target", target_spec, target_model, cpu.following, config.out, config, options=target_options, repeats=config.repeats)
         return compare_and_report(cpu.reference, actual, cpu.truth, config.out, members=cpu.members, envelope_prompts=cpu.envelope_prompts,
-                                  replay=config.replay, thresholds=config.thresholds, command=config.command, show_progress=config.show_progress)
+                                  replay=config.replay, thresholds=config.thresholds, command=config.command, show_progress=config.show_progress,
+                                  metric_convention=config.metric_convention)
 
 
 @dataclass(frozen=True)
@@ -226,13 +231,13 @@ def capture_envelope(reference: CaptureReader, model: ModelInfo, following: Capt
 def compare_and_report(expected: CaptureReader, actual: CaptureReader, truth: CaptureReader | None, out: Path, *,
                        members: dict[str, CaptureReader] | None = None, envelope_prompts: list[str] | None = None,
                        replay: bool = True, replayer=None, thresholds: Thresholds | None = None, command: str | None = None,
-                       show_progress: bool = True) -> RunResult:
+                       show_progress: bool = True, metric_convention: str = "precision-check") -> RunResult:
     """Compare, analyse (with ``replayer``, or a new one when ``replay``), judge and write the report into ``out``."""
     from precision.analysis.explain import build_analysis
     from precision.analysis.replay import Replayer
     from precision.report import write_report
 
-    comparison = compare_captures(expected, actual, truth=truth, show_progress=show_progress)
+    comparison = compare_captures(expected, actual, truth=truth, show_progress=show_progress, metric_convention=metric_convention)
     if replayer is None and replay:
         replayer = Replayer(expected.manifest["model"]["path"], expected.dtype)
     comparison["analysis"] = build_analysis(comparison, reference=expected, target=actual, members=members,

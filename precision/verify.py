@@ -146,7 +146,8 @@ def _verify_run(run_dir: Path) -> list[str]:
         if not folder.is_dir():
             return [f"{folder} is missing: the envelope cannot be recomputed"]
         members[name] = CaptureReader(folder)
-    fresh = compare_captures(readers["expected"], readers["actual"], truth=readers["truth"])
+    fresh = compare_captures(readers["expected"], readers["actual"], truth=readers["truth"],
+                             metric_convention=stored.get("metric_convention", "precision-check"))
     replay = bool((stored.get("analysis") or {}).get("local", {}).get("available"))
     if "analysis" in stored:
         replayer = Replayer(readers["expected"].manifest["model"]["path"], readers["expected"].dtype) if replay else None

@@ -34,14 +34,16 @@ import numpy as np
 from precision.analysis.alignment import check_comparable
 from precision.analysis.near_tie import classify_flips
 from precision.capture import sites as site_names
+from precision.capture.arrays import TensorFile
 from precision.capture.reader import CaptureReader, PromptRecord
 from precision.environment import utc_now
-from precision.capture.arrays import TensorFile
-from precision.metrics import DEFINITIONS, LogitsStats, logits_stats, tensor_stats, token_agreement
+from precision.errors import PrecisionError
+from precision.metrics import CONVENTIONS, DEFINITIONS, LogitsStats, logits_stats, tensor_stats, token_agreement
 from precision.metrics.tensor import StreamingStats, _workers
 from precision.metrics.tensor import ULP_BUCKETS
 
 log = logging.getLogger(__name__)
+DEFAULT_CONVENTION = CONVENTIONS[0]
 SCHEMA_VERSION = 1
 FORMAT_NAME = "precision-check-comparison"
 
@@ -68,13 +70,18 @@ def describe_capture(reader: CaptureReader | None) -> dict | None:
 
 
 def compare_captures(expected: CaptureReader, actual: CaptureReader, *, truth: CaptureReader | None = None,
-                     verify: bool = True, show_progress: bool = False, prompt_ids: list[str] | None = None) -> dict:
+                     verify: bool = True, show_progress: bool = False, prompt_ids: list[str] | None = None,
+                     metric_convention: str = DEFAULT_CONVENTION) -> dict:
     """The comparison document of ``actual`` against ``expected`` (see the module docstring).
 
     ``prompt_ids`` restricts the comparison to those prompts (each capture must hold them all); otherwise both
-    captures must hold the same prompts."""
+    captures must hold the same prompts. ``metric_convention`` "msprobe" computes the target-versus-reference
+    Cosine, EucDist, MaxAbsErr, MaxRelativeErr and Err Ratios exactly as msprobe's compare does (see
+    precision.metrics.msprobe); the truth comparisons, R and the verdict's relative L2 are the same in both."""
     from tqdm import tqdm
 
+    if metric_convention not in CONVENTIONS:
+        raise PrecisionError(f"metric convention {metric_convention!r} is not one of {', '.join(CONVENTIONS)}")
     check_comparable(expected, actual, prompt_ids=prompt_ids)
     if truth is not None:
         check_comparable(expected, truth, role="truth", prompt_ids=prompt_ids)
@@ -82,7 +89,7 @@ def compare_captures(expected: CaptureReader, actual: CaptureReader, *, truth: C
     t_records = truth.records(prompt_ids) if truth is not None else [None] * len(e_records)
     prompts = []
     for e, a, t in tqdm(list(zip(e_records, a_records, t_records)), desc="compare", unit="prompt", disable=not show_progress):
-        prompts.append(_compare_prompt(expected, actual, truth, e, a, t, verify=verify))
+        prompts.append(_compare_prompt(expected, actual, truth, e, a, t, verify=verify, convention=metric_convention))
     _classify_run_flips(prompts, expected, actual)
     return {
         "schema_version": SCHEMA_VERSION,
@@ -92,6 +99,7 @@ def compare_captures(expected: CaptureReader, actual: CaptureReader, *, truth: C
         "actual": describe_capture(actual),
         "truth": describe_capture(truth),
         "num_layers": expected.num_layers,
+        "metric_convention": metric_convention,
         "skipped_prompts": expected.manifest.get("skipped", []),
         "definitions": DEFINITIONS,
         "prompts": prompts,
@@ -110,7 +118,8 @@ def _classify_run_flips(prompts: list[dict], expected: CaptureReader, actual: Ca
 
 
 def _compare_prompt(expected: CaptureReader, actual: CaptureReader, truth: CaptureReader | None,
-                    e_rec: PromptRecord, a_rec: PromptRecord, t_rec: PromptRecord | None, *, verify: bool) -> dict:
+                    e_rec: PromptRecord, a_rec: PromptRecord, t_rec: PromptRecord | None, *, verify: bool,
+                    convention: str = DEFAULT_CONVENTION) -> dict:
     agreement = token_agreement(e_rec.generated_ids, a_rec.generated_ids)
     result: dict[str, Any] = {
         "id": e_rec.id,
@@ -126,10 +135,10 @@ def _compare_prompt(expected: CaptureReader, actual: CaptureReader, truth: Captu
     result["positions"] = len(positions)
     for site in e_rec.sites:
         if site == site_names.LOGITS:
-            result["logits"], pair, truth_pairs = _compare_logits(eh, ah, th, positions)
+            result["logits"], pair, truth_pairs = _compare_logits(eh, ah, th, positions, convention)
         else:
             e, a = eh.array(site), ah.array(site)
-            pair = tensor_stats(e, a)
+            pair = tensor_stats(e, a, convention=convention)
             truth_pairs = None
             if th is not None:
                 t = th.array(site)
@@ -165,11 +174,11 @@ def _concat(parts: list[LogitsStats]) -> LogitsStats:
     return LogitsStats(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(LogitsStats)))
 
 
-def _compare_logits(eh: TensorFile, ah: TensorFile, th: TensorFile | None, positions: list[int]):
+def _compare_logits(eh: TensorFile, ah: TensorFile, th: TensorFile | None, positions: list[int], convention: str = DEFAULT_CONVENTION):
     """One pass over the logits rows: per-position metrics, element-wise metrics, and the truth's."""
     shape = eh.shape(site_names.LOGITS)
     rows_per_block = max(1, _LOGITS_BLOCK_ELEMENTS // max(shape[1], 1))
-    pair = StreamingStats(shape)
+    pair = StreamingStats(shape, convention)
     truth_streams = (StreamingStats(shape), StreamingStats(shape)) if th is not None else None
     parts = []
     for start in range(0, shape[0], rows_per_block):
@@ -241,8 +250,9 @@ def pool_sites(prompts: list[dict]) -> list[dict]:
             nf = m["non_finite"]
             acc["non_finite"] += nf["expected_nan"] + nf["expected_inf"] + nf["actual_nan"] + nf["actual_inf"]
             for bucket in ULP_BUCKETS:
-                if math.isfinite(m["ulp_shares"][bucket]):
-                    acc["ulp"][bucket] += m["ulp_shares"][bucket] * m["elements"]
+                share = m["ulp_shares"].get(bucket, math.nan)  # comparisons written before a bucket existed lack it
+                if math.isfinite(share):
+                    acc["ulp"][bucket] += share * m["elements"]
             acc["n"] += m["elements"]
             if entry["truth"] is not None:
                 t = entry["truth"]

@@ -77,7 +77,8 @@ def build_analysis(comparison: dict, *, reference: CaptureReader, target: Captur
     reductions, source = _reductions(reference, model_dir)
     longest = max(len(r.forced_ids) for r in reference.prompts)
     analysis: dict = {
-        "theory": theory_band([s["site"] for s in comparison["sites"]], **reductions, sequence_length=longest),
+        "theory": theory_band([s["site"] for s in comparison["sites"]], **reductions, sequence_length=longest,
+                              num_layers=comparison.get("num_layers")),
         "theory_source": source,
         "envelope": site_envelope(reference, members, comparison, envelope_prompts) if members and envelope_prompts else None,
         "determinism": determinism(target),

@@ -32,7 +32,9 @@ def rounding_floor(dtype_name: str = "bfloat16") -> float:
 
 
 def theory_band(sites: list[str], *, hidden_size: int, intermediate_size: int | None, head_dim: int | None,
-                sequence_length: int) -> list[dict]:
+                sequence_length: int, num_layers: int | None = None) -> list[dict]:
+    """Per site, the band of relative errors BF16 rounding predicts. The final norm and the logits come after
+    all ``num_layers`` decoder layers, captured or not (--layers keeps a subset)."""
     reductions = {"hidden": hidden_size, "intermediate": intermediate_size or hidden_size, "head_dim": head_dim or hidden_size,
                   "sequence": sequence_length}
     accumulation = math.sqrt(max(reductions.values())) * FP32_U
@@ -46,7 +48,7 @@ def theory_band(sites: list[str], *, hidden_size: int, intermediate_size: int | 
             layers_seen = index + 1
             roundings = ROUNDINGS_PER_LAYER * layers_seen
         else:  # final norm and logits add one rounding each on top of the last layer
-            roundings = ROUNDINGS_PER_LAYER * layers_seen + (1 if site == site_names.FINAL_NORM else 2)
+            roundings = ROUNDINGS_PER_LAYER * (num_layers or layers_seen) + (1 if site == site_names.FINAL_NORM else 2)
         low = ONE_ROUNDING + accumulation
         high = math.sqrt(roundings) * (ONE_ROUNDING + accumulation)
         band.append({"site": site, "roundings": roundings, "vs_truth_low": low, "vs_truth_high": high,

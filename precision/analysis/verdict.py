@@ -36,6 +36,7 @@ import enum
 import math
 from dataclasses import dataclass, field, fields
 
+from precision.analysis.theory import BF16_U
 from precision.capture import sites as site_names
 
 
@@ -145,8 +146,10 @@ def _judge_analysis(analysis: dict | None, sites: list[dict], th: Thresholds) ->
         if gain is not None and abs(gain) > max(th.gain_floor, th.gain_fail_factor * max(envelope_gain or 0.0, rounding_gain)):
             findings.append(Finding("local-gain", Status.FAIL,
                 f"{site} computes its update scaled by (1 {'+' if gain > 0 else '-'} {abs(gain):.2e}): a systematic error along what the "
-                f"layer computes, where implementation variants show at most {envelope_gain or 0.0:.1e} and the reference's own BF16 "
-                f"rounding {rounding_gain:.1e} (limit max({th.gain_floor:g}, {th.gain_fail_factor:g}x the larger))", site))
+                f"layer computes, where "
+                + (f"implementation variants show at most {envelope_gain:.1e} and " if envelope_gain is not None else "")
+                + f"the reference's own BF16 rounding shows {rounding_gain:.1e} (limit max({th.gain_floor:g}, {th.gain_fail_factor:g}x "
+                + ("the larger))" if envelope_gain is not None else "that))"), site))
             break
         # A step outside the envelope fails only when it is not also closer to FP32 than the reference: a target
         # in a wider dtype (FP16, FP32) differs from the BF16 reference by more than BF16 variants do, and is right to.
@@ -177,9 +180,10 @@ def _judge_analysis(analysis: dict | None, sites: list[dict], th: Thresholds) ->
         ratios = [s for s in steps if s.get("local_ratio") is not None]
         worst_ratio = max(ratios, key=lambda s: s["local_ratio"]) if ratios else None
         ratio_text = f", largest local error relative to the envelope {worst_ratio['local_ratio']:.2f}x at {worst_ratio['site']}" if worst_ratio else ""
+        claim = ("every step's own error is what implementation choices produce" if worst_ratio is not None else
+                 "every step's own error is within the limits applied (no implementation envelope was measured)")
         findings.append(Finding("explained", Status.PASS,
-            f"every step's own error is what implementation choices produce: largest local R {worst_r['local_R']:.2f} at {worst_r['site']}"
-            f"{ratio_text}; the rest is inherited and amplified"))
+            f"{claim}: largest local R {worst_r['local_R']:.2f} at {worst_r['site']}{ratio_text}; the rest is inherited and amplified"))
     return findings
 
 
@@ -208,7 +212,7 @@ def _judge_prompt(prompt: dict, th: Thresholds) -> PromptVerdict:
         err = biggest["metrics"]["relative_l2"]
         if err > th.rel_l2_fail:
             findings.append(Finding("gross-error", Status.FAIL,
-                f"relative L2 error {err:.2e} at {biggest['site']} exceeds {th.rel_l2_fail}, far beyond BF16 rounding (unit roundoff 3.9e-3)"))
+                f"relative L2 error {err:.2e} at {biggest['site']} exceeds {th.rel_l2_fail}, far beyond BF16 rounding (unit roundoff {BF16_U:.1e})"))
         elif err > th.rel_l2_warn and not has_truth:
             findings.append(Finding("large-error", Status.WARN,
                 f"relative L2 error {err:.2e} at {biggest['site']} exceeds {th.rel_l2_warn}; capture an FP32 truth to tell whether the target or the reference is off"))

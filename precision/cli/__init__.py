@@ -107,6 +107,12 @@ def _add_capture_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished prompt")
 
 
+def _add_convention_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metric-convention", choices=("precision-check", "msprobe"), default="precision-check",
+                   help="element-wise metric definitions: this tool's (default; relative errors with a 1e-6 denominator floor) or "
+                        "msprobe's exact ones (Cosine, EucDist, MaxAbsErr, MaxRelativeErr, One/Five Thousandth(s) Err Ratio)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="precision-check", description="Measure, explain and report numerical differences between a reference LLM and an inference engine.")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
@@ -129,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--envelope", choices=("default", "none"), default="default", help="re-run the reference with implementation variants (default) or not")
     p.add_argument("--no-replay", action="store_true", help="skip the layer replay (local vs inherited error)")
     p.add_argument("--repeats", type=int, default=3, help="target runs per prompt for the determinism check (default: 3)")
+    _add_convention_option(p)
     _add_capture_options(p)
 
     p = sub.add_parser("selftest", help="plant faults in a copy of the reference and check the analysis catches them")
@@ -181,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truth", help="FP32 truth capture directory (enables R)")
     p.add_argument("--envelope-dir", help="directory of envelope member captures (captures/envelope of a run or a golden store)")
     p.add_argument("--replay", action="store_true", help="replay the reference layers on the target's inputs (loads the reference model)")
+    _add_convention_option(p)
     p.add_argument("--out", required=True, help="directory for comparison.json")
     p.add_argument("--force", action="store_true")
 
@@ -205,6 +213,7 @@ def _run(args) -> int:
         thresholds=_thresholds(args.config, args.threshold), force=args.force, resume=args.resume, command=args.command_line,
         target_model=Path(args.target_model) if args.target_model else None, target_variants=tuple(args.target_variant),
         envelope=DEFAULT_MEMBERS if args.envelope == "default" else (), replay=not args.no_replay, repeats=args.repeats,
+        metric_convention=args.metric_convention,
         show_progress=not args.quiet,
     )
     result = run(config)
@@ -264,7 +273,7 @@ def _compare_into(args, out: Path, expected, actual, truth) -> int:
     from precision.capture.reader import CaptureReader
     from precision.io import write_json_atomic
 
-    comparison = compare_captures(expected, actual, truth=truth, show_progress=not args.quiet)
+    comparison = compare_captures(expected, actual, truth=truth, show_progress=not args.quiet, metric_convention=args.metric_convention)
     members, envelope_ids = {}, None
     if args.envelope_dir:
         members = {p.name: CaptureReader(p) for p in sorted(Path(args.envelope_dir).iterdir()) if p.is_dir()}
