@@ -28,7 +28,8 @@ from precision.backends import BackendOptions
 from precision.capture.reader import CaptureReader
 from precision.capture.sites import LOGITS
 from precision.errors import PrecisionError
-from precision.io import prepare_output_dir
+from precision.io import write_json_atomic
+from precision.outputs import claim_output_dir
 from precision.pipeline import RunConfig, capture_cpu_side, capture_role, compare_and_report, resolve_model
 from precision.planning import plan_from_prompts
 
@@ -156,12 +157,28 @@ def _fails_with(verdict: Verdict, rule: str) -> bool:
 
 def run_selftest(prompts: Path, out: Path, *, model: Path | None = None, sweep: bool | Iterable[str] = True, force: bool = False,
                  thresholds: Thresholds | None = None, show_progress: bool = False) -> list[CaseResult]:
-    from precision.analysis.replay import Replayer
-
     info = resolve_model(model)
     config = RunConfig(prompts=prompts, out=out, model=model, force=force, show_progress=show_progress, max_new_tokens=16)
     plan = plan_from_prompts(prompts, info, max_new_tokens=config.max_new_tokens)
-    prepare_output_dir(out, force=force, complete_marker="selftest.json")
+    with claim_output_dir(out, "selftest", force=force, complete_marker="selftest.json", inputs=[info.path, prompts], can_resume=False):
+        results = _run_cases(info, plan, out, config, sweep, thresholds)
+        write_json_atomic(out / "selftest.json", selftest_record(results))
+    return results
+
+
+def selftest_record(results: list[CaseResult]) -> dict:
+    """selftest.json: every case with its expectation and outcome, and the sensitivity lines."""
+    return {
+        "cases": [{"name": r.case.name, "variants": list(r.case.variants), "reference_variants": list(r.case.reference_variants),
+                   "expected": r.case.expected.value, "verdict": r.verdict.status.value, "named_site": r.named_site, "rule": r.rule,
+                   "ok": r.ok, "changed": r.changed, "real_flips": r.real_flips, "flips": r.flips} for r in results],
+        "sensitivity": sensitivity(results),
+    }
+
+
+def _run_cases(info, plan, out: Path, config: RunConfig, sweep, thresholds: Thresholds | None) -> list[CaseResult]:
+    from precision.analysis.replay import Replayer
+
     cpu = capture_cpu_side(info, plan, out, config)
     reference, truth, members, envelope_ids, following = cpu.reference, cpu.truth, cpu.members, cpu.envelope_prompts, cpu.following
     replayer = Replayer(info.path, reference.dtype)
@@ -170,19 +187,25 @@ def run_selftest(prompts: Path, out: Path, *, model: Path | None = None, sweep: 
     results = []
     for index, case in enumerate(default_cases(info.num_layers, sweep=sweep, bias_token=bias_token)):
         case_dir = out / "cases" / f"{index:02d}"
-        case_dir.mkdir(parents=True, exist_ok=True)
-        options = BackendOptions(variants=case.variants)
-        target = capture_role(f"../cases/{index:02d}/target", config.reference, info, following, out, config, options=options)
-        expected, case_members = reference, members
-        if case.reference_variants:
-            expected = capture_role(f"../cases/{index:02d}/reference", config.reference, info, following, out, config,
-                                    options=BackendOptions(variants=case.reference_variants))
-            case_members = None  # the envelope members were measured against the unmodified reference
-        result = compare_and_report(expected, target, truth, case_dir, members=case_members, envelope_prompts=envelope_ids,
-                                    replayer=replayer, thresholds=thresholds, show_progress=False)
-        results.append(_judge_case(case, result.verdict, result.comparison))
-        log.info("%s: %s (%s at %s)", case.name, result.verdict.status.value, results[-1].rule, results[-1].named_site)
+        with claim_output_dir(case_dir, "selftest-case", complete_marker="summary.json", can_resume=False):
+            results.append(_run_case(case, index, case_dir, info, following, out, config, reference, truth, members, envelope_ids,
+                                     replayer, thresholds))
+        log.info("%s: %s (%s at %s)", case.name, results[-1].verdict.status.value, results[-1].rule, results[-1].named_site)
     return results
+
+
+def _run_case(case: Case, index: int, case_dir: Path, info, following, out: Path, config: RunConfig, reference, truth, members,
+              envelope_ids, replayer, thresholds: Thresholds | None) -> CaseResult:
+    options = BackendOptions(variants=case.variants)
+    target = capture_role(f"../cases/{index:02d}/target", config.reference, info, following, out, config, options=options)
+    expected, case_members = reference, members
+    if case.reference_variants:
+        expected = capture_role(f"../cases/{index:02d}/reference", config.reference, info, following, out, config,
+                                options=BackendOptions(variants=case.reference_variants))
+        case_members = None  # the envelope members were measured against the unmodified reference
+    result = compare_and_report(expected, target, truth, case_dir, members=case_members, envelope_prompts=envelope_ids,
+                                replayer=replayer, thresholds=thresholds, show_progress=False)
+    return _judge_case(case, result.verdict, result.comparison)
 
 
 def _judge_case(case: Case, verdict: Verdict, comparison: dict) -> CaseResult:

@@ -107,6 +107,12 @@ def _add_capture_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished prompt")
 
 
+def _selftest_sweeps() -> tuple[str, ...]:
+    from precision.selftest import SWEEPS
+
+    return tuple(SWEEPS)
+
+
 def _add_convention_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metric-convention", choices=("precision-check", "msprobe"), default="precision-check",
                    help="element-wise metric definitions: this tool's (default; relative errors with a 1e-6 denominator floor) or "
@@ -142,7 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="Hugging Face model directory (default: the built-in synthetic Llama)")
     p.add_argument("--prompts", default=None, help="prompt set (default: golden/default.jsonl)")
     p.add_argument("--out", help="work directory (default: runs/selftest-<UTC time>)")
-    p.add_argument("--no-sweep", action="store_true", help="only the four planted faults, no sensitivity sweep")
+    p.add_argument("--no-sweep", action="store_true", help="only the planted faults, no sensitivity sweep")
+    p.add_argument("--sweep", action="append", choices=_selftest_sweeps(), metavar="NAME",
+                   help=f"run only this sensitivity sweep (repeatable; one of: {', '.join(_selftest_sweeps())})")
     p.add_argument("--force", action="store_true")
 
     p = sub.add_parser("golden", help="create or verify a golden reference store")
@@ -317,20 +325,14 @@ def _selftest(args) -> int:
 
     prompts = Path(args.prompts) if args.prompts else Path(__file__).resolve().parents[2] / "golden" / "default.jsonl"
     out = Path(args.out) if args.out else Path("runs") / datetime.now(timezone.utc).strftime("selftest-%Y%m%d-%H%M%S")
-    results = run_selftest(prompts, out, model=Path(args.model) if args.model else None, sweep=not args.no_sweep, force=args.force,
+    sweep = tuple(args.sweep) if args.sweep else not args.no_sweep
+    results = run_selftest(prompts, out, model=Path(args.model) if args.model else None, sweep=sweep, force=args.force,
                            show_progress=not args.quiet)
     print(format_table(results))
     print("\nsensitivity (smallest planted error still failed at the right layer):")
     for check, text in sensitivity(results).items():
         print(f"  {check}: {text}")
-    from precision.io import write_json_atomic
-
-    write_json_atomic(out / "selftest.json", {
-        "cases": [{"name": r.case.name, "variants": list(r.case.variants), "expected": r.case.expected.value, "verdict": r.verdict.status.value,
-                   "named_site": r.named_site, "rule": r.rule, "ok": r.ok, "changed": r.changed} for r in results],
-        "sensitivity": sensitivity(results),
-    })
-    print(f"details: {out}/cases/*/report.html")
+    print(f"details: {out}/selftest.json and {out}/cases/*/report.html")
     return EXIT_OK if all_as_expected(results) else EXIT_FAILED
 
 
