@@ -51,6 +51,48 @@ def short_prompts(tmp_path_factory) -> Path:
     return write_prompts(tmp_path_factory.mktemp("prompts") / "short.jsonl", SHORT_PROMPTS)
 
 
+@pytest.fixture(scope="session")
+def stories(stories_path):
+    from precision.model import inspect_model
+
+    return inspect_model(stories_path)
+
+
+@pytest.fixture(scope="session")
+def stories_reference(stories, short_prompts, tmp_path_factory):
+    """The BF16 reference capture of the short prompts on stories260K (8 new tokens), shared by every module
+    that only reads it; modules that need other settings (repeats, selections) capture their own."""
+    from precision.backends import create_backend
+    from precision.capture.writer import capture
+    from precision.planning import plan_from_prompts
+
+    plan = plan_from_prompts(short_prompts, stories, max_new_tokens=8)
+    return capture(create_backend("hf:cpu:bf16", stories), plan, tmp_path_factory.mktemp("shared") / "ref", show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def stories_truth(stories, stories_reference, tmp_path_factory):
+    """The FP32 truth of ``stories_reference``, teacher-forced."""
+    from precision.backends import create_backend
+    from precision.capture.writer import CapturePlan, capture
+
+    return capture(create_backend("hf:cpu:fp32", stories), CapturePlan.following(stories_reference),
+                   tmp_path_factory.mktemp("shared") / "truth", show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def capture_pair(stories_path, tmp_path_factory):
+    """A one-prompt BF16 reference and an FP16 target capture of it (4 new tokens), made through the CLI."""
+    from precision.cli import main
+
+    root = tmp_path_factory.mktemp("pair")
+    prompts = write_prompts(root / "prompts.jsonl", [SHORT_PROMPTS[0]])
+    common = ["-q", "capture", "--model", str(stories_path), "--max-new-tokens", "4"]
+    assert main([*common, "--backend", "hf:cpu:bf16", "--prompts", str(prompts), "--out", str(root / "ref")]) == 0
+    assert main([*common, "--backend", "hf:cpu:fp16", "--teacher-forcing", str(root / "ref"), "--out", str(root / "tgt")]) == 0
+    return {"root": root, "prompts": prompts, "ref": root / "ref", "tgt": root / "tgt"}
+
+
 def vllm_available() -> bool:
     import importlib.util
 

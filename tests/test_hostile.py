@@ -21,17 +21,10 @@ import pytest
 from precision.cli import main
 from tests.conftest import requires_vllm, write_prompts
 
-PROMPT = '{"id": "story", "category": "raw", "text": "Once upon a time, there was a little girl named Lily."}'
-
-
 @pytest.fixture(scope="module")
-def world(stories_path, tmp_path_factory):
-    """A reference capture, an FP16 target capture of it and their comparison, made once for the module."""
-    root = tmp_path_factory.mktemp("world")
-    prompts = write_prompts(root / "prompts.jsonl", [PROMPT])
-    common = ["-q", "capture", "--model", str(stories_path), "--max-new-tokens", "4"]
-    assert main([*common, "--backend", "hf:cpu:bf16", "--prompts", str(prompts), "--out", str(root / "ref")]) == 0
-    assert main([*common, "--backend", "hf:cpu:fp16", "--teacher-forcing", str(root / "ref"), "--out", str(root / "tgt")]) == 0
+def world(stories_path, capture_pair):
+    """The shared reference and FP16 target captures, their comparison and a run, made once for the module."""
+    root, prompts = capture_pair["root"], capture_pair["prompts"]
     assert main(["-q", "compare", str(root / "ref"), str(root / "tgt"), "--out", str(root / "cmp")]) == 0
     assert main(["-q", "run", "--prompts", str(prompts), "--model", str(stories_path), "--target", "hf:cpu:fp16", "--truth", "none",
                  "--envelope", "none", "--no-replay", "--repeats", "1", "--max-new-tokens", "4", "--out", str(root / "run")]) == 0

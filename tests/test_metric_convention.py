@@ -7,25 +7,22 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 
 from precision.capture.arrays import TensorFile
 from precision.cli import main
 from precision.metrics import msprobe_metrics
-from tests.conftest import write_prompts
 
-PROMPT = '{"id": "story", "category": "raw", "text": "Once upon a time, there was a little girl named Lily."}'
 MSPROBE_FIELDS = ("cosine", "euclidean_distance", "max_abs", "max_relative", "one_thousandth_err_ratio", "five_thousandths_err_ratio")
 
 
 @pytest.fixture(scope="module")
-def pair(stories_path, tmp_path_factory):
+def pair(capture_pair, tmp_path_factory):
     root = tmp_path_factory.mktemp("convention")
-    prompts = write_prompts(root / "p.jsonl", [PROMPT])
-    common = ["-q", "capture", "--model", str(stories_path), "--max-new-tokens", "4"]
-    assert main([*common, "--backend", "hf:cpu:bf16", "--prompts", str(prompts), "--out", str(root / "ref")]) == 0
-    assert main([*common, "--backend", "hf:cpu:fp16", "--teacher-forcing", str(root / "ref"), "--out", str(root / "tgt")]) == 0
+    shutil.copytree(capture_pair["ref"], root / "ref")  # compare writes nothing into its inputs; copies keep the shared ones apart
+    shutil.copytree(capture_pair["tgt"], root / "tgt")
     for convention in ("precision-check", "msprobe"):
         assert main(["-q", "compare", str(root / "ref"), str(root / "tgt"), "--metric-convention", convention, "--out", str(root / convention)]) == 0
     return root

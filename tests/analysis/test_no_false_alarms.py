@@ -33,13 +33,8 @@ def _failures(verdict):
 
 
 @pytest.fixture(scope="module")
-def stories_side(stories_path, short_prompts, tmp_path_factory):
-    stories = inspect_model(stories_path)
-    root = tmp_path_factory.mktemp("rounding")
-    reference = capture(create_backend("hf:cpu:bf16", stories), plan_from_prompts(short_prompts, stories, max_new_tokens=8), root / "ref",
-                        show_progress=False)
-    truth = capture(create_backend("hf:cpu:fp32", stories), CapturePlan.following(reference), root / "truth", show_progress=False)
-    return stories, reference, truth, Replayer(stories.path), root
+def stories_side(stories, stories_reference, stories_truth, tmp_path_factory):
+    return stories, stories_reference, stories_truth, Replayer(stories.path), tmp_path_factory.mktemp("rounding")
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "fp32"])

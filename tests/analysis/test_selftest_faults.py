@@ -11,20 +11,12 @@ from precision.backends import BackendOptions, create_backend
 from precision.backends.variants import apply_variants, parse_variant
 from precision.capture.writer import CapturePlan, capture
 from precision.errors import BackendError
-from precision.model import inspect_model
-from precision.planning import plan_from_prompts
 from precision.selftest import BIAS, runner_up_token
 
 
 @pytest.fixture(scope="module")
-def stories(stories_path):
-    return inspect_model(stories_path)
-
-
-@pytest.fixture(scope="module")
-def reference(stories, short_prompts, tmp_path_factory):
-    plan = plan_from_prompts(short_prompts, stories, max_new_tokens=8)
-    return capture(create_backend("hf:cpu:bf16", stories), plan, tmp_path_factory.mktemp("faults") / "ref", show_progress=False)
+def reference(stories_reference):
+    return stories_reference
 
 
 def _planted(stories, reference, variants, out):

@@ -9,7 +9,6 @@ import pytest
 from scipy import special
 
 from precision.metrics import logits_stats
-from precision.metrics import logits as logits_module
 
 NAN, INF = float("nan"), float("inf")
 ARRAY_FIELDS = ("kl", "top1_agree", "top5_overlap", "expected_margin", "expected_top1", "actual_top1", "max_abs",
