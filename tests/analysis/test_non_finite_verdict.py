@@ -4,7 +4,6 @@ planted into copies of their tensors."""
 from __future__ import annotations
 
 import math
-from dataclasses import fields
 
 import pytest
 
@@ -12,14 +11,9 @@ from precision.analysis.compare import compare_captures
 from precision.analysis.verdict import Status, judge
 from precision.backends import create_backend
 from precision.capture.writer import CapturePlan, capture
-from precision.metrics.tensor import NonFinite
 from precision.model import inspect_model
 from precision.planning import plan_from_prompts
 from tests.analysis.planting import planted_copy
-
-PER_ELEMENT = "actual_only" in {f.name for f in fields(NonFinite)}
-needs_per_element = pytest.mark.skipif(not PER_ELEMENT, reason="TensorStats.non_finite does not count actual_only/mismatched yet "
-                                                              "(precision/metrics/tensor.py)")
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +67,6 @@ def test_every_site_is_checked_not_only_the_first_with_a_non_finite_value(pair, 
     assert found["non-finite-ref"].site == "layer.0"
 
 
-@needs_per_element
 def test_nan_at_another_element_than_the_references_fails(pair, tmp_path):
     reference, target = pair
     ref = _plant(reference, tmp_path / "r", {"layer.1": [(0, 0, math.nan)]})
@@ -82,7 +75,6 @@ def test_nan_at_another_element_than_the_references_fails(pair, tmp_path):
     assert finding.status is Status.FAIL and finding.site == "layer.1" and "[2, 3]" in finding.message
 
 
-@needs_per_element
 @pytest.mark.parametrize("expected, actual", [(math.inf, -math.inf), (math.nan, math.inf)])
 def test_different_non_finite_values_at_one_element_fail(pair, tmp_path, expected, actual):
     reference, target = pair
@@ -92,7 +84,6 @@ def test_different_non_finite_values_at_one_element_fail(pair, tmp_path, expecte
     assert finding.status is Status.FAIL and finding.site == "layer.2" and "[1, 4]" in finding.message
 
 
-@needs_per_element
 def test_the_same_non_finite_value_on_both_sides_only_warns(pair, tmp_path):
     reference, target = pair
     ref = _plant(reference, tmp_path / "r", {"layer.2": [(1, 4, -math.inf)]})
