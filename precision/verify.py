@@ -89,16 +89,18 @@ def _model_problems(reference: CaptureReader) -> list[str]:
     return []
 
 
-def verify_run(run_dir: str | Path) -> list[str]:
-    """The problems found in ``run_dir`` (see the module docstring); an empty list means it verifies."""
+def verify_run(run_dir: str | Path, notes: list[str] | None = None) -> list[str]:
+    """The problems found in ``run_dir`` (see the module docstring); an empty list means it verifies. What could
+    not be checked on this machine (the layer replay without the model, the report's texts without the
+    tokenizer or the captures at their recorded places) is appended to ``notes``, never counted as verified."""
     try:
-        return _verify_run(Path(run_dir))
+        return _verify_run(Path(run_dir), notes if notes is not None else [])
     except (KeyError, TypeError, AttributeError) as exc:
         raise PrecisionError(f"{run_dir} holds a damaged comparison.json, summary.json or run.json (missing or malformed {exc}); "
                              "it cannot be verified: rerun 'precision-check run'") from exc
 
 
-def _verify_run(run_dir: Path) -> list[str]:
+def _verify_run(run_dir: Path, notes: list[str]) -> list[str]:
     from precision.analysis.compare import compare_captures
     from precision.analysis.explain import build_analysis
     from precision.analysis.replay import Replayer
@@ -135,10 +137,15 @@ def _verify_run(run_dir: Path) -> list[str]:
         readers[role] = reader
     if problems:
         return problems
-    if bool((stored.get("analysis") or {}).get("local", {}).get("available")):
+    replay = bool((stored.get("analysis") or {}).get("local", {}).get("available"))
+    model_path = Path(str(readers["expected"].manifest["model"].get("path")))
+    model_here = model_path.is_dir()
+    if replay and model_here:
         problems += _model_problems(readers["expected"])
         if problems:
             return problems
+    elif replay:
+        notes.append(f"the layer replay was not recomputed: the reference model {model_path} is not on this machine")
     members = {}
     envelope = (stored.get("analysis") or {}).get("envelope")
     for name in (envelope or {}).get("members", []):
@@ -148,19 +155,29 @@ def _verify_run(run_dir: Path) -> list[str]:
         members[name] = CaptureReader(folder)
     fresh = compare_captures(readers["expected"], readers["actual"], truth=readers["truth"],
                              metric_convention=stored.get("metric_convention", "precision-check"))
-    replay = bool((stored.get("analysis") or {}).get("local", {}).get("available"))
     if "analysis" in stored:
-        replayer = Replayer(readers["expected"].manifest["model"]["path"], readers["expected"].dtype) if replay else None
+        replayer = Replayer(str(model_path), readers["expected"].dtype) if replay and model_here else None
         fresh["analysis"] = build_analysis(fresh, reference=readers["expected"], target=readers["actual"], members=members or None,
                                            envelope_prompts=(envelope or {}).get("prompts"), replayer=replayer)
+        if not model_here:  # what only the model gives is taken as stored, and said so in the notes
+            for key in ("local", "theory", "theory_source"):
+                if key in stored["analysis"]:
+                    fresh["analysis"][key] = stored["analysis"][key]
     _differences(stored, _json_roundtrip(fresh), "comparison", problems)
     if problems:
         return problems
     thresholds = Thresholds.from_mapping(summary["verdict"]["thresholds"])
     verdict = judge(stored, thresholds)
+    # report.html and summary.md quote the decoded texts and the manifests at their recorded places: where those
+    # are not on this machine the files cannot be re-rendered byte for byte, and only summary.json is checked.
+    recorded_here = all(Path(stored[role]["path"]).is_dir() for role in _ROLES if stored.get(role))
+    rendered = ("report.html", "summary.md", "summary.json") if model_here and recorded_here else ("summary.json",)
+    if len(rendered) == 1:
+        notes.append("report.html and summary.md were not re-rendered: the model's tokenizer or the captures at their recorded paths "
+                     "are not on this machine (summary.json was checked)")
     with tempfile.TemporaryDirectory() as scratch:
         write_report(Path(scratch), stored, verdict, command=run.get("command"))
-        for name in ("report.html", "summary.md", "summary.json"):
+        for name in rendered:
             if (Path(scratch) / name).read_bytes() != (run_dir / name).read_bytes():
                 problems.append(f"{name} differs from what the comparison renders to: it was edited, or written by another precision-check version")
     return problems

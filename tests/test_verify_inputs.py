@@ -46,3 +46,22 @@ def test_verify_names_a_changed_model_by_its_hashes(replayed_run, tmp_path, caps
     finally:
         (replayed_run["model"] / "model.safetensors").write_bytes(original)
     assert main(["-q", "verify", str(replayed_run["run"])]) == 0
+
+
+def test_verify_on_a_machine_without_the_model_checks_the_rest_and_says_what_it_skipped(replayed_run, tmp_path, capsys):
+    """The README's split workflow: the run directory travels, the model does not."""
+    copy = tmp_path / "run"
+    shutil.copytree(replayed_run["run"], copy)
+    away = replayed_run["root"] / "model-away"
+    replayed_run["model"].rename(away)
+    try:
+        capsys.readouterr()
+        assert main(["verify", str(copy)]) == 0
+        out = capsys.readouterr().out
+        assert "NOT CHECKED HERE: the layer replay was not recomputed" in out and "summary.json was checked" in out
+        summary = copy / "summary.json"
+        summary.write_text(summary.read_text().replace('"PASS"', '"FAIL"', 1))
+        assert main(["verify", str(copy)]) == 1
+        assert "summary.json differs" in capsys.readouterr().out
+    finally:
+        away.rename(replayed_run["model"])
