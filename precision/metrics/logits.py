@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from precision.metrics.arrays import as_numpy
+
 TOP_K_OVERLAP = 5
 _ROWS_PER_CHUNK = 64
 
@@ -79,8 +81,8 @@ def logits_stats(expected, actual) -> LogitsStats:
     finite_rows = np.zeros(positions, dtype=bool)
     for start in range(0, positions, _ROWS_PER_CHUNK):
         rows = slice(start, min(start + _ROWS_PER_CHUNK, positions))
-        e = np.asarray(e_all[rows], dtype=np.float64)
-        a = np.asarray(a_all[rows], dtype=np.float64)
+        e = as_numpy(e_all[rows]).astype(np.float64, copy=False)
+        a = as_numpy(a_all[rows]).astype(np.float64, copy=False)
         ok = np.isfinite(e).all(axis=1) & np.isfinite(a).all(axis=1)
         finite_rows[rows] = ok
         if not ok.any():

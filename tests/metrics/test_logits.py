@@ -332,3 +332,14 @@ def test_lazy_reader_gives_the_same_result_as_the_array():
 def test_lazy_reader_shape_mismatch():
     with pytest.raises(ValueError):
         logits_stats(LazyRows(np.zeros((3, 4))), LazyRows(np.zeros((3, 5))))
+
+
+def test_bf16_torch_tensors_give_the_numbers_of_their_float32_values():
+    torch = pytest.importorskip("torch")
+    generator = torch.Generator().manual_seed(0)
+    e = torch.randn(6, 97, generator=generator).bfloat16()
+    a = (e.float() + 0.05 * torch.randn(6, 97, generator=generator)).bfloat16()
+    from_torch, from_numpy = logits_stats(e, a), logits_stats(e.float().numpy(), a.float().numpy())
+    for name in ("kl", "expected_margin", "max_abs", "top5_overlap"):
+        assert np.array_equal(getattr(from_torch, name), getattr(from_numpy, name))
+    assert np.array_equal(from_torch.actual_top1, from_numpy.actual_top1)
