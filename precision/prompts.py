@@ -75,7 +75,7 @@ def load_prompts(path: str | Path) -> list[Prompt]:
     if not path.exists():
         raise PromptFileError(f"prompt path {path} does not exist; pass a .jsonl file or a directory of them (e.g. golden/)")
     if path.is_dir():
-        files = sorted(path.glob("*.jsonl"))
+        files = sorted(p for p in path.glob("*.jsonl") if not p.is_dir())  # a folder named *.jsonl holds no prompts
         for file in files:
             _require_regular_file(file)
         if not files:
