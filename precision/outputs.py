@@ -154,7 +154,7 @@ def _acquire_lock(path: Path) -> int:
     return fd
 
 
-def _foreign_entries(path: Path) -> list[str]:
+def _visible_entries(path: Path) -> list[str]:
     return [p.name for p in path.iterdir() if p.name not in _BOOKKEEPING]
 
 
@@ -172,8 +172,8 @@ def claim_output_dir(out: Path | str, kind: str, *, force: bool = False, resume:
         raise PrecisionError(f"--out {out} is a dangling symbolic link; choose another --out")
     if out.exists() and not out.is_dir():
         raise PrecisionError(f"output path {out} exists and is not a directory; choose another --out")
-    if out.is_dir() and read_marker(out) is None and _foreign_entries(out):
-        raise PrecisionError(f"{out} holds files precision-check did not create ({_describe_entries(_foreign_entries(out))}); "
+    if out.is_dir() and read_marker(out) is None and _visible_entries(out):
+        raise PrecisionError(f"{out} holds files precision-check did not create ({_describe_entries(_visible_entries(out))}); "
                              "it is never overwritten, resumed or cleared: choose a new or empty --out directory")
     if out.is_dir() and read_marker(out) is not None:
         _refuse_foreign_contents(out)  # before the lock file is made: a forged marker must not earn a write
@@ -224,7 +224,7 @@ def _now() -> str:
 
 def _settle_existing(out: Path, kind: str, *, force: bool, resume: bool, complete_marker: str, can_resume: bool) -> bool:
     """Under the lock: decide what to do with what ``out`` holds. Returns True when an unfinished result is resumed."""
-    entries = _foreign_entries(out)
+    entries = _visible_entries(out)
     marker = read_marker(out)
     if not entries:
         return False
