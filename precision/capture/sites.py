@@ -15,16 +15,9 @@ import re
 from dataclasses import dataclass
 
 from precision.errors import PrecisionError
+from precision.names import EMBED, FINAL_NORM, LAYER_PREFIX, LOGITS, POSITIONS, layer_site  # noqa: F401  (re-exported)
 
-EMBED = "embed"
-FINAL_NORM = "final_norm"
-LOGITS = "logits"
-POSITIONS = "positions"
-_LAYER = re.compile(r"^layer\.(\d+)$")
-
-
-def layer_site(index: int) -> str:
-    return f"layer.{index}"
+_LAYER = re.compile(rf"^{re.escape(LAYER_PREFIX)}(\d+)$")
 
 
 def layer_index(site: str) -> int | None:
