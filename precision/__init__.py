@@ -1,10 +1,14 @@
 """precision-check: measure, explain and report the numerical differences between a trusted reference and an
 accelerator inference engine for large language models.
 
-The Python API mirrors the CLI:
-    from precision import RunConfig, run                       # the whole job
+The Python API mirrors the CLI (one function per command; the CLI only parses, calls one and prints):
+    from precision import RunConfig, run                       # the whole job (--reference may be a golden store)
+    from precision import capture_backend, compare, render_report, regress, verify_run, self_test, plant_fault
+    from precision import create_store, verify_store           # golden stores
+Building blocks, for jobs of your own:
     from precision import capture, CapturePlan, CaptureReader  # capture / read capture directories
-    from precision import compare_captures, judge, write_report
+    from precision import compare_captures, judge, write_report, compare_and_report
+    from precision import resolve_model, plan_from_prompts, CaptureSettings, capture_role, CapturedReference
 Heavy modules (torch, transformers, vllm) load only when these names are first used.
 """
 
@@ -15,26 +19,59 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    # The commands.
     "RunConfig": "precision.pipeline",
-    "run": "precision.pipeline",
+    "RunResult": "precision.pipeline",
+    "run": "precision.api",
+    "capture_backend": "precision.api",
+    "compare": "precision.api",
+    "render_report": "precision.api",
+    "regress": "precision.api",
+    "Regression": "precision.api",
+    "self_test": "precision.api",
+    "Selftest": "precision.api",
+    "DEFAULT_SELFTEST_PROMPTS": "precision.api",
+    "plant_fault": "precision.api",
+    "verify_run": "precision.verify",
+    "create_store": "precision.golden",
+    "verify_store": "precision.golden",
+    "GoldenStore": "precision.golden",
+    # Building blocks.
     "capture": "precision.capture.writer",
     "CapturePlan": "precision.capture.writer",
     "CaptureReader": "precision.capture.reader",
     "CaptureSelection": "precision.capture.sites",
+    "CaptureSettings": "precision.reference_side",
+    "CapturedReference": "precision.reference_side",
+    "CpuSide": "precision.reference_side",
+    "capture_role": "precision.reference_side",
+    "resolve_model": "precision.reference_side",
+    "plan_from_prompts": "precision.planning",
+    "Replayer": "precision.analysis.replay",
     "compare_captures": "precision.analysis.compare",
+    "analysed_comparison": "precision.pipeline",
+    "compare_and_report": "precision.pipeline",
     "judge": "precision.analysis.verdict",
     "Thresholds": "precision.analysis.verdict",
+    "Status": "precision.analysis.verdict",
+    "Verdict": "precision.analysis.verdict",
+    "RegressTolerance": "precision.analysis.regress",
+    "DEFAULT_ENVELOPE": "precision.analysis.envelope:DEFAULT_MEMBERS",
+    "SELFTEST_SWEEPS": "precision.selftest:SWEEPS",
     "write_report": "precision.report",
     "create_backend": "precision.backends",
+    "BackendOptions": "precision.backends",
     "inspect_model": "precision.model",
     "load_prompts": "precision.prompts",
     "PrecisionError": "precision.errors",
 }
+"""Public name -> the module that defines it ("module:name" where the module calls it otherwise)."""
 
 
 def __getattr__(name: str):
     if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
+        module, _, attribute = _EXPORTS[name].partition(":")
+        return getattr(importlib.import_module(module), attribute or name)
     raise AttributeError(f"module 'precision' has no attribute {name!r}")
 
 

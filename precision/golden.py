@@ -25,6 +25,8 @@ from precision.errors import MismatchedCapturesError, PrecisionError
 from precision.io import write_json_atomic
 from precision.model import ModelInfo, sha256_file
 from precision.outputs import claim_output_dir
+from precision.prompts import DEFAULT_MAX_NEW_TOKENS
+from precision.reference_side import CaptureSettings, CapturedReference, CpuSide, resolve_model
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
@@ -65,20 +67,17 @@ def write_compact(reference: CaptureReader, out: Path) -> dict:
 
 
 def create_store(prompts: Path, out: Path, *, model: Path | None = None, force: bool = False, show_progress: bool = True) -> dict:
-    from precision.pipeline import RunConfig, resolve_model
+    """Capture the CPU side of ``prompts`` on ``model`` (reference, truth, envelope at their defaults) and store it."""
     from precision.planning import plan_from_prompts
 
     info = resolve_model(model)
-    config = RunConfig(prompts=prompts, out=out, model=model, force=force, show_progress=show_progress)
-    plan = plan_from_prompts(prompts, info, max_new_tokens=config.max_new_tokens)
+    plan = plan_from_prompts(prompts, info, max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
     with claim_output_dir(out, "golden-store", force=force, complete_marker="store.json", inputs=[info.path, prompts], can_resume=False):
-        return _create_store(info, plan, out, config)
+        cpu = CapturedReference().open(info, plan, out, CaptureSettings(show_progress=show_progress))
+        return _write_store(info, cpu, out)
 
 
-def _create_store(info: ModelInfo, plan, out: Path, config) -> dict:
-    from precision.pipeline import capture_cpu_side
-
-    cpu = capture_cpu_side(info, plan, out, config)
+def _write_store(info: ModelInfo, cpu: CpuSide, out: Path) -> dict:
     reference, truth, members, envelope_ids = cpu.reference, cpu.truth, cpu.members, cpu.envelope_prompts
     store = {
         "schema_version": SCHEMA_VERSION,
@@ -177,3 +176,20 @@ def open_store(path: str | Path, model: ModelInfo, plan: CapturePlan) -> tuple[C
     members = {name: CaptureReader(path / entry["dir"]) for name, entry in store["captures"]["envelope"].items()}
     return reference, truth, members, store.get("envelope_prompts", [])
 
+
+
+class GoldenStore:
+    """A golden store as the reference source of a run (precision.reference_side.ReferenceSource): the stored
+    reference, truth and envelope, checked against the run's model, tokenizer and prompts when opened."""
+
+    def __init__(self, path: str | Path):
+        self.stored_at = Path(path)
+
+    def check_specs(self) -> None:
+        load_store(self.stored_at)
+
+    def open(self, model: ModelInfo, plan: CapturePlan, out: Path, settings: CaptureSettings) -> CpuSide:
+        return CpuSide(*open_store(self.stored_at, model, plan))
+
+    def record(self) -> dict:
+        return {"reference": str(self.stored_at), "truth": "golden store", "envelope": "golden store"}

@@ -23,15 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from precision.analysis.verdict import Status, Thresholds, Verdict
-from precision.backends import BackendOptions
-from precision.capture.reader import CaptureReader
-from precision.capture.sites import LOGITS
+from precision import (BackendOptions, CapturedReference, CaptureReader, CaptureSettings, Status, Thresholds, Verdict, capture_role,
+                       compare_and_report, plan_from_prompts, resolve_model)
 from precision.errors import PrecisionError
 from precision.io import write_json_atomic
+from precision.names import LOGITS, RELATIVE_L2, layer_site
 from precision.outputs import claim_output_dir
-from precision.pipeline import RunConfig, capture_cpu_side, capture_role, compare_and_report, resolve_model
-from precision.planning import plan_from_prompts
 
 log = logging.getLogger(__name__)
 SCALE_SWEEP = (1e-2, 3e-3, 1e-3, 3e-4, 1e-4)
@@ -40,6 +37,11 @@ BIAS = 5.0
 BIAS_SWEEP = (2.0, 1.0, 0.5, 0.25, 0.125, 0.0625)
 """Powers of two, so adding one to a BF16 logit is the bias itself wherever the logit's ULP allows it."""
 NAN_LAYER, NAN_POSITION = 1, 3
+MAX_NEW_TOKENS = 16
+"""Continuation length of every selftest prompt: enough generated positions for the flips, short enough to keep
+the dozens of case captures fast."""
+SELFTEST_FORMAT = "precision-check-selftest"
+SELFTEST_SCHEMA_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -96,11 +98,11 @@ def default_cases(num_layers: int, *, sweep: bool | Iterable[str] = True, bias_t
     if unknown:
         raise PrecisionError(f"unknown sensitivity sweep(s) {sorted(unknown)}; choose from {list(SWEEPS)}")
     middle = num_layers // 2
-    nan_site = f"layer.{NAN_LAYER}"
+    nan_site = layer_site(NAN_LAYER)
     cases = [
         Case("reordered reduction", ("permute-k:7",), Status.PASS, None),
-        Case(f"bf16 accumulation in layer {middle}", (f"fault:bf16-accum:{middle}",), Status.FAIL, f"layer.{middle}"),
-        Case(f"layer {middle} weight x (1 + 1e-2)", (f"fault:scale-weight:{middle}:1.01",), Status.FAIL, f"layer.{middle}"),
+        Case(f"bf16 accumulation in layer {middle}", (f"fault:bf16-accum:{middle}",), Status.FAIL, layer_site(middle)),
+        Case(f"layer {middle} weight x (1 + 1e-2)", (f"fault:scale-weight:{middle}:1.01",), Status.FAIL, layer_site(middle)),
         Case(f"NaN in layer {NAN_LAYER} at position {NAN_POSITION}", (f"fault:nan:{NAN_LAYER}:{NAN_POSITION}",), Status.FAIL, nan_site, position=NAN_POSITION),
         # Same row, another column: a per-tensor (or per-row) non-finite check sees "both sides have a NaN here".
         Case(f"NaN in layer {NAN_LAYER} at position {NAN_POSITION} against a reference NaN at another element",
@@ -108,15 +110,15 @@ def default_cases(num_layers: int, *, sweep: bool | Iterable[str] = True, bias_t
              reference_variants=(f"fault:nan:{NAN_LAYER}:{NAN_POSITION}:0",)),
     ]
     if bias_token is not None:
-        cases.append(Case(bias_case_name(bias_token, BIAS), (f"fault:logit-bias:{bias_token}:{BIAS!r}",), Status.FAIL, "logits", real_flips=True))
+        cases.append(Case(bias_case_name(bias_token, BIAS), (f"fault:logit-bias:{bias_token}:{BIAS!r}",), Status.FAIL, LOGITS, real_flips=True))
     if "weight scale" in sweeps:
-        cases += [Case(f"layer {middle} weight x (1 + {eps:g})", (f"fault:scale-weight:{middle}:{1 + eps!r}",), Status.FAIL, f"layer.{middle}", sweep="weight scale")
+        cases += [Case(f"layer {middle} weight x (1 + {eps:g})", (f"fault:scale-weight:{middle}:{1 + eps!r}",), Status.FAIL, layer_site(middle), sweep="weight scale")
                   for eps in SCALE_SWEEP[1:]]
     if "bf16 accumulation" in sweeps:
-        cases += [Case(f"bf16 accumulation in layer {i}", (f"fault:bf16-accum:{i}",), Status.FAIL, f"layer.{i}", sweep="bf16 accumulation")
+        cases += [Case(f"bf16 accumulation in layer {i}", (f"fault:bf16-accum:{i}",), Status.FAIL, layer_site(i), sweep="bf16 accumulation")
                   for i in range(num_layers) if i != middle]
     if "logit bias" in sweeps and bias_token is not None:
-        cases += [Case(bias_case_name(bias_token, bias), (f"fault:logit-bias:{bias_token}:{bias!r}",), Status.FAIL, "logits", sweep="logit bias")
+        cases += [Case(bias_case_name(bias_token, bias), (f"fault:logit-bias:{bias_token}:{bias!r}",), Status.FAIL, LOGITS, sweep="logit bias")
                   for bias in BIAS_SWEEP]
     return cases
 
@@ -146,7 +148,7 @@ def runner_up_token(reference: CaptureReader) -> int:
 
 
 def _real_flips(comparison: dict) -> tuple[int, int]:
-    flips = [f for prompt in comparison["prompts"] for f in prompt.get("logits", {}).get("flips", [])]
+    flips = [f for prompt in comparison["prompts"] for f in prompt.get(LOGITS, {}).get("flips", [])]
     return sum(not f["near_tie"] for f in flips), len(flips)
 
 
@@ -158,10 +160,10 @@ def _fails_with(verdict: Verdict, rule: str) -> bool:
 def run_selftest(prompts: Path, out: Path, *, model: Path | None = None, sweep: bool | Iterable[str] = True, force: bool = False,
                  thresholds: Thresholds | None = None, show_progress: bool = False) -> list[CaseResult]:
     info = resolve_model(model)
-    config = RunConfig(prompts=prompts, out=out, model=model, force=force, show_progress=show_progress, max_new_tokens=16)
-    plan = plan_from_prompts(prompts, info, max_new_tokens=config.max_new_tokens)
+    plan = plan_from_prompts(prompts, info, max_new_tokens=MAX_NEW_TOKENS)
+    settings = CaptureSettings(show_progress=show_progress)
     with claim_output_dir(out, "selftest", force=force, complete_marker="selftest.json", inputs=[info.path, prompts], can_resume=False):
-        results = _run_cases(info, plan, out, config, sweep, thresholds)
+        results = _run_cases(info, plan, out, settings, sweep, thresholds)
         write_json_atomic(out / "selftest.json", selftest_record(results))
     return results
 
@@ -169,6 +171,8 @@ def run_selftest(prompts: Path, out: Path, *, model: Path | None = None, sweep: 
 def selftest_record(results: list[CaseResult]) -> dict:
     """selftest.json: every case with its expectation and outcome, and the sensitivity lines."""
     return {
+        "format": SELFTEST_FORMAT,
+        "schema_version": SELFTEST_SCHEMA_VERSION,
         "cases": [{"name": r.case.name, "variants": list(r.case.variants), "reference_variants": list(r.case.reference_variants),
                    "expected": r.case.expected.value, "verdict": r.verdict.status.value, "named_site": r.named_site, "rule": r.rule,
                    "ok": r.ok, "changed": r.changed, "real_flips": r.real_flips, "flips": r.flips} for r in results],
@@ -176,34 +180,35 @@ def selftest_record(results: list[CaseResult]) -> dict:
     }
 
 
-def _run_cases(info, plan, out: Path, config: RunConfig, sweep, thresholds: Thresholds | None) -> list[CaseResult]:
-    from precision.analysis.replay import Replayer
+def _run_cases(info, plan, out: Path, settings: CaptureSettings, sweep, thresholds: Thresholds | None) -> list[CaseResult]:
+    from precision import Replayer
 
-    cpu = capture_cpu_side(info, plan, out, config)
-    reference, truth, members, envelope_ids, following = cpu.reference, cpu.truth, cpu.members, cpu.envelope_prompts, cpu.following
-    replayer = Replayer(info.path, reference.dtype)
-    bias_token = runner_up_token(reference)
+    source = CapturedReference()
+    cpu = source.open(info, plan, out, settings)
+    replayer = Replayer(info.path, cpu.reference.dtype)
+    bias_token = runner_up_token(cpu.reference)
     log.info("logit-bias cases bias token %d, most often the reference's runner-up", bias_token)
     results = []
     for index, case in enumerate(default_cases(info.num_layers, sweep=sweep, bias_token=bias_token)):
         case_dir = out / "cases" / f"{index:02d}"
         with claim_output_dir(case_dir, "selftest-case", complete_marker="summary.json", can_resume=False):
-            results.append(_run_case(case, index, case_dir, info, following, out, config, reference, truth, members, envelope_ids,
-                                     replayer, thresholds))
+            results.append(_run_case(case, index, case_dir, info, out, source.reference, cpu, settings, replayer, thresholds))
         log.info("%s: %s (%s at %s)", case.name, results[-1].verdict.status.value, results[-1].rule, results[-1].named_site)
     return results
 
 
-def _run_case(case: Case, index: int, case_dir: Path, info, following, out: Path, config: RunConfig, reference, truth, members,
-              envelope_ids, replayer, thresholds: Thresholds | None) -> CaseResult:
-    options = BackendOptions(variants=case.variants)
-    target = capture_role(f"../cases/{index:02d}/target", config.reference, info, following, out, config, options=options)
-    expected, case_members = reference, members
+def _run_case(case: Case, index: int, case_dir: Path, info, out: Path, spec: str, cpu, settings: CaptureSettings, replayer,
+              thresholds: Thresholds | None) -> CaseResult:
+    """Capture the case's target (and its planted reference) fed the reference's tokens, then compare and judge.
+    The captures live under ``out/cases/NN`` (capture_role puts a role under ``out/captures``)."""
+    following = cpu.following
+    target = capture_role(f"../cases/{index:02d}/target", spec, info, following, out, settings, options=BackendOptions(variants=case.variants))
+    expected, members = cpu.reference, cpu.members
     if case.reference_variants:
-        expected = capture_role(f"../cases/{index:02d}/reference", config.reference, info, following, out, config,
+        expected = capture_role(f"../cases/{index:02d}/reference", spec, info, following, out, settings,
                                 options=BackendOptions(variants=case.reference_variants))
-        case_members = None  # the envelope members were measured against the unmodified reference
-    result = compare_and_report(expected, target, truth, case_dir, members=case_members, envelope_prompts=envelope_ids,
+        members = None  # the envelope members were measured against the unmodified reference
+    result = compare_and_report(expected, target, cpu.truth, case_dir, members=members, envelope_prompts=cpu.envelope_prompts,
                                 replayer=replayer, thresholds=thresholds, show_progress=False)
     return _judge_case(case, result.verdict, result.comparison)
 
@@ -217,7 +222,7 @@ def _judge_case(case: Case, verdict: Verdict, comparison: dict) -> CaseResult:
         ok = first is not None and first["site"] == case.site and first["position"] == case.position
     if ok and case.real_flips:
         ok = real > 0 and _fails_with(verdict, "real-flip")
-    changed = any(row["relative_l2"] != 0.0 for row in comparison["sites"]) or first is not None
+    changed = any(row[RELATIVE_L2] != 0.0 for row in comparison["sites"]) or first is not None
     return CaseResult(case, verdict, site, rule, ok, changed, real_flips=real, flips=flips)
 
 
@@ -261,7 +266,7 @@ def _bias_sensitivity(results: list[CaseResult]) -> str | None:
     lm_head's local error before it is large enough to overturn any reference top-1."""
     if not results:
         return None
-    caught = [_bias(r) for r in results if r.changed and r.verdict.status is Status.FAIL and r.named_site == "logits"]
+    caught = [_bias(r) for r in results if r.changed and r.verdict.status is Status.FAIL and r.named_site == LOGITS]
     flipping = [_bias(r) for r in results if r.real_flips > 0]
     missed = sorted((_bias(r) for r in results if r.changed and _bias(r) not in caught), reverse=True)
     vanished = sorted((_bias(r) for r in results if not r.changed), reverse=True)

@@ -1,4 +1,6 @@
-"""Command line: argument parsing and exit codes only; the work is done by the importable API.
+"""Command line: every command parses its arguments, checks their values (precision.cli.values), makes ONE call
+into the public API (``precision``) and turns the result into printed lines and an exit code. No capturing,
+comparing, rendering or file writing happens here; the exit codes live only here.
 
 Exit codes: 0 pass (or warn), 1 a verdict or regression failed, 2 bad input or configuration (one line naming
 the problem and the fix), 3 an internal error (one line; the traceback is saved to a file the line names).
@@ -7,9 +9,7 @@ Nothing here imports torch or vLLM at module level, so ``precision-check --help`
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 import shlex
 import sys
 import tempfile
@@ -17,211 +17,78 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
+from precision.cli import values
 from precision.cli.parser import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERNAL, EXIT_OK, build_parser
 from precision.errors import PrecisionError
 
-_BARE_WORD = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:/+-]*$")
 log = logging.getLogger("precision")
 
 
-def _engine_args(pairs: list[str], additional_config: str | None) -> dict:
-    args: dict = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise PrecisionError(f"--engine-arg {pair!r}: write it as key=value, e.g. --engine-arg max_num_seqs=1")
-        try:
-            args[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            # A bare word (bfloat16, fp8, auto) is a string; anything else that is not JSON is a typo that
-            # vLLM would only reject after the whole CPU side was captured (max_model_len=2O48).
-            if not _BARE_WORD.match(value):
-                raise PrecisionError(f"--engine-arg {pair!r}: {value!r} is neither JSON nor a plain word; write numbers as numbers "
-                                     f"(max_model_len=2048) and other strings in JSON quotes ({key.strip()}='\"...\"')") from None
-            args[key.strip()] = value
-    if additional_config:
-        try:
-            args["additional_config"] = json.loads(additional_config)
-        except (json.JSONDecodeError, RecursionError) as exc:
-            raise PrecisionError(f"--additional-config is not valid JSON ({exc}); pass an object like '{{\"ascend_scheduler_config\": {{}}}}'") from exc
-        if not isinstance(args["additional_config"], dict):
-            raise PrecisionError("--additional-config must be a JSON object, like '{\"ascend_scheduler_config\": {}}'")
-    return args
-
-
-def _selection(args):
-    from precision.capture.sites import CaptureSelection
-
-    return CaptureSelection.parse(args.positions, args.layers)
-
-
-def _config_table(path: str | None, table: str) -> dict:
-    if path is None:
-        return {}
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
-    try:
-        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise PrecisionError(f"cannot read config file {path}: {exc}") from exc
-    return data.get(table, {})
-
-
-def _overrides(pairs: list[str] | None, flag: str) -> dict:
-    values = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        try:
-            values[key.strip()] = float(value)
-        except ValueError:
-            sep = ""
-        if not sep:
-            raise PrecisionError(f"{flag} {pair!r}: write it as name=number, e.g. {flag} r_logits_fail=1.3")
-    return values
-
-
-def _thresholds(path: str | None, pairs: list[str] | None = None):
-    """Verdict thresholds: command line over the config file's [thresholds] table over the defaults."""
-    from precision.analysis.verdict import Thresholds
-
-    return Thresholds.from_mapping({**_config_table(path, "thresholds"), **_overrides(pairs, "--threshold")})
-
-
 def _run(args) -> int:
-    from precision.analysis.envelope import DEFAULT_MEMBERS
-    from precision.pipeline import RunConfig, run
+    from precision import DEFAULT_ENVELOPE, RunConfig, run
 
     out = Path(args.out) if args.out else Path("runs") / datetime.now(timezone.utc).strftime("run-%Y%m%d-%H%M%S")
     config = RunConfig(
-        prompts=Path(args.prompts), out=out, model=Path(args.model) if args.model else None,
+        prompts=Path(args.prompts), out=out, model=values.optional_path(args.model),
         reference=args.reference, target=args.target, truth=None if args.truth.lower() == "none" else args.truth,
-        max_new_tokens=args.max_new_tokens, selection=_selection(args),
-        engine_args=_engine_args(args.engine_arg, args.additional_config), trust_remote_code=args.trust_remote_code,
-        thresholds=_thresholds(args.config, args.threshold), force=args.force, resume=args.resume, command=args.command_line,
-        target_model=Path(args.target_model) if args.target_model else None, target_variants=tuple(args.target_variant),
-        envelope=DEFAULT_MEMBERS if args.envelope == "default" else (), replay=not args.no_replay, repeats=args.repeats,
+        max_new_tokens=args.max_new_tokens, selection=values.selection(args),
+        engine_args=values.engine_args(args.engine_arg, args.additional_config), trust_remote_code=args.trust_remote_code,
+        thresholds=values.thresholds(args.config, args.threshold), force=args.force, resume=args.resume, command=args.command_line,
+        target_model=values.optional_path(args.target_model), target_variants=tuple(args.target_variant),
+        envelope=DEFAULT_ENVELOPE if args.envelope == "default" else (), replay=not args.no_replay, repeats=args.repeats,
         metric_convention=args.metric_convention,
         show_progress=not args.quiet,
     )
-    result = run(config)
-    if args.junit:
-        from precision.report.junit import write_junit
-
-        write_junit(args.junit, result.verdict, timestamp=result.comparison["created_at"])
+    result = run(config, junit=args.junit)
     return _finish(result.verdict, result.files)
 
 
 def _capture(args) -> int:
-    from precision.backends import BackendOptions, create_backend, parse_spec
-    from precision.capture.reader import CaptureReader
-    from precision.capture.writer import CapturePlan, capture
-    from precision.pipeline import resolve_model
-    from precision.planning import plan_from_prompts
+    from precision import capture_backend
 
-    spec = parse_spec(args.backend)
-    _check_count(args.max_new_tokens, "--max-new-tokens", upper=4096)
-    model = resolve_model(Path(args.model) if args.model else None)
-    options = BackendOptions(trust_remote_code=args.trust_remote_code, engine_args=_engine_args(args.engine_arg, args.additional_config))
-    backend = create_backend(spec, model, options)
-    backend.validate()
-    if args.teacher_forcing:
-        plan = CapturePlan.following(CaptureReader(args.teacher_forcing))
-    elif args.prompts:
-        plan = plan_from_prompts(args.prompts, model, max_new_tokens=args.max_new_tokens, trust_remote_code=args.trust_remote_code)
-    else:
-        raise PrecisionError("capture needs --prompts (for a reference) or --teacher-forcing REFERENCE_CAPTURE (for a target)")
-    reader = capture(backend, plan, Path(args.out), selection=_selection(args), resume=args.resume, force=args.force)
-    print(f"captured {len(reader.prompts)} prompts with {spec} into {reader.path}")
+    reader = capture_backend(args.backend, args.out, model=args.model, prompts=args.prompts, teacher_forcing=args.teacher_forcing,
+                             max_new_tokens=args.max_new_tokens, selection=values.selection(args),
+                             engine_args=values.engine_args(args.engine_arg, args.additional_config),
+                             trust_remote_code=args.trust_remote_code, resume=args.resume, force=args.force)
+    print(f"captured {len(reader.prompts)} prompts with {reader.manifest['backend']['spec']} into {reader.path}")
     return EXIT_OK
 
 
 def _compare(args) -> int:
-    from precision.capture.reader import CaptureReader
-    from precision.outputs import claim_output_dir
+    from precision import compare
 
-    expected, actual = CaptureReader(args.expected), CaptureReader(args.actual)
-    truth = CaptureReader(args.truth) if args.truth else None
-    if args.envelope_dir and not Path(args.envelope_dir).is_dir():
-        raise PrecisionError(f"--envelope-dir {args.envelope_dir} is not a directory; pass captures/envelope of a run or a golden store")
-    model_path = expected.manifest["model"].get("path")
-    if args.replay and not (model_path and Path(model_path).is_dir()):
-        raise PrecisionError(f"--replay needs the reference model at {model_path}, which is not on this machine; compare without --replay "
-                             "(the report then says the replay was skipped), or run where the model is")
-    out = Path(args.out)
-    inputs = [args.expected, args.actual, args.truth, args.envelope_dir]
-    with claim_output_dir(out, "comparison", force=args.force, complete_marker="comparison.json", inputs=inputs, can_resume=False):
-        return _compare_into(args, out, expected, actual, truth)
-
-
-def _compare_into(args, out: Path, expected, actual, truth) -> int:
-    from precision.analysis.compare import compare_captures
-    from precision.analysis.explain import build_analysis
-    from precision.analysis.replay import Replayer
-    from precision.capture.reader import CaptureReader
-    from precision.io import write_json_atomic
-
-    comparison = compare_captures(expected, actual, truth=truth, show_progress=not args.quiet, metric_convention=args.metric_convention)
-    members, envelope_ids = {}, None
-    if args.envelope_dir:
-        members = {p.name: CaptureReader(p) for p in sorted(Path(args.envelope_dir).iterdir()) if p.is_dir()}
-        envelope_ids = sorted(set.intersection(*({r.id for r in m.prompts} for m in members.values()))) if members else None
-    replayer = Replayer(expected.manifest["model"]["path"], expected.dtype) if args.replay else None
-    comparison["analysis"] = build_analysis(comparison, reference=expected, target=actual, members=members or None,
-                                            envelope_prompts=envelope_ids, replayer=replayer)
-    write_json_atomic(out / "comparison.json", comparison)
-    print(f"wrote {out / 'comparison.json'}")
+    path = compare(args.expected, args.actual, args.out, truth=args.truth, envelope_dir=args.envelope_dir, replay=args.replay,
+                   metric_convention=args.metric_convention, force=args.force, show_progress=not args.quiet)
+    print(f"wrote {path}")
     return EXIT_OK
 
 
 def _report(args) -> int:
-    from precision.analysis.verdict import judge
-    from precision.io import read_result_json
-    from precision.outputs import claim_for_update
-    from precision.report import write_report
+    from precision import render_report
 
-    path = Path(args.comparison)
-    path = path / "comparison.json" if path.is_dir() else path
-    try:
-        comparison = read_result_json(path)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise PrecisionError(f"cannot read comparison {path}: {exc}; pass the comparison.json written by 'precision-check compare'") from exc
-    if not isinstance(comparison, dict) or comparison.get("format") != "precision-check-comparison":
-        raise PrecisionError(f"{path} is not a precision-check comparison.json")
-    thresholds = _thresholds(args.config, args.threshold)
-    out = Path(args.out) if args.out else path.parent
-    with claim_for_update(out, ("run", "comparison", "selftest-case"), new_kind="comparison"):
-        try:
-            verdict = judge(comparison, thresholds)
-            files = write_report(out, comparison, verdict, command=args.command_line)
-        except (KeyError, TypeError, AttributeError, IndexError) as exc:
-            raise PrecisionError(f"{path} is damaged or of another version (missing or malformed {exc}); "
-                                 "recreate it with 'precision-check compare'") from exc
-    return _finish(verdict, files)
+    result = render_report(args.comparison, out=args.out, thresholds=values.thresholds(args.config, args.threshold), command=args.command_line)
+    return _finish(result.verdict, result.files)
 
 
 def _selftest(args) -> int:
-    from precision.selftest import all_as_expected, format_table, run_selftest, sensitivity
+    from precision import self_test
 
-    prompts = Path(args.prompts) if args.prompts else Path(__file__).resolve().parents[2] / "golden" / "default.jsonl"
     out = Path(args.out) if args.out else Path("runs") / datetime.now(timezone.utc).strftime("selftest-%Y%m%d-%H%M%S")
     sweep = tuple(args.sweep) if args.sweep else not args.no_sweep
-    results = run_selftest(prompts, out, model=Path(args.model) if args.model else None, sweep=sweep, force=args.force,
-                           show_progress=not args.quiet)
-    print(format_table(results))
+    outcome = self_test(out, prompts=args.prompts, model=args.model, sweep=sweep, force=args.force, show_progress=not args.quiet)
+    print(outcome.table)
     print("\nsensitivity (smallest planted error still failed at the right layer):")
-    for check, text in sensitivity(results).items():
+    for check, text in outcome.sensitivity.items():
         print(f"  {check}: {text}")
     print(f"details: {out}/selftest.json and {out}/cases/*/report.html")
-    return EXIT_OK if all_as_expected(results) else EXIT_FAILED
+    return EXIT_OK if outcome.as_expected else EXIT_FAILED
 
 
 def _golden(args) -> int:
-    from precision.golden import create_store, verify_store
+    from precision import create_store, verify_store
 
     if args.golden_command == "create":
-        store = create_store(Path(args.prompts), Path(args.out), model=Path(args.model) if args.model else None, force=args.force,
+        store = create_store(Path(args.prompts), Path(args.out), model=values.optional_path(args.model), force=args.force,
                              show_progress=not args.quiet)
         print(f"golden store {args.out}: {len(store['prompt_ids'])} prompts, reference + truth + {len(store['captures']['envelope'])} envelope captures; "
               f"compact form {store['compact']['bytes'] / 1024:.0f} KiB")
@@ -234,41 +101,24 @@ def _golden(args) -> int:
 
 
 def _regress(args) -> int:
-    import jinja2
+    from precision import regress
 
-    from precision.analysis.regress import RegressTolerance, regress
-    from precision.io import write_json_atomic, write_text_atomic
-    from precision.outputs import claim_for_update
-    from precision.report import TEMPLATE_DIR
-
-    tolerance = RegressTolerance.from_mapping({**_config_table(args.config, "regress"), **_overrides(args.tolerance, "--tolerance")})
-    result = regress(Path(args.baseline), Path(args.candidate), tolerance)
-    out = Path(args.out) if args.out else Path(args.candidate)
-    with claim_for_update(out, ("run", "comparison"), new_kind="comparison"):
-        write_json_atomic(out / "regression.json", result)
-        template = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)), trim_blocks=True, lstrip_blocks=True).get_template("regression.md.j2")
-        write_text_atomic(out / "regression.md", template.render(r=result))
-    if args.junit:
-        from precision.environment import utc_now
-        from precision.report.junit import write_junit
-
-        write_junit(args.junit, None, regression=result, timestamp=utc_now())
-    print(f"regress: {result['status']}: {result['message']}")
-    print(f"  regression.md: {out / 'regression.md'}")
-    return EXIT_FAILED if result["status"] == "FAIL" else EXIT_OK
+    outcome = regress(args.baseline, args.candidate, out=args.out, tolerance=values.tolerance(args.config, args.tolerance), junit=args.junit)
+    print(f"regress: {outcome.result['status']}: {outcome.result['message']}")
+    print(f"  regression.md: {outcome.files['regression.md']}")
+    return EXIT_FAILED if outcome.result["status"] == "FAIL" else EXIT_OK
 
 
 def _plant_fault(args) -> int:
-    from precision.faults import write_scaled_checkpoint
-    from precision.model import inspect_model
+    from precision import plant_fault
 
-    path = write_scaled_checkpoint(inspect_model(args.model), Path(args.out), layer=args.layer, factor=args.factor, force=args.force)
+    path = plant_fault(args.model, args.out, layer=args.layer, factor=args.factor, force=args.force)
     print(f"wrote {path}: layer {args.layer} down_proj weight x {args.factor}")
     return EXIT_OK
 
 
 def _verify(args) -> int:
-    from precision.verify import verify_run
+    from precision import verify_run
 
     notes: list[str] = []
     problems = verify_run(args.run_dir, notes)
@@ -330,8 +180,3 @@ def _save_traceback(command_line: str) -> str:
         handle.write(f"{command_line}\n\n{traceback.format_exc()}")
     return handle.name
 
-
-def _check_count(value: int, flag: str, *, lower: int = 1, upper: int | None = None) -> None:
-    if value < lower or (upper is not None and value > upper):
-        bounds = f"between {lower} and {upper}" if upper is not None else f"at least {lower}"
-        raise PrecisionError(f"{flag} {value}: must be {bounds}")

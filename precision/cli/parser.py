@@ -26,9 +26,9 @@ def _add_capture_options(p: argparse.ArgumentParser) -> None:
 
 
 def _selftest_sweeps() -> tuple[str, ...]:
-    from precision.selftest import SWEEPS
+    from precision import SELFTEST_SWEEPS
 
-    return tuple(SWEEPS)
+    return tuple(SELFTEST_SWEEPS)
 
 
 def _add_convention_option(p: argparse.ArgumentParser) -> None:

@@ -1,4 +1,5 @@
-"""Rendering findings: report.html (self-contained), summary.md (for a model card), summary.json."""
+"""Rendering findings: report.html (self-contained), summary.md (for a model card), summary.json; and a
+regression's regression.json and regression.md. Reports render measurements; they never run a model."""
 
 from __future__ import annotations
 
@@ -81,4 +82,16 @@ def write_report(out_dir: str | Path, comparison: dict, verdict: Verdict, *, com
     write_text_atomic(paths["report.html"], env.get_template("report.html.j2").render(**view))
     write_text_atomic(paths["summary.md"], markdown_env.get_template("summary.md.j2").render(**view))
     write_json_atomic(paths["summary.json"], summary_json(comparison, verdict))
+    return paths
+
+
+def write_regression(out_dir: str | Path, regression: dict, *, template_dir: Path = TEMPLATE_DIR) -> dict[str, Path]:
+    """Write regression.json and regression.md (from ``precision.analysis.regress.regress``) into ``out_dir``."""
+    import jinja2
+
+    out_dir = Path(out_dir)
+    paths = {"regression.json": out_dir / "regression.json", "regression.md": out_dir / "regression.md"}
+    write_json_atomic(paths["regression.json"], regression)
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(template_dir)), trim_blocks=True, lstrip_blocks=True)
+    write_text_atomic(paths["regression.md"], env.get_template("regression.md.j2").render(r=regression))
     return paths

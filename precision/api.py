@@ -1,0 +1,186 @@
+"""The actions of the command line as functions: each reads its inputs, claims its output directory, does the work
+and writes its files. The CLI parses and validates arguments, makes one call here (or to another function the
+public API exports) and turns the returned result into printed lines and an exit code; nothing here knows exit
+codes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from precision.errors import PrecisionError
+
+DEFAULT_SELFTEST_PROMPTS = Path(__file__).resolve().parents[1] / "golden" / "default.jsonl"
+COMPARISON_FORMAT = "precision-check-comparison"
+
+
+def run(config, source=None, *, junit: str | Path | None = None):
+    """``precision.pipeline.run`` with ``config.reference`` opened as a golden store when it is one, and the JUnit
+    XML written to ``junit`` when given."""
+    from precision.golden import GoldenStore, is_store
+    from precision.pipeline import run as run_pipeline
+
+    if source is None and is_store(config.reference):
+        source = GoldenStore(config.reference)
+    result = run_pipeline(config, source)
+    if junit:
+        from precision.report.junit import write_junit
+
+        write_junit(junit, result.verdict, timestamp=result.comparison["created_at"])
+    return result
+
+
+def capture_backend(spec: str, out: str | Path, *, model: str | Path | None = None, prompts: str | Path | None = None,
+                    teacher_forcing: str | Path | None = None, max_new_tokens: int = 32, selection=None,
+                    engine_args: dict | None = None, trust_remote_code: bool = False, resume: bool = False, force: bool = False):
+    """Capture one backend into ``out``: a reference from ``prompts``, or a target fed a reference capture's tokens
+    (``teacher_forcing``). Returns the CaptureReader of ``out``."""
+    from precision.backends import BackendOptions, create_backend, parse_spec
+    from precision.capture.reader import CaptureReader
+    from precision.capture.writer import CapturePlan, capture
+    from precision.planning import plan_from_prompts
+    from precision.prompts import MAX_NEW_TOKENS_LIMIT
+    from precision.reference_side import resolve_model
+
+    parsed = parse_spec(spec)
+    if not 1 <= max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+        raise PrecisionError(f"--max-new-tokens {max_new_tokens}: must be between 1 and {MAX_NEW_TOKENS_LIMIT}")
+    info = resolve_model(Path(model) if model else None)
+    options = BackendOptions(trust_remote_code=trust_remote_code, engine_args=engine_args or {})
+    backend = create_backend(parsed, info, options)
+    backend.validate()
+    if teacher_forcing:
+        plan = CapturePlan.following(CaptureReader(teacher_forcing))
+    elif prompts:
+        plan = plan_from_prompts(prompts, info, max_new_tokens=max_new_tokens, trust_remote_code=trust_remote_code)
+    else:
+        raise PrecisionError("capture needs --prompts (for a reference) or --teacher-forcing REFERENCE_CAPTURE (for a target)")
+    kwargs = {"selection": selection} if selection is not None else {}
+    return capture(backend, plan, Path(out), resume=resume, force=force, **kwargs)
+
+
+def compare(expected: str | Path, actual: str | Path, out: str | Path, *, truth: str | Path | None = None,
+            envelope_dir: str | Path | None = None, replay: bool = False, metric_convention: str = "precision-check",
+            force: bool = False, show_progress: bool = True) -> Path:
+    """Compare two capture directories (and the truth, the envelope members, the layer replay) into
+    ``out/comparison.json``; returns its path."""
+    from precision.capture.reader import CaptureReader
+    from precision.outputs import claim_output_dir
+
+    reference, target = CaptureReader(expected), CaptureReader(actual)
+    truth_reader = CaptureReader(truth) if truth else None
+    if envelope_dir and not Path(envelope_dir).is_dir():
+        raise PrecisionError(f"--envelope-dir {envelope_dir} is not a directory; pass captures/envelope of a run or a golden store")
+    model_path = reference.manifest["model"].get("path")
+    if replay and not (model_path and Path(model_path).is_dir()):
+        raise PrecisionError(f"--replay needs the reference model at {model_path}, which is not on this machine; compare without --replay "
+                             "(the report then says the replay was skipped), or run where the model is")
+    out = Path(out)
+    inputs = [expected, actual, truth, envelope_dir]
+    with claim_output_dir(out, "comparison", force=force, complete_marker="comparison.json", inputs=inputs, can_resume=False):
+        return _compare_into(out, reference, target, truth_reader, envelope_dir, replay, metric_convention, show_progress)
+
+
+def _compare_into(out: Path, expected, actual, truth, envelope_dir, replay: bool, metric_convention: str, show_progress: bool) -> Path:
+    from precision.analysis.replay import Replayer
+    from precision.capture.reader import CaptureReader
+    from precision.io import write_json_atomic
+    from precision.pipeline import analysed_comparison
+
+    members, envelope_ids = {}, None
+    if envelope_dir:
+        members = {p.name: CaptureReader(p) for p in sorted(Path(envelope_dir).iterdir()) if p.is_dir()}
+        envelope_ids = sorted(set.intersection(*({r.id for r in m.prompts} for m in members.values()))) if members else None
+    replayer = Replayer(expected.manifest["model"]["path"], expected.dtype) if replay else None
+    comparison = analysed_comparison(expected, actual, truth, members=members or None, envelope_prompts=envelope_ids, replay=False,
+                                     replayer=replayer, show_progress=show_progress, metric_convention=metric_convention)
+    write_json_atomic(out / "comparison.json", comparison)
+    return out / "comparison.json"
+
+
+def render_report(comparison: str | Path, *, out: str | Path | None = None, thresholds=None, command: str | None = None):
+    """Judge a comparison.json (or the directory holding it) and write report.html, summary.md and summary.json
+    beside it or into ``out``. Returns a ``precision.pipeline.RunResult``."""
+    from precision.analysis.verdict import judge
+    from precision.io import read_result_json
+    from precision.outputs import claim_for_update
+    from precision.pipeline import RunResult
+    from precision.report import write_report
+
+    path = Path(comparison)
+    path = path / "comparison.json" if path.is_dir() else path
+    try:
+        document = read_result_json(path)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise PrecisionError(f"cannot read comparison {path}: {exc}; pass the comparison.json written by 'precision-check compare'") from exc
+    if not isinstance(document, dict) or document.get("format") != COMPARISON_FORMAT:
+        raise PrecisionError(f"{path} is not a precision-check comparison.json")
+    out = Path(out) if out else path.parent
+    with claim_for_update(out, ("run", "comparison", "selftest-case"), new_kind="comparison"):
+        try:
+            verdict = judge(document, thresholds)
+            files = write_report(out, document, verdict, command=command)
+        except (KeyError, TypeError, AttributeError, IndexError) as exc:
+            raise PrecisionError(f"{path} is damaged or of another version (missing or malformed {exc}); "
+                                 "recreate it with 'precision-check compare'") from exc
+    return RunResult(out=out, verdict=verdict, comparison=document, files=files)
+
+
+@dataclass(frozen=True)
+class Regression:
+    result: dict
+    """regression.json's content (precision.analysis.regress.regress)."""
+    files: dict[str, Path]
+
+
+def regress(baseline: str | Path, candidate: str | Path, *, out: str | Path | None = None, tolerance=None,
+            junit: str | Path | None = None) -> Regression:
+    """Compare a candidate build's run with a baseline build's run; write regression.json and regression.md into
+    ``out`` (default: the candidate run) and the JUnit XML to ``junit`` when given."""
+    from precision.analysis.regress import regress as regress_runs
+    from precision.outputs import claim_for_update
+    from precision.report import write_regression
+
+    result = regress_runs(Path(baseline), Path(candidate), tolerance)
+    out = Path(out) if out else Path(candidate)
+    with claim_for_update(out, ("run", "comparison"), new_kind="comparison"):
+        files = write_regression(out, result)
+    if junit:
+        from precision.environment import utc_now
+        from precision.report.junit import write_junit
+
+        write_junit(junit, None, regression=result, timestamp=utc_now())
+    return Regression(result, files)
+
+
+@dataclass(frozen=True)
+class Selftest:
+    out: Path
+    results: list
+    """One precision.selftest.CaseResult per case."""
+    table: str
+    sensitivity: dict[str, str]
+    as_expected: bool
+    """Every planted fault got its expected verdict (the sweeps measure sensitivity and are only reported)."""
+
+
+def self_test(out: str | Path, *, prompts: str | Path | None = None, model: str | Path | None = None,
+             sweep: bool | Iterable[str] = True, force: bool = False, show_progress: bool = True) -> Selftest:
+    """Plant faults in copies of the reference and check that the analysis catches them (precision.selftest)."""
+    from precision.selftest import all_as_expected, format_table, run_selftest, sensitivity
+
+    out = Path(out)
+    results = run_selftest(Path(prompts) if prompts else DEFAULT_SELFTEST_PROMPTS, out, model=Path(model) if model else None,
+                           sweep=sweep, force=force, show_progress=show_progress)
+    return Selftest(out, results, format_table(results), sensitivity(results), all_as_expected(results))
+
+
+def plant_fault(model: str | Path, out: str | Path, *, layer: int, factor: float, force: bool = False) -> Path:
+    """A copy of the checkpoint at ``model`` with ``layer``'s MLP down-projection weight scaled by ``factor``."""
+    from precision.faults import write_scaled_checkpoint
+    from precision.model import inspect_model
+
+    return write_scaled_checkpoint(inspect_model(model), Path(out), layer=layer, factor=factor, force=force)
