@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 
 from precision.analysis.compare import ratio
+from precision import names
 from precision.analysis.theory import rounding_floor
 from precision.capture import sites as site_names
 from precision.capture.reader import CaptureReader
@@ -106,7 +107,7 @@ class _Accumulator:
         return {
             "site": step_out,
             "input_site": step_in,
-            "local": local,
+            names.LOCAL_ERROR: local,
             "inherited": inherited,
             "input": input_err,
             "amplification": ratio(inherited, input_err) if input_err > 0 else None,
@@ -114,7 +115,7 @@ class _Accumulator:
             "rounding_floor": floor,
             # Least-squares gain of the local difference along the step's own update: a layer that computes
             # (1 + g) times its update has gain g; rounding noise has none (see the gain rule in verdict.py).
-            "local_gain": self.gain_num / self.update_den if self.update_den > 0 else None,
+            names.LOCAL_GAIN: self.gain_num / self.update_den if self.update_den > 0 else None,
             # The same gain of the reference's own BF16 rounding against FP32: BF16 rounding of a layer's output
             # is not free of correlation with its update, and a target in a wider dtype, close to FP32, shows
             # this much gain against the reference with no fault at all.
@@ -139,17 +140,13 @@ class Replayer:
         self._done: dict[tuple[str, str], list[dict]] = {}
 
     def _step(self, model, step_out: str, x):
-        import torch
+        from precision.backends import transformers_compat
 
-        decoder = model.model
         index = site_names.layer_index(step_out)
         if index is not None:
-            positions = torch.arange(x.shape[1]).unsqueeze(0)
-            embeddings = decoder.rotary_emb(x, positions)
-            out = decoder.layers[index](x, attention_mask=None, position_ids=positions, position_embeddings=embeddings)
-            return out[0] if isinstance(out, (tuple, list)) else out
+            return transformers_compat.run_decoder_layer(model, index, x)
         if step_out == site_names.FINAL_NORM:
-            return decoder.norm(x)
+            return model.model.norm(x)
         return model.lm_head(x)
 
     def replay(self, capture: CaptureReader, reference: CaptureReader) -> list[dict]:

@@ -12,31 +12,22 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
+from precision.backends import transformers_compat
 from precision.backends.base import Backend
 from precision.backends.torch_device import describe_device, resolve_device
-from precision.capture import sites
 from precision.capture.sites import CaptureSelection
 from precision.capture.tensorfile import write_tensor_file
 from precision.errors import BackendError, ModelError
+from precision.names import EMBED, FINAL_NORM, LOGITS, POSITIONS, layer_site
 
 log = logging.getLogger(__name__)
 
 
-def _first(output):
-    """Decoder layers return a tensor (transformers 5) or a tuple whose first element is it (4.x)."""
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
 def load_hf_model(path: str, dtype_name: str, device, *, trust_remote_code: bool = False):
     import torch
-    import transformers
-    from transformers import AutoModelForCausalLM
 
-    dtype = getattr(torch, dtype_name)
-    # transformers 5 renamed torch_dtype= to dtype=; 4.x only knows torch_dtype.
-    dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, use_safetensors=True, **{dtype_kw: dtype})
+        model = transformers_compat.load_causal_lm(path, getattr(torch, dtype_name), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, RuntimeError) as exc:  # safetensors' own errors derive from these
         raise ModelError(f"transformers cannot load the model at {path}: {exc}") from exc
     return model.to(device).eval()
@@ -59,20 +50,16 @@ class TransformersBackend(Backend):
             from precision.backends.variants import apply_variants
 
             apply_variants(self._model, self.options.variants)
-        decoder = getattr(self._model, "model", None)
-        if decoder is None or not all(hasattr(decoder, a) for a in ("embed_tokens", "layers", "norm")):
-            raise ModelError(f"{self.model.path}: {type(self._model).__name__} has no model.embed_tokens / layers / norm; only Llama-family decoders are supported")
-        self._decoder = decoder
+        self._decoder = transformers_compat.llama_decoder(self._model, self.model.path)
 
     def _deactivate_impl(self) -> None:
         self._model = self._decoder = None
 
     def _generate_impl(self, token_ids: list[int], max_new_tokens: int) -> Sequence[int]:
         import torch
-        from transformers import GenerationConfig
 
         stop = list(self.model.stop_token_ids)
-        config = GenerationConfig(
+        config = transformers_compat.generation_config(
             max_new_tokens=max_new_tokens,
             do_sample=False,
             eos_token_id=stop or None,
@@ -93,33 +80,32 @@ class TransformersBackend(Backend):
 
         def save(name: str):
             def hook(_module, _inputs, output):
-                captured[name] = _first(output)[0].index_select(0, keep).clone()
+                captured[name] = transformers_compat.layer_hidden_states(output)[0].index_select(0, keep).clone()
 
             return hook
 
-        handles = [self._decoder.embed_tokens.register_forward_hook(save(sites.EMBED))]
-        handles += [self._decoder.layers[i].register_forward_hook(save(sites.layer_site(i))) for i in layers]
-        handles.append(self._decoder.norm.register_forward_hook(save(sites.FINAL_NORM)))
+        handles = [self._decoder.embed_tokens.register_forward_hook(save(EMBED))]
+        handles += [self._decoder.layers[i].register_forward_hook(save(layer_site(i))) for i in layers]
+        handles.append(self._decoder.norm.register_forward_hook(save(FINAL_NORM)))
         try:
             ids = torch.tensor([token_ids], device=self._device)
             with torch.inference_mode():
                 self._decoder(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
-                captured[sites.LOGITS] = self._model.lm_head(captured[sites.FINAL_NORM])
+                captured[LOGITS] = self._model.lm_head(captured[FINAL_NORM])
         finally:
             for handle in handles:
                 handle.remove()
-        missing = {sites.EMBED, sites.FINAL_NORM} - set(captured)
+        missing = {EMBED, FINAL_NORM} - set(captured)
         if missing:
             raise BackendError(f"hooks did not fire for {sorted(missing)}; the model's forward does not call these modules")
-        captured[sites.POSITIONS] = torch.tensor(positions, dtype=torch.int64)
+        captured[POSITIONS] = torch.tensor(positions, dtype=torch.int64)
         write_tensor_file(path, captured)
 
     def _describe_impl(self) -> dict[str, Any]:
-        config = self._model.config
         return {
             "engine": "transformers",
             "dtype": self.spec.torch_dtype_name,
-            "attn_implementation": getattr(config, "_attn_implementation", None),
+            "attn_implementation": transformers_compat.attn_implementation(self._model),
             "settings": {"trust_remote_code": self.options.trust_remote_code, "seed": self.options.seed},
             "variants": list(self.options.variants),
             **describe_device(self._device),

@@ -21,9 +21,9 @@ Faults are not legitimate; they prove the analysis catches real bugs:
 from __future__ import annotations
 
 import math
-import types
 from dataclasses import dataclass
 
+from precision.backends.transformers_compat import layer_hidden_states, replace_forward, rms_norm_epsilon, set_attn_implementation
 from precision.errors import BackendError
 
 LEGITIMATE_KINDS = ("permute-k", "split-k", "attn", "norm", "mlp")
@@ -117,13 +117,13 @@ def _split_k(model, chunk: str) -> None:
         return total.to(x.dtype)
 
     for linear in _linears(model):
-        linear.forward = types.MethodType(forward, linear)
+        replace_forward(linear, forward)
 
 
 def _attention(model, implementation: str) -> None:
     if implementation != "eager":
         raise ValueError("only attn:eager is a variant (sdpa is the default)")
-    model.set_attn_implementation("eager")
+    set_attn_implementation(model, "eager")
 
 
 def _fused_norm(model, how: str) -> None:
@@ -132,14 +132,15 @@ def _fused_norm(model, how: str) -> None:
     if how != "fused":
         raise ValueError("use norm:fused")
 
-    def forward(self, x):
+    def forward(self, x, epsilon):
         h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + epsilon)
         return (h * self.weight.float()).to(x.dtype)
 
     for module in model.modules():
         if type(module).__name__.endswith("RMSNorm"):
-            module.forward = types.MethodType(forward, module)
+            epsilon = rms_norm_epsilon(module)
+            replace_forward(module, lambda self, x, epsilon=epsilon: forward(self, x, epsilon))
 
 
 def _fused_mlp(model, how: str) -> None:
@@ -151,7 +152,7 @@ def _fused_mlp(model, how: str) -> None:
         return self.down_proj((self.act_fn(gate.float()) * up.float()).to(x.dtype))
 
     for layer in model.model.layers:
-        layer.mlp.forward = types.MethodType(forward, layer.mlp)
+        replace_forward(layer.mlp, forward)
 
 
 def _layer(model, index: str):
@@ -174,7 +175,7 @@ def _bf16_accumulation(model, layer: str) -> None:
         return total if self.bias is None else total + self.bias
 
     for linear in _linears(_layer(model, layer)):
-        linear.forward = types.MethodType(forward, linear)
+        replace_forward(linear, forward)
 
 
 def _scale_weight(model, layer: str, factor: str) -> None:
@@ -195,7 +196,7 @@ def _nan(model, layer: str, position: str, column: str = "0") -> None:
     target = _layer(model, layer)
 
     def hook(_module, _inputs, output):
-        hidden = output[0] if isinstance(output, (tuple, list)) else output
+        hidden = layer_hidden_states(output)  # the same tensor the layer returns, so the NaN is written into it
         # Only a pass that holds the position plants it (generation's later one-token steps do not).
         if hidden.shape[-2] > pos:
             hidden[..., pos, col] = float("nan")

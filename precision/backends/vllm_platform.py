@@ -12,27 +12,10 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-# vLLM's CPU attention (CPUAttentionBackend.get_supported_head_sizes in 0.32); read at run time when possible.
-CPU_HEAD_SIZES_FALLBACK = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 # Environment defaults that make vLLM's CPU build stable and fast on small machines (measured: a 32-token
 # generate took 3-6 s erratically with vLLM's default thread binding on 2 cores, 0.07 s with these).
 CPU_ENV_DEFAULTS = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_CPU_KVCACHE_SPACE": "1"}
-
-
-def device_type() -> str:
-    from vllm.platforms import current_platform
-
-    return str(getattr(current_platform, "device_type", "unknown"))
-
-
-def cpu_head_sizes() -> tuple[int, ...]:
-    try:
-        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
-
-        return tuple(CPUAttentionBackend.get_supported_head_sizes())
-    except (ImportError, AttributeError):
-        return CPU_HEAD_SIZES_FALLBACK
 
 
 def _run(command: list[str]) -> str | None:

@@ -18,45 +18,46 @@ from __future__ import annotations
 
 from typing import Any
 
-_EMBED, _FINAL_NORM, _LOGITS, _POSITIONS = "embed", "final_norm", "logits", "positions"
+from precision.backends import vllm_compat
+from precision.errors import BackendError
+from precision.names import EMBED, FINAL_NORM, LAYER_PREFIX, LOGITS, POSITIONS, layer_site
 
 
 class CaptureWorkerExtension:
     """Mixed into vLLM's Worker: ``self`` is the worker. All state lives under ``_precision_*`` names."""
 
-    def _precision_model(self):
-        runner = self.model_runner
-        return runner.get_model() if hasattr(runner, "get_model") else runner.model
-
     def precision_install_hooks(self) -> dict[str, Any]:
-        model = self._precision_model()
-        decoder = model.model
+        model = vllm_compat.worker_model(self)
+        embed_tokens, layers, norm = vllm_compat.decoder_modules(model)
         self._precision_armed = False
         self._precision_store: dict[str, Any] = {}
         self._precision_calls: dict[str, int] = {}
         self._precision_keep = None
         self._precision_layers = None
         self._precision_rows: dict[str, int] = {}
-        handles = [decoder.embed_tokens.register_forward_hook(self._precision_hook(_EMBED, "plain"))]
-        for index, layer in enumerate(decoder.layers):
-            handles.append(layer.register_forward_hook(self._precision_hook(f"layer.{index}", "residual-pair")))
-        handles.append(decoder.norm.register_forward_hook(self._precision_hook(_FINAL_NORM, "first")))
+        self._precision_errors: list[str] = []
+        handles = [embed_tokens.register_forward_hook(self._precision_hook(EMBED, lambda output: output))]
+        for index, layer in enumerate(layers):
+            handles.append(layer.register_forward_hook(self._precision_hook(layer_site(index), vllm_compat.layer_residual_stream)))
+        handles.append(norm.register_forward_hook(self._precision_hook(FINAL_NORM, vllm_compat.final_norm_output)))
         self._precision_handles = handles
-        return {"num_layers": len(decoder.layers), "model_class": type(model).__name__}
+        return {"num_layers": len(layers), "model_class": type(model).__name__}
 
-    def _precision_hook(self, name: str, kind: str):
+    def _precision_hook(self, name: str, site_tensor):
+        """A forward hook that keeps ``site_tensor(output)``, the site's tensor in the module's output."""
+
         def hook(_module, _inputs, output):
-            if not self._precision_armed or (self._precision_layers is not None and name.startswith("layer.") and name not in self._precision_layers):
+            if not self._precision_armed or (self._precision_layers is not None and name.startswith(LAYER_PREFIX) and name not in self._precision_layers):
                 return
             self._precision_calls[name] = self._precision_calls.get(name, 0) + 1
             if name in self._precision_store:
                 return  # a second step while armed: reported through the call count, never merged
-            if kind == "residual-pair":
-                tensor = output[0] + output[1]
-            elif kind == "first":
-                tensor = output[0] if isinstance(output, (tuple, list)) else output
-            else:
-                tensor = output
+            try:
+                tensor = site_tensor(output)
+            except BackendError as exc:
+                # Raised inside vLLM's forward it would surface as an engine failure; the driver reports it.
+                self._precision_errors.append(str(exc))
+                return
             self._precision_rows[name] = int(tensor.shape[0])
             keep = self._precision_keep
             self._precision_store[name] = tensor.index_select(0, keep.to(tensor.device)) if keep is not None else tensor.clone()
@@ -66,9 +67,9 @@ class CaptureWorkerExtension:
     def precision_arm(self, positions: list[int], layers: list[int] | None, path: str) -> bool:
         import torch
 
-        self._precision_store, self._precision_calls, self._precision_rows = {}, {}, {}
+        self._precision_store, self._precision_calls, self._precision_rows, self._precision_errors = {}, {}, {}, []
         self._precision_keep = torch.tensor(positions, dtype=torch.long)
-        self._precision_layers = None if layers is None else {f"layer.{i}" for i in layers}
+        self._precision_layers = None if layers is None else {layer_site(i) for i in layers}
         self._precision_path = path
         self._precision_armed = True
         return True
@@ -79,17 +80,18 @@ class CaptureWorkerExtension:
 
         self._precision_armed = False
         store = self._precision_store
-        result: dict[str, Any] = {"calls": dict(self._precision_calls), "rows": dict(self._precision_rows), "rank": getattr(self, "rank", 0), "path": None}
-        if _FINAL_NORM not in store:
+        result: dict[str, Any] = {"calls": dict(self._precision_calls), "rows": dict(self._precision_rows),
+                                  "rank": vllm_compat.worker_rank(self), "path": None, "errors": list(self._precision_errors)}
+        if FINAL_NORM not in store or result["errors"]:
             return result
-        model = self._precision_model()
+        model = vllm_compat.worker_model(self)
         with torch.inference_mode():
             # Every rank calls compute_logits: under tensor parallelism it gathers the vocabulary shards.
-            logits = model.compute_logits(store[_FINAL_NORM])
+            logits = vllm_compat.compute_logits(model, store[FINAL_NORM])
         if result["rank"] == 0 and logits is not None:
             tensors = {name: t.detach().to("cpu").contiguous() for name, t in store.items()}
-            tensors[_LOGITS] = logits.detach().to("cpu").contiguous()
-            tensors[_POSITIONS] = self._precision_keep.to(torch.int64).contiguous()
+            tensors[LOGITS] = logits.detach().to("cpu").contiguous()
+            tensors[POSITIONS] = self._precision_keep.to(torch.int64).contiguous()
             save_file(tensors, self._precision_path)
             result["path"] = self._precision_path
         self._precision_store = {}

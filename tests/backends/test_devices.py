@@ -44,7 +44,7 @@ def test_npu_with_torch_npu_but_no_device(monkeypatch):
 
 def test_vllm_platform_detection_here_is_cpu():
     pytest.importorskip("vllm")
-    from precision.backends.vllm_platform import cpu_head_sizes, device_type
+    from precision.backends.vllm_compat import cpu_head_sizes, device_type
 
     assert device_type() == "cpu"
     assert 32 in cpu_head_sizes() and 8 not in cpu_head_sizes()

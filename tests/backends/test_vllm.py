@@ -46,7 +46,7 @@ def truth(stories, reference, tmp_path_factory):
 def engine(stories):
     """One in-process vLLM engine for the module (starting one costs seconds). The metric kernel runs first, so
     numba/llvmlite are loaded in this process before vLLM starts: that once crashed vLLM's CPU start-up scan
-    (see precision.backends.vllm._shield_llvmlite_from_kernel_scan)."""
+    (see precision.backends.vllm_compat.shield_llvmlite_from_kernel_scan)."""
     import numpy
 
     from precision.metrics import fused
