@@ -15,6 +15,15 @@ from typing import Any, Iterator
 from precision.errors import PrecisionError
 
 
+DOCUMENT_LOG_VARIABLE = "PRECISION_CHECK_DOCUMENT_LOG"
+"""When set, every document written is listed (one path per line) in that file: tests/conftest.py validates them
+all against the published JSON Schemas at the end of the test session."""
+
+
+class DocumentWriteError(RuntimeError):
+    """A document this tool built does not match its published schema: an internal error, not bad input."""
+
+
 def _json_safe(value: Any) -> Any:
     """NaN/Inf are legitimate measured values; JSON has no literal for them, so they become strings
     "NaN", "Infinity", "-Infinity" (the spellings JavaScript's Number() and Python's float() accept)."""
@@ -42,9 +51,18 @@ def _restore_non_finite(value: Any, key: str | None = None) -> Any:
 
 
 def read_result_json(path: Path) -> Any:
-    """A JSON document written by write_json_atomic, with "NaN" / "Infinity" / "-Infinity" turned back into
-    floats (except under free-text keys such as a prompt's id, which may spell anything)."""
-    return _restore_non_finite(json.loads(Path(path).read_text(encoding="utf-8")))
+    """A JSON document written by write_json_atomic, as plain dicts and lists with "NaN" / "Infinity" /
+    "-Infinity" turned back into floats. A document with a known ``format`` is checked against its typed schema
+    (precision.contract: an unknown schema version or a malformed document raises ContractError) and only its
+    float fields are converted; any other JSON falls back to converting those strings everywhere except under
+    free-text keys such as a prompt's id."""
+    from precision.contract import document_type, validate
+    from precision.contract.codec import to_plain
+
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    if document_type(data, str(path)) is not None:
+        return to_plain(validate(data, str(path)))
+    return _restore_non_finite(data)
 
 
 def os_error_message(exc: OSError, path: Path, action: str) -> str:
@@ -74,7 +92,21 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
+    """Write ``data`` as JSON; a document with a known ``format`` must match its published schema first (a
+    mismatch is a bug in precision-check: DocumentWriteError, never a half-valid file)."""
+    from precision.contract import ContractError, document_type, validate
+
+    try:
+        document = document_type(data, str(path))
+        if document is not None:
+            validate(data, str(path))
+    except ContractError as exc:
+        raise DocumentWriteError(f"precision-check built a document that does not match its own schema: {exc}") from exc
     write_text_atomic(path, json.dumps(_json_safe(data), indent=1, ensure_ascii=False, allow_nan=False) + "\n")
+    log = os.environ.get(DOCUMENT_LOG_VARIABLE)
+    if document is not None and log:  # the test suite checks every document it made against docs/schema/
+        with open(log, "a", encoding="utf-8") as handle:
+            handle.write(f"{Path(path).resolve()}\n")
 
 
 _KIND_OF_COMPLETE_MARKER = {"manifest.json": "capture", "summary.json": "run", "comparison.json": "comparison",

@@ -104,3 +104,22 @@ requires_vllm = pytest.mark.skipif(
     not vllm_available() and os.environ.get("PRECISION_REQUIRE_VLLM") != "1",
     reason="vLLM's CPU build is not installed (scripts/install.sh installs it)",
 )
+
+
+# Every document any test writes (in this process or a CLI subprocess) is listed here and, at the end of the session,
+# validated against the published JSON Schemas in docs/schema/ (tests/schema_check.py).
+DOCUMENT_LOG = Path(tempfile.mkdtemp(prefix="precision-check-documents-")) / "written.txt"
+os.environ["PRECISION_CHECK_DOCUMENT_LOG"] = str(DOCUMENT_LOG)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    from tests.schema_check import check_logged_documents
+
+    problems, counts = check_logged_documents(DOCUMENT_LOG)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None and counts:
+        reporter.write_line("documents validated against docs/schema/: " + ", ".join(f"{n} {fmt}" for fmt, n in sorted(counts.items())))
+    if problems:
+        if reporter is not None:
+            reporter.write_line("DOCUMENTS THAT DO NOT MATCH THE PUBLISHED SCHEMA:\n" + "\n".join(problems[:20]), red=True)
+        session.exitstatus = 1

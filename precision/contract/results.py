@@ -1,0 +1,203 @@
+"""The documents around a comparison: the verdict and summary.json, run.json, regression.json, a golden store's
+store.json and selftest.json."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from precision.contract.capture import ModelRecord, Selection, TokenizerRecord
+from precision.contract.comparison import CaptureRef, Flip, PooledSite, SkippedPrompt
+from precision.contract.codec import described, optional_key
+
+Status = Literal["PASS", "WARN", "FAIL"]
+
+
+@dataclass(frozen=True)
+class FindingRecord:
+    """One rule's outcome (precision.analysis.verdict: the rules and their thresholds)."""
+
+    rule: str
+    status: Status
+    message: str
+    site: str | None
+
+
+@dataclass(frozen=True)
+class PromptVerdictRecord:
+    id: str
+    status: Status
+    findings: list[FindingRecord]
+
+
+@dataclass(frozen=True)
+class VerdictRecord:
+    """The verdict: the worst status of any finding, run-level and per prompt."""
+
+    status: Status
+    summary: str
+    thresholds: dict[str, float] = described("The thresholds the rules were judged with (precision.analysis.verdict.Thresholds).")
+    findings: list[FindingRecord] = described("Run-level findings.")
+    prompts: list[PromptVerdictRecord] = described("Per-prompt findings.")
+
+
+@dataclass(frozen=True)
+class PromptSummary:
+    id: str
+    category: str
+    token_match_rate: float
+    matching_prefix: int
+    first_divergence: int | None
+    logits_kl_mean: float | None
+    logits_top1_agreement: float | None
+    flips: list[Flip]
+
+
+@dataclass(frozen=True)
+class Summary:
+    """summary.json: the verdict, the pooled per-site table and each prompt's key numbers."""
+
+    schema_version: int
+    format: Literal["precision-check-summary"]
+    created_at: str
+    verdict: VerdictRecord
+    expected: CaptureRef
+    actual: CaptureRef
+    truth: CaptureRef | None
+    sites: list[PooledSite]
+    prompts: list[PromptSummary]
+    skipped_prompts: list[SkippedPrompt]
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """run.json: what a run was asked to do (``run --resume`` holds a resumed run to it)."""
+
+    OPEN_KEYS = True
+    schema_version: int
+    format: Literal["precision-check-run"]
+    prompts: str
+    model: str
+    target_model: str
+    reference: str
+    target: str
+    truth: str | None
+    max_new_tokens: int | None
+    selection: Selection
+    engine_args: dict[str, Any]
+    repeats: int
+    metric_convention: str
+    command: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RegressionSide:
+    run: str
+    target: str | None
+    verdict: Status
+
+
+@dataclass(frozen=True)
+class RowName:
+    prompt: str | None
+    site: str
+    metric: str
+
+
+@dataclass(frozen=True)
+class RegressionRow:
+    """One metric of one (prompt, site) in both runs (precision.analysis.regress)."""
+
+    prompt: str | None
+    site: str
+    scope: str
+    metric: str
+    kind: str
+    baseline: float
+    candidate: float | None
+    limit: float | None
+    change: float | str | None
+    worse: bool
+    missing: bool
+
+
+@dataclass(frozen=True)
+class Regression:
+    """regression.json: a candidate run against a baseline run, metric by metric."""
+
+    schema_version: int
+    format: Literal["precision-check-regression"]
+    baseline: RegressionSide
+    candidate: RegressionSide
+    tolerance: dict[str, float]
+    run_to_run_noise: float
+    run_to_run_measured: bool
+    status: Literal["PASS", "FAIL"]
+    message: str
+    first_worse_scope: str | None
+    first_worse: RowName | None
+    missing: list[RowName]
+    not_compared: list[RowName]
+    rows: list[RegressionRow]
+
+
+@dataclass(frozen=True)
+class StoredCapture:
+    dir: str
+    manifest_sha256: str
+
+
+@dataclass(frozen=True)
+class StoreCaptures:
+    reference: StoredCapture
+    truth: StoredCapture
+    envelope: dict[str, StoredCapture]
+
+
+@dataclass(frozen=True)
+class CompactRecord:
+    file: str
+    sha256: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class GoldenStore:
+    """store.json: the CPU side of a run stored once (precision.golden; docs/ci-gating.md)."""
+
+    schema_version: int
+    format: Literal["precision-check-golden"]
+    created_at: str
+    model: ModelRecord
+    tokenizer: TokenizerRecord
+    prompt_ids: list[str]
+    captures: StoreCaptures
+    envelope_prompts: list[str]
+    compact: CompactRecord
+
+
+@dataclass(frozen=True)
+class SelftestCase:
+    name: str
+    variants: list[str]
+    reference_variants: list[str]
+    expected: Status
+    verdict: Status
+    named_site: str | None
+    rule: str | None
+    ok: bool
+    changed: bool
+    real_flips: int = described("Teacher-forced flips that are not near-ties.")
+    flips: int = described("Teacher-forced flips, near-ties included.")
+
+
+@dataclass(frozen=True)
+class Selftest:
+    """selftest.json: every planted fault, what the verdict said, and the sensitivity each sweep reached."""
+
+    schema_version: int
+    format: Literal["precision-check-selftest"]
+    cases: list[SelftestCase]
+    sensitivity: dict[str, str]
+    created_at: str | None = optional_key()
