@@ -6,7 +6,7 @@ The Python API mirrors the CLI (one function per command; the CLI only parses, c
     from precision import capture_backend, compare, render_report, regress, verify_run, self_test, plant_fault
     from precision import create_store, verify_store           # golden stores
 Building blocks, for jobs of your own:
-    from precision import capture, CapturePlan, CaptureReader  # capture / read capture directories
+    from precision import write_capture, CapturePlan, CaptureReader  # capture / read capture directories
     from precision import compare_captures, judge, write_report, compare_and_report
     from precision import resolve_model, plan_from_prompts, CaptureSettings, capture_role, CapturedReference
 Heavy modules (torch, transformers, vllm) load only when these names are first used.
@@ -37,7 +37,7 @@ _EXPORTS = {
     "verify_store": "precision.golden",
     "GoldenStore": "precision.golden",
     # Building blocks.
-    "capture": "precision.capture.writer",
+    "write_capture": "precision.capture.writer:capture",
     "CapturePlan": "precision.capture.writer",
     "CaptureReader": "precision.capture.reader",
     "CaptureSelection": "precision.capture.sites",
@@ -65,7 +65,9 @@ _EXPORTS = {
     "load_prompts": "precision.prompts",
     "PrecisionError": "precision.errors",
 }
-"""Public name -> the module that defines it ("module:name" where the module calls it otherwise)."""
+"""Public name -> the module that defines it ("module:name" where the module calls it otherwise). A public name
+never equals a submodule's name: once imported, ``precision.capture`` (the package) would shadow a function
+exported as ``capture``, which is why capture.writer.capture is exported as ``write_capture``."""
 
 
 def __getattr__(name: str):

@@ -17,13 +17,13 @@ import json
 import logging
 from pathlib import Path
 
-from precision.capture import sites as site_names
 from precision.capture.reader import CaptureReader
 from precision.capture.writer import CapturePlan
 from precision.environment import utc_now
 from precision.errors import MismatchedCapturesError, PrecisionError
 from precision.io import write_json_atomic
 from precision.model import ModelInfo, sha256_file
+from precision.names import LOGITS, POSITIONS
 from precision.outputs import claim_output_dir
 from precision.prompts import DEFAULT_MAX_NEW_TOKENS
 from precision.reference_side import CaptureSettings, CapturedReference, CpuSide, resolve_model
@@ -46,10 +46,10 @@ def write_compact(reference: CaptureReader, out: Path) -> dict:
     tensors, index = {}, {"top_k": TOP_K, "prompts": []}
     for number, record in enumerate(reference.prompts):
         with reference.open_tensors(record) as handle:
-            logits = handle.get_tensor(site_names.LOGITS).float()
+            logits = handle.get_tensor(LOGITS).float()
             values, ids = torch.topk(logits, k=min(TOP_K, logits.shape[-1]), dim=-1)
             norms = torch.stack([handle.get_tensor(site).float().norm(dim=-1) for site in record.sites])
-            positions = handle.get_tensor(site_names.POSITIONS)
+            positions = handle.get_tensor(POSITIONS)
         prefix = f"p{number:04d}"
         tensors.update({
             f"{prefix}.forced_ids": torch.tensor(record.forced_ids, dtype=torch.int32),

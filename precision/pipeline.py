@@ -7,6 +7,10 @@ analyse; judge; report.
       captures/envelope/<member>/              the reference re-run with each implementation variant
       comparison.json                          precision.analysis.compare + the analysis section
       report.html, summary.md, summary.json    precision.report (summary.json is written last)
+
+The reference side comes from a reference source (precision.reference_side): captured now from the backends the
+configuration names, or a golden store (precision.golden.GoldenStore) that the caller opens and passes in; the
+pipeline never imports the golden store (precision.run opens --reference STORE for it).
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class RunConfig:
     target_model: Path | None = None
     """A different checkpoint for the target (a converted or quantized model); same architecture."""
     reference: str = DEFAULT_REFERENCE
+    """A backend spec; precision.run also takes a golden store's directory here (and opens it as the source)."""
     target: str | None = None
     target_variants: tuple[str, ...] = ()
     """Implementation variants or planted faults applied to a transformers target (precision.backends.variants)."""

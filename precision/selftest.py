@@ -27,7 +27,7 @@ from precision import (BackendOptions, CapturedReference, CaptureReader, Capture
                        compare_and_report, plan_from_prompts, resolve_model)
 from precision.errors import PrecisionError
 from precision.io import write_json_atomic
-from precision.names import LOGITS, RELATIVE_L2, layer_site
+from precision.names import LOGITS, NEAR_TIE, RELATIVE_L2, layer_site
 from precision.outputs import claim_output_dir
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ def runner_up_token(reference: CaptureReader) -> int:
 
 def _real_flips(comparison: dict) -> tuple[int, int]:
     flips = [f for prompt in comparison["prompts"] for f in prompt.get(LOGITS, {}).get("flips", [])]
-    return sum(not f["near_tie"] for f in flips), len(flips)
+    return sum(not f[NEAR_TIE] for f in flips), len(flips)
 
 
 def _fails_with(verdict: Verdict, rule: str) -> bool:

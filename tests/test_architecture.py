@@ -308,3 +308,16 @@ def test_a_forbidden_import_planted_in_a_copy_of_the_real_package_is_reported(tm
     tensor.write_text(tensor.read_text(encoding="utf-8") + "\n\ndef _planted():\n    from precision import create_backend\n", encoding="utf-8")
     after = rule_violations(package_imports(copy, "precision", exports=precision._EXPORTS))
     assert before == [] and len(after) == 1 and "precision.metrics.tensor" in after[0] and "precision.backends" in after[0]
+
+
+def test_every_public_name_is_what_it_says_even_after_every_module_is_loaded():
+    """A public name equal to a submodule's name would be shadowed by the submodule once it is imported."""
+    import importlib
+
+    for path in sorted(PACKAGE_ROOT.rglob("*.py")):
+        name = module_name(path, PACKAGE_ROOT, "precision")
+        if name not in ("precision.__main__", "precision.contract.publish") and "vllm" not in name:
+            importlib.import_module(name)
+    for public, target in precision._EXPORTS.items():
+        module, _, attribute = target.partition(":")
+        assert getattr(precision, public) is getattr(importlib.import_module(module), attribute or public), public

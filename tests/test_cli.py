@@ -27,6 +27,9 @@ def test_run_writes_every_artifact(run_dir):
         assert (run_dir / name).is_file(), name
     for role in ("reference", "truth", "target"):
         assert (run_dir / "captures" / role / "manifest.json").is_file()
+    run = json.loads((run_dir / "run.json").read_text())
+    assert (run["format"], run["schema_version"]) == ("precision-check-run", 1)
+    assert (run["reference"], run["truth"]) == ("hf:cpu:bf16", "hf:cpu:fp32")
 
 
 def test_report_numbers_are_the_comparison_numbers(run_dir):

@@ -143,6 +143,8 @@ def test_store_detects_a_changed_file(store, stories_path, short_prompts, tmp_pa
 def test_the_run_used_the_store_not_a_new_reference(baseline, store):
     comparison = json.loads((baseline / "comparison.json").read_text())
     assert comparison["expected"]["path"] == str((store / "captures" / "reference").resolve())
+    run = json.loads((baseline / "run.json").read_text())
+    assert (run["format"], run["reference"], run["truth"], run["envelope"]) == ("precision-check-run", str(store), "golden store", "golden store")
     assert not (baseline / "captures" / "reference").exists()
 
 

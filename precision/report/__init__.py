@@ -8,6 +8,7 @@ from pathlib import Path
 
 from precision.analysis.verdict import Verdict
 from precision.io import write_json_atomic, write_text_atomic
+from precision.names import FIRST_DIVERGENCE, KL_MEAN, LOGITS, MATCHING_PREFIX, TOKEN_MATCH_RATE, TOP1_AGREEMENT
 from precision.report.markdown import markdown_text
 from precision.report.view import build_view, load_decoder
 
@@ -46,12 +47,12 @@ def summary_json(comparison: dict, verdict: Verdict) -> dict:
             {
                 "id": p["id"],
                 "category": p["category"],
-                "token_match_rate": p["tokens"]["match_rate"],
-                "matching_prefix": p["tokens"]["matching_prefix"],
-                "first_divergence": p["tokens"]["first_divergence"],
-                "logits_kl_mean": p.get("logits", {}).get("kl_mean"),
-                "logits_top1_agreement": p.get("logits", {}).get("top1_agreement"),
-                "flips": p.get("logits", {}).get("flips", []),
+                TOKEN_MATCH_RATE: p["tokens"]["match_rate"],
+                MATCHING_PREFIX: p["tokens"][MATCHING_PREFIX],
+                FIRST_DIVERGENCE: p["tokens"][FIRST_DIVERGENCE],
+                f"{LOGITS}_{KL_MEAN}": p.get(LOGITS, {}).get(KL_MEAN),
+                f"{LOGITS}_{TOP1_AGREEMENT}": p.get(LOGITS, {}).get(TOP1_AGREEMENT),
+                "flips": p.get(LOGITS, {}).get("flips", []),
             }
             for p in comparison["prompts"]
         ],

@@ -4,6 +4,8 @@ what it says, bit for bit elsewhere; then that selftest judges them as it must."
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -154,11 +156,24 @@ def test_large_logit_bias_gives_real_flips_and_a_tiny_one_none(stories, referenc
 # -- selftest end to end --------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def selftest(stories_path, short_prompts, tmp_path_factory):
-    from precision.selftest import run_selftest
+def selftest_outcome(stories_path, short_prompts, tmp_path_factory):
+    from precision import self_test
 
-    results = run_selftest(short_prompts, tmp_path_factory.mktemp("selftest") / "st", model=stories_path, sweep=("logit bias",))
+    return self_test(tmp_path_factory.mktemp("selftest") / "st", prompts=short_prompts, model=stories_path, sweep=("logit bias",),
+                     show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def selftest(selftest_outcome):
+    results = selftest_outcome.results
     return {r.case.name: r for r in results}, results
+
+
+def test_selftest_json_names_its_format_and_holds_every_case(selftest_outcome):
+    record = json.loads((selftest_outcome.out / "selftest.json").read_text())
+    assert (record["format"], record["schema_version"]) == ("precision-check-selftest", 1)
+    assert [c["name"] for c in record["cases"]] == [r.case.name for r in selftest_outcome.results]
+    assert record["sensitivity"] == selftest_outcome.sensitivity and selftest_outcome.as_expected
 
 
 def test_selftest_logit_bias_fails_at_the_logits_with_real_flips(selftest):
