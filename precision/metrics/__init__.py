@@ -1,14 +1,14 @@
-"""Metrics: small pure functions, float64 inside. ``expected`` is the reference, ``actual`` the target.
+"""Metrics, float64 inside. ``expected`` is the reference, ``actual`` the target.
 
-Each function's docstring is its definition; ``DEFINITIONS`` collects them for the reports.
+Element-wise metrics have one implementation, the compiled one-pass kernel behind ``tensor_stats``; the
+single-metric functions are views of it. ``DEFINITIONS`` holds the written definition of every reported number.
 """
 
 from precision.metrics.logits import LogitsStats, logits_stats
-from precision.metrics.tensor import (
+from precision.metrics.tensor import NonFinite, TensorStats, non_finite, tensor_stats
+from precision.metrics.elementwise import (
     BF16_UNIT_ROUNDOFF,
     RELATIVE_ERROR_FLOOR,
-    NonFinite,
-    TensorStats,
     bf16_ulp_distance,
     cosine_similarity,
     err_ratio_below,
@@ -17,10 +17,8 @@ from precision.metrics.tensor import (
     max_abs_error,
     max_relative_error,
     mean_abs_error,
-    non_finite,
     one_thousandth_err_ratio,
     relative_l2_error,
-    tensor_stats,
     ulp_histogram,
 )
 from precision.metrics.msprobe import CONVENTIONS, msprobe_metrics

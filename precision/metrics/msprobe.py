@@ -29,6 +29,15 @@ import math
 import numpy as np
 
 from precision.metrics.arrays import as_numpy
+from precision.names import (
+    COSINE,
+    ERR_RATIO_THRESHOLDS,
+    EUCLIDEAN_DISTANCE,
+    FIVE_THOUSANDTHS_ERR_RATIO,
+    MAX_ABS,
+    MAX_RELATIVE,
+    ONE_THOUSANDTH_ERR_RATIO,
+)
 
 CONVENTIONS = ("precision-check", "msprobe")
 """Metric conventions: "precision-check" (this tool's definitions, precision.metrics.elementwise) and "msprobe"."""
@@ -39,8 +48,10 @@ FLOAT64_EPS = float(np.finfo(np.float64).eps)
 COSINE_ROUNDING_ABOVE = 0.9999
 """msprobe rounds a cosine above this to 6 decimals (every reported number is first rounded to 12)."""
 
-THRESHOLDS = (1e-3, 5e-3)
-"""One Thousandth and Five Thousandths Err Ratio thresholds on the relative error."""
+THRESHOLDS = ERR_RATIO_THRESHOLDS
+"""One Thousandth and Five Thousandths Err Ratio thresholds on the relative error (msprobe's, and this tool's)."""
+METRICS = (COSINE, EUCLIDEAN_DISTANCE, MAX_ABS, MAX_RELATIVE, ONE_THOUSANDTH_ERR_RATIO, FIVE_THOUSANDTHS_ERR_RATIO)
+"""The TensorStats fields the msprobe convention replaces."""
 
 
 def check_convention(convention: str) -> str:
@@ -105,18 +116,17 @@ class MsprobeAccumulator:
         NaN where msprobe reports "unsupported", "N/A" or "Nan"."""
         nan = math.nan
         if self._count == 0 or self._non_finite_apart and self._count > 1:
-            return dict.fromkeys(("cosine", "euclidean_distance", "max_abs", "max_relative", "one_thousandth_err_ratio",
-                                  "five_thousandths_err_ratio"), nan)
+            return dict.fromkeys(METRICS, nan)
         if self._count == 1:
             return self._zero_dimensional()
         aa, ee, ae, dd = (float(v) for v in self._sums)
         return {
-            "cosine": _cosine(ae, math.sqrt(aa), math.sqrt(ee)),
-            "euclidean_distance": math.sqrt(dd),
-            "max_abs": _rounded(self._max_abs),
-            "max_relative": _rounded(self._max_rel),
-            "one_thousandth_err_ratio": _rounded(self._below[0] / self._count),
-            "five_thousandths_err_ratio": _rounded(self._below[1] / self._count),
+            COSINE: _cosine(ae, math.sqrt(aa), math.sqrt(ee)),
+            EUCLIDEAN_DISTANCE: math.sqrt(dd),
+            MAX_ABS: _rounded(self._max_abs),
+            MAX_RELATIVE: _rounded(self._max_rel),
+            ONE_THOUSANDTH_ERR_RATIO: _rounded(self._below[0] / self._count),
+            FIVE_THOUSANDTHS_ERR_RATIO: _rounded(self._below[1] / self._count),
         }
 
     def _zero_dimensional(self) -> dict[str, float]:
@@ -126,8 +136,8 @@ class MsprobeAccumulator:
             max_abs = float(np.abs(a - e))
         max_rel = float(_relative_error(e.reshape(1), a.reshape(1))[0])
         nan = math.nan
-        return {"cosine": nan, "euclidean_distance": nan, "max_abs": _rounded(max_abs), "max_relative": _rounded(max_rel),
-                "one_thousandth_err_ratio": nan, "five_thousandths_err_ratio": nan}
+        return {COSINE: nan, EUCLIDEAN_DISTANCE: nan, MAX_ABS: _rounded(max_abs), MAX_RELATIVE: _rounded(max_rel),
+                ONE_THOUSANDTH_ERR_RATIO: nan, FIVE_THOUSANDTHS_ERR_RATIO: nan}
 
 
 def _cosine(dot: float, norm_a: float, norm_e: float) -> float:

@@ -26,6 +26,7 @@ from precision.metrics import (
     tensor_stats,
     ulp_histogram,
 )
+from tests.metrics import oracle
 
 NAN, INF = float("nan"), float("inf")
 
@@ -598,18 +599,22 @@ def test_ulp_histogram_shares_sum_to_one_on_random_data():
 
 
 def assert_stats_match_functions(e, a):
+    """tensor_stats and each single-metric view against the oracle's plain numpy definitions."""
     s = tensor_stats(e, a)
-    assert same_float(s.relative_l2, relative_l2_error(e, a))
-    assert same_float(s.max_abs, max_abs_error(e, a))
-    assert same_float(s.max_relative, max_relative_error(e, a))
-    assert same_float(s.mean_abs, mean_abs_error(e, a))
-    assert same_float(s.cosine, cosine_similarity(e, a))
-    assert same_float(s.one_thousandth_err_ratio, one_thousandth_err_ratio(e, a))
-    assert same_float(s.five_thousandths_err_ratio, five_thousandths_err_ratio(e, a))
-    assert same_float(s.euclidean_distance, euclidean_distance(e, a))
-    hist = ulp_histogram(e, a)
+    for view, definition, field in ((relative_l2_error, oracle.relative_l2_error, "relative_l2"),
+                                    (max_abs_error, oracle.max_abs_error, "max_abs"),
+                                    (max_relative_error, oracle.max_relative_error, "max_relative"),
+                                    (mean_abs_error, oracle.mean_abs_error, "mean_abs"),
+                                    (cosine_similarity, oracle.cosine_similarity, "cosine"),
+                                    (one_thousandth_err_ratio, oracle.one_thousandth_err_ratio, "one_thousandth_err_ratio"),
+                                    (five_thousandths_err_ratio, oracle.five_thousandths_err_ratio, "five_thousandths_err_ratio"),
+                                    (euclidean_distance, oracle.euclidean_distance, "euclidean_distance")):
+        assert same_float(getattr(s, field), definition(e, a)), field
+        assert same_float(view(e, a), definition(e, a)), field
+    hist = oracle.ulp_histogram(e, a)
     assert set(s.ulp_shares) == set(hist)
     assert all(same_float(s.ulp_shares[k], hist[k]) for k in hist)
+    assert ulp_histogram(e, a) == s.ulp_shares
     assert s.non_finite == non_finite(e, a)
     assert s.elements == np.asarray(e).size
     keep = np.isfinite(np.asarray(e, np.float64)) & np.isfinite(np.asarray(a, np.float64))
