@@ -8,7 +8,8 @@ import shutil
 from pathlib import Path
 
 from precision.errors import PrecisionError
-from precision.model import ModelInfo
+from precision.model import ModelInfo, weight_file
+from precision.safetensors_io import write_tensors
 from precision.outputs import claim_output_dir
 
 
@@ -27,19 +28,17 @@ def write_scaled_checkpoint(model: ModelInfo, out: Path, *, layer: int, factor: 
 
 
 def _write_copy(source: Path, out: Path, layer: int, factor: float) -> None:
-    from safetensors.torch import load_file, save_file
-
     name = f"model.layers.{layer}.mlp.down_proj.weight"
     found = False
     for item in sorted(source.iterdir()):
         if item.name == "config.json":
             continue  # copied last: it marks a finished copy
         if item.suffix == ".safetensors":
-            tensors = load_file(str(item))
+            tensors = weight_file(item).tensors()
             if name in tensors:
                 tensors[name] = (tensors[name].double() * factor).to(tensors[name].dtype)
                 found = True
-            save_file(tensors, str(out / item.name), metadata={"format": "pt"})
+            write_tensors(out / item.name, tensors, metadata={"format": "pt"})
         elif item.is_file():
             shutil.copy(item, out / item.name)
     if not found:

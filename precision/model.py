@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from precision.errors import ModelError
+from precision.safetensors_io import SafetensorsFile
 
 _HASH_CHUNK = 8 * 1024 * 1024
 
@@ -59,17 +60,15 @@ def _as_id_list(value) -> list[int]:
 
 def _tensor_shapes(weights: list[Path]) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes from the safetensors headers (no tensor data is read)."""
-    from safetensors import safe_open
-
     shapes = {}
     for weight in weights:
-        try:
-            with safe_open(str(weight), framework="numpy") as handle:
-                for name in handle.keys():
-                    shapes[name] = tuple(handle.get_slice(name).get_shape())
-        except Exception as exc:  # safetensors raises its own error type for a damaged header
-            raise ModelError(f"{weight} is not a readable safetensors file ({exc}); replace it with an intact copy of the checkpoint") from exc
+        shapes.update(weight_file(weight).shapes())
     return shapes
+
+
+def weight_file(path: Path) -> SafetensorsFile:
+    """One checked safetensors file of a model directory; damage is a ModelError."""
+    return SafetensorsFile(path, error=ModelError, fix="replace it with an intact copy of the checkpoint")
 
 
 def _check_weights_match_config(weights: list[Path], config: dict, num_layers: int, hidden: int, vocab: int) -> None:

@@ -212,17 +212,6 @@ class CaptureReader:
 
     @contextlib.contextmanager
     def open_tensors(self, record: PromptRecord, *, verify: bool = True) -> Iterator[Any]:
-        """A handle whose ``get_tensor(name)`` reads one tensor (as torch) from the prompt's file."""
-        from safetensors import safe_open
-
-        if verify:
-            self.verify(record)
-        path = self.tensor_path(record)
-        try:
-            handle = safe_open(str(path), framework="pt")
-        except Exception as exc:  # safetensors raises its own error types for bad headers
-            raise CaptureFormatError(f"{path} is not a readable safetensors file ({exc}); capture again") from exc
-        names = set(handle.keys())
-        if names != set(record.tensors):
-            raise CaptureFormatError(f"{path} holds tensors {sorted(names)}, the manifest lists {sorted(record.tensors)}; capture again")
-        yield handle
+        """A handle whose ``get_tensor(name)`` reads one tensor (as torch, in its stored dtype) from the prompt's
+        file: the same checked handle as ``arrays``."""
+        yield self.arrays(record, verify=verify)
