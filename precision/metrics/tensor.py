@@ -226,16 +226,13 @@ def _raw_sums(expected, actual, *, floor: float, thresholds: tuple[float, float]
     return sums
 
 
-_FORWARDED = {"_dot", "bf16_ulp_distance", "cosine_similarity", "err_ratio_below", "euclidean_distance",
-              "five_thousandths_err_ratio", "max_abs_error", "max_relative_error", "mean_abs_error",
-              "one_thousandth_err_ratio", "relative_l2_error", "ulp_histogram"}
-
-
 def __getattr__(name: str):
-    """The single-metric views, for callers that import them from here (precision.analysis.replay): they live in
-    precision.metrics.elementwise, which imports this module, so they are looked up on first use."""
-    if name in _FORWARDED:
+    """The single-metric views, for callers that import them from here (precision.analysis.replay imports _dot and
+    ulp_histogram): they live in precision.metrics.elementwise, which imports this module, so they are looked up on
+    first use rather than imported at the top."""
+    if not name.startswith("__"):
         from precision.metrics import elementwise
 
-        return getattr(elementwise, name)
+        if name in vars(elementwise):
+            return vars(elementwise)[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
