@@ -18,17 +18,20 @@ msprobe calls the target n (NPU) and the reference b (bench). What it does, and 
   bfloat16 inputs), with that dtype's eps added to BOTH sides where b is exactly 0, and no floor anywhere else.
   MaxRelativeErr is its maximum, the ratios the share of elements with it below 0.001 / 0.005 (the thresholds
   cast to the same dtype, as numpy compares a float32 array with a Python float); all rounded to 12 decimals.
-Sums run in another order than msprobe's BLAS dot products, so unrounded sums (EucDist) can differ in the last
-bit; the rounded numbers are the same.
+Cosine, EucDist and MaxAbsErr come from the sums of the one kernel pass every metric shares (precision.metrics.tensor;
+see ``Sums``); only the float32 relative error is msprobe's own pass here. Sums run in another order than msprobe's
+BLAS dot products, so unrounded sums (EucDist) can differ in the last bit; the rounded numbers are the same. One
+deliberate difference: float64 data beyond 1e+-150, whose squares overflow (or underflow) in msprobe's unscaled
+float64 sums (EucDist Inf or 0, Cosine NaN), is summed scaled here and gets its true values; no capture holds such data.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 
-from precision.metrics.arrays import as_numpy
 from precision.names import (
     COSINE,
     ERR_RATIO_THRESHOLDS,
@@ -78,12 +81,24 @@ def _relative_error(e: np.ndarray, a: np.ndarray) -> np.ndarray:
         return np.abs((n - b) / b)
 
 
+class Sums(NamedTuple):
+    """What msprobe's Cosine, EucDist and MaxAbsErr are made of, from the one kernel pass (precision.metrics.tensor):
+    over the pairs finite on both sides, which are msprobe's sums too, since msprobe zeroes the matching non-finite
+    elements on both sides (they add nothing) and gives no number when the non-finite elements do not match."""
+
+    norm_e: float
+    norm_a: float
+    quotient: float
+    """<e, a> / (||e|| ||a||), unclipped (NaN when either norm is 0)."""
+    euclidean: float
+    max_abs: float
+
+
 class MsprobeAccumulator:
-    """msprobe's six numbers over flat blocks of one tensor pair, in row-major order."""
+    """msprobe's relative error, its maximum and the two ratios (in msprobe's float32 arithmetic), over flat blocks of
+    one tensor pair in row-major order; ``result`` adds Cosine, EucDist and MaxAbsErr from the kernel's sums."""
 
     def __init__(self) -> None:
-        self._sums = np.zeros(4)  # a.a, e.e, a.e, d.d (float64)
-        self._max_abs = 0.0
         self._max_rel = 0.0
         self._below = [0, 0]
         self._count = 0
@@ -100,18 +115,13 @@ class MsprobeAccumulator:
             if not (np.array_equal(np.isnan(e), np.isnan(a)) and np.array_equal(np.isinf(e), np.isinf(a))):
                 self._non_finite_apart = True
             e, a = np.where(finite_e, e, 0).astype(e.dtype), np.where(finite_a, a, 0).astype(a.dtype)
-        e64, a64 = e.astype(np.float64), a.astype(np.float64)
-        d = a64 - e64
-        with np.errstate(over="ignore", invalid="ignore"):
-            self._sums += (np.dot(a64, a64), np.dot(e64, e64), np.dot(a64, e64), np.dot(d, d))
-        self._max_abs = max(self._max_abs, float(np.max(np.abs(d))))
         rel = _relative_error(e, a)
         self._max_rel = max(self._max_rel, float(np.max(rel)))
         for slot, threshold in enumerate(THRESHOLDS):
             self._below[slot] += int(np.count_nonzero(rel < rel.dtype.type(threshold)))
         self._count += e.size
 
-    def result(self) -> dict[str, float]:
+    def result(self, sums: Sums) -> dict[str, float]:
         """cosine, euclidean_distance, max_abs, max_relative, one_thousandth_err_ratio, five_thousandths_err_ratio;
         NaN where msprobe reports "unsupported", "N/A" or "Nan"."""
         nan = math.nan
@@ -119,11 +129,10 @@ class MsprobeAccumulator:
             return dict.fromkeys(METRICS, nan)
         if self._count == 1:
             return self._zero_dimensional()
-        aa, ee, ae, dd = (float(v) for v in self._sums)
         return {
-            COSINE: _cosine(ae, math.sqrt(aa), math.sqrt(ee)),
-            EUCLIDEAN_DISTANCE: math.sqrt(dd),
-            MAX_ABS: _rounded(self._max_abs),
+            COSINE: _cosine(sums.quotient, sums.norm_a, sums.norm_e),
+            EUCLIDEAN_DISTANCE: sums.euclidean,
+            MAX_ABS: _rounded(sums.max_abs),
             MAX_RELATIVE: _rounded(self._max_rel),
             ONE_THOUSANDTH_ERR_RATIO: _rounded(self._below[0] / self._count),
             FIVE_THOUSANDTHS_ERR_RATIO: _rounded(self._below[1] / self._count),
@@ -140,25 +149,19 @@ class MsprobeAccumulator:
                 ONE_THOUSANDTH_ERR_RATIO: nan, FIVE_THOUSANDTHS_ERR_RATIO: nan}
 
 
-def _cosine(dot: float, norm_a: float, norm_e: float) -> float:
+def _cosine(quotient: float, norm_a: float, norm_e: float) -> float:
     if norm_a <= FLOAT64_EPS and norm_e <= FLOAT64_EPS:
         return 1.0
-    if norm_a <= FLOAT64_EPS or norm_e <= FLOAT64_EPS:
+    if norm_a <= FLOAT64_EPS or norm_e <= FLOAT64_EPS or math.isnan(quotient):
         return math.nan
-    with np.errstate(invalid="ignore", over="ignore"):
-        cos = float(np.float64(dot) / (np.float64(norm_a) * np.float64(norm_e)))
-    if math.isnan(cos):
-        return math.nan
-    cos = _rounded(cos)
+    cos = _rounded(quotient)
     return round(cos, 6) if cos > COSINE_ROUNDING_ABOVE else cos
 
 
 def msprobe_metrics(expected, actual) -> dict[str, float]:
     """msprobe's Cosine, EucDist, MaxAbsErr, MaxRelativeErr, One and Five Thousandth(s) Err Ratio of one pair
-    (see the module's docstring), keyed as in TensorStats."""
-    e, a = as_numpy(expected), as_numpy(actual)
-    if e.shape != a.shape:
-        raise ValueError(f"shape mismatch: expected {e.shape} vs actual {a.shape}")
-    acc = MsprobeAccumulator()
-    acc.add(e.reshape(-1), a.reshape(-1))
-    return acc.result()
+    (see the module's docstring), keyed as in TensorStats: tensor_stats(..., convention="msprobe")'s numbers."""
+    from precision.metrics.tensor import tensor_stats  # tensor.py builds on this module
+
+    stats = tensor_stats(expected, actual, convention="msprobe")
+    return {name: getattr(stats, name) for name in METRICS}

@@ -17,7 +17,7 @@ import numpy as np
 from precision.metrics import fused
 from precision.metrics.arrays import as_numpy
 from precision.metrics.fused import BF16_INF_MAGNITUDE  # noqa: F401  (re-exported)
-from precision.metrics.msprobe import MsprobeAccumulator, check_convention
+from precision.metrics.msprobe import MsprobeAccumulator, Sums, check_convention
 from precision.metrics.nonfinite import NonFinite, NonFiniteCounter, non_finite  # noqa: F401  (re-exported)
 from precision.names import BF16_UNIT_ROUNDOFF, ERR_RATIO_THRESHOLDS, RELATIVE_ERROR_FLOOR  # noqa: F401  (re-exported)
 
@@ -55,6 +55,14 @@ _SAFE_RANGE = (1e-150, 1e150)
 _UNSCALED = (1.0, 1.0, 1.0)
 _LARGEST_SCALE_EXPONENT = 1000
 """2^1000 scales the largest float64 subnormal (2.2e-308) to 2.4e-7 (2^1024 does not exist)."""
+
+
+def _scale_exponent(largest: float) -> int:
+    """k such that 2^k brings ``largest`` near 1 when it lies outside _SAFE_RANGE (its square would overflow, or
+    underflow to zero); 0 inside it. It never grows as ``largest`` does, so a running scale only ever shrinks."""
+    if largest == 0.0 or not math.isfinite(largest) or _SAFE_RANGE[0] < largest < _SAFE_RANGE[1]:
+        return 0
+    return min(-math.frexp(largest)[1], _LARGEST_SCALE_EXPONENT)
 _pool: ThreadPoolExecutor | None = None
 
 
@@ -119,17 +127,18 @@ class StreamingStats:
     "precision-check" (default) or "msprobe" (see TensorStats; msprobe's relative errors and ratios come from a numpy
     pass of their own beside the kernel, so that convention costs a few more passes over each block).
 
-    ``scales`` (powers of two for e, a and a - e, see precision.metrics.fused) keep float64 sums of squares in range
-    for data near float64's limits; tensor_stats chooses them from the whole tensor. Streamed float64 blocks beyond
-    1e+-150 would need them too; captures (float32, bf16, fp16) never do."""
+    float64 blocks are summed scaled by powers of two for e, a and a - e (see precision.metrics.fused), chosen from the
+    largest magnitude seen so far, so that data near float64's limits neither overflows nor underflows; when a later
+    block needs a smaller scale, the sums so far are rescaled exactly (by a power of two). float32, bf16 and fp16 data
+    (every capture) never needs a scale: its squares stay within float64."""
 
-    def __init__(self, shape: tuple[int, ...], convention: str = "precision-check", *,
-                 scales: tuple[float, float, float] = _UNSCALED) -> None:
+    def __init__(self, shape: tuple[int, ...], convention: str = "precision-check") -> None:
         self.shape = tuple(shape)
         self.convention = check_convention(convention)
         self._msprobe = MsprobeAccumulator() if convention == "msprobe" else None
         self._sums = _Sums.empty()
-        self._scales = tuple(float(s) for s in scales)
+        self._largest = [0.0, 0.0, 0.0]  # of e, a and a - e, over the blocks so far
+        self._exponents = [0, 0, 0]  # the scales are 2^k of these
         self._non_finite = NonFiniteCounter(self.shape)
 
     def add(self, expected: np.ndarray, actual: np.ndarray) -> None:
@@ -141,13 +150,40 @@ class StreamingStats:
 
     def _add_flat(self, e: np.ndarray, a: np.ndarray, any_bad: bool) -> None:
         self._non_finite.add(e, a, any_bad)
+        if e.dtype.itemsize >= 8 or a.dtype.itemsize >= 8:  # only float64 (and wider) can leave _SAFE_RANGE
+            self._rescale(fused.largest_magnitudes(e, a))
         _accumulate(self._sums, e, a, any_bad, scales=self._scales)
         if self._msprobe is not None:
             self._msprobe.add(e, a)
 
+    @property
+    def _scales(self) -> tuple[float, float, float]:
+        return tuple(math.ldexp(1.0, k) for k in self._exponents)
+
+    def _rescale(self, block_largest: tuple[float, float, float]) -> None:
+        self._largest = [max(seen, new) for seen, new in zip(self._largest, block_largest)]
+        exponents = [_scale_exponent(largest) for largest in self._largest]
+        shift_e, shift_a, shift_d = (new - old for new, old in zip(exponents, self._exponents))
+        if shift_e or shift_a or shift_d:  # every shift is <= 0 (see _scale_exponent): no overflow
+            acc = self._sums.acc
+            acc[0], acc[1] = math.ldexp(acc[0], 2 * shift_e), math.ldexp(acc[1], 2 * shift_a)
+            acc[2], acc[3] = math.ldexp(acc[2], 2 * shift_d), math.ldexp(acc[3], shift_e + shift_a)
+            self._exponents = exponents
+
     def result(self) -> TensorStats:
         stats = self._own_result()
-        return replace(stats, **self._msprobe.result(), convention="msprobe") if self._msprobe is not None else stats
+        if self._msprobe is None:
+            return stats
+        return replace(stats, **self._msprobe.result(self._msprobe_sums()), convention="msprobe")
+
+    def _msprobe_sums(self) -> Sums:
+        e2, a2, d2, ea, _, max_abs = (float(v) for v in self._sums.acc[:6])
+        scale_e, scale_a, scale_d = self._scales
+        norm_es, norm_as = math.sqrt(e2), math.sqrt(a2)  # of the scaled values; the scales cancel in the quotient
+        with np.errstate(divide="ignore", invalid="ignore"):
+            quotient = float(np.float64(ea) / (np.float64(norm_as) * np.float64(norm_es)))
+        return Sums(norm_e=norm_es / scale_e, norm_a=norm_as / scale_a, quotient=quotient,
+                    euclidean=math.sqrt(d2) / scale_d, max_abs=max_abs)
 
     def _own_result(self) -> TensorStats:
         nf = self._non_finite.result()
@@ -194,17 +230,6 @@ def _cosine(dot: float, norm_e: float, norm_a: float) -> float:
     return min(1.0, max(-1.0, dot / (norm_e * norm_a)))
 
 
-def _scales(e: np.ndarray, a: np.ndarray) -> tuple[float, float, float]:
-    """Powers of two for e, a and a - e that bring the largest finite magnitude of each near 1 when it lies outside
-    _SAFE_RANGE (its square would overflow, or underflow to zero); 1 otherwise. Only float64 (and wider) data can
-    reach those ranges: float32 squares stay within float64."""
-    if e.dtype.itemsize < 8 and a.dtype.itemsize < 8 or e.size == 0:
-        return _UNSCALED
-    return tuple(1.0 if largest == 0.0 or not math.isfinite(largest) or _SAFE_RANGE[0] < largest < _SAFE_RANGE[1]
-                 else math.ldexp(1.0, min(-math.frexp(largest)[1], _LARGEST_SCALE_EXPONENT))
-                 for largest in fused.largest_magnitudes(e, a))
-
-
 def tensor_stats(expected, actual, *, convention: str = "precision-check") -> TensorStats:
     """All element-wise metrics of a pair (numpy arrays, anything numpy converts, or torch tensors of any float
     dtype), streamed over chunks through the compiled kernel with float64 accumulators. ``convention``:
@@ -212,7 +237,7 @@ def tensor_stats(expected, actual, *, convention: str = "precision-check") -> Te
     check_convention(convention)
     e_raw = as_numpy(expected)
     e, a, any_bad = _flat_pair(e_raw, actual)
-    stream = StreamingStats(e_raw.shape, convention, scales=_scales(e, a))
+    stream = StreamingStats(e_raw.shape, convention)
     stream._add_flat(e, a, any_bad)
     return stream.result()
 

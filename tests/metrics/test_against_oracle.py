@@ -150,6 +150,29 @@ def test_tensor_stats_equals_the_oracle(pair, chunk):
 
 
 @SETTINGS
+@given(pairs(), st.integers(1, 4))
+def test_streamed_row_blocks_equal_the_oracle(pair, rows_per_block):
+    # blocks of different magnitudes (1e-200, then 1e200) make the running scale shrink between blocks
+    e, a = (np.asarray(x.float() if hasattr(x, "bfloat16") else x) for x in pair)
+    e2, a2 = e.reshape(e.shape[0] if e.ndim else 1, -1), a.reshape(e.shape[0] if e.ndim else 1, -1)
+    stream = tensor.StreamingStats(e2.shape)
+    for start in range(0, e2.shape[0], rows_per_block):
+        stream.add(e2[start:start + rows_per_block], a2[start:start + rows_per_block])
+    assert_agrees_with_oracle(stream.result(), e2, a2)
+
+
+def test_a_later_block_of_larger_magnitude_rescales_the_sums():
+    e = np.array([[3e-200, 4e-200], [3e200, 4e200], [1.0, 2.0]])
+    a = e * np.array([[1.0, 1.5], [1.0, 1.5], [1.0, 1.5]])
+    stream = tensor.StreamingStats(e.shape)
+    for row in range(3):
+        stream.add(e[row:row + 1], a[row:row + 1])
+    streamed = stream.result()
+    assert_agrees_with_oracle(streamed, e, a)
+    assert streamed.relative_l2 == pytest.approx(2e200 / 5e200, rel=1e-15)  # only the 1e200 row counts
+
+
+@SETTINGS
 @given(pairs())
 def test_every_single_metric_function_is_a_view_of_tensor_stats(pair):
     e, a = pair
