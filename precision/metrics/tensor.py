@@ -63,6 +63,8 @@ def _scale_exponent(largest: float) -> int:
     if largest == 0.0 or not math.isfinite(largest) or _SAFE_RANGE[0] < largest < _SAFE_RANGE[1]:
         return 0
     return min(-math.frexp(largest)[1], _LARGEST_SCALE_EXPONENT)
+
+
 _pool: ThreadPoolExecutor | None = None
 
 
@@ -129,7 +131,8 @@ class StreamingStats:
 
     float64 blocks are summed scaled by powers of two for e, a and a - e (see precision.metrics.fused), chosen from the
     largest magnitude seen so far, so that data near float64's limits neither overflows nor underflows; when a later
-    block needs a smaller scale, the sums so far are rescaled exactly (by a power of two). float32, bf16 and fp16 data
+    block needs a smaller scale, the sums so far are rescaled by a power of two (exact, except for parts that fall below
+float64's range and were negligible beside the new block's). float32, bf16 and fp16 data
     (every capture) never needs a scale: its squares stay within float64."""
 
     def __init__(self, shape: tuple[int, ...], convention: str = "precision-check") -> None:

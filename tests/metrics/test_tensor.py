@@ -55,6 +55,28 @@ def test_constants():
     assert RELATIVE_ERROR_FLOOR == 1e-6
 
 
+def test_constants_are_named_once_in_precision_names():
+    from precision import metrics, names
+    from precision.metrics import msprobe, tensor
+
+    assert metrics.BF16_UNIT_ROUNDOFF is names.BF16_UNIT_ROUNDOFF
+    assert metrics.RELATIVE_ERROR_FLOOR is names.RELATIVE_ERROR_FLOOR and tensor.RELATIVE_ERROR_FLOOR is names.RELATIVE_ERROR_FLOOR
+    assert msprobe.THRESHOLDS is names.ERR_RATIO_THRESHOLDS == (names.ONE_THOUSANDTH, names.FIVE_THOUSANDTHS)
+
+
+def test_the_kernel_counts_below_the_thresholds_it_is_given():
+    # the thresholds reach the kernel as arguments from precision.names (not constants frozen into numba's cache):
+    # other thresholds give other counts
+    from precision.metrics import fused
+
+    e = np.full(4, 1000.0, dtype=np.float32)
+    a = np.array([1000.0, 1000.5, 1002.0, 1010.0], dtype=np.float32)  # relative errors 0, 5e-4, 2e-3, 1e-2
+    out, _ = fused.fused_accumulate(e, a, RELATIVE_ERROR_FLOOR)
+    assert (out[7], out[8]) == (2, 3)
+    out, _ = fused.fused_accumulate(e, a, RELATIVE_ERROR_FLOOR, (1e-9, 0.5))
+    assert (out[7], out[8]) == (1, 4)
+
+
 def test_every_tensor_stats_field_has_a_definition():
     from dataclasses import fields
 
