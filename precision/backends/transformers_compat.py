@@ -114,7 +114,7 @@ def layer_hidden_states(output: Any) -> Any:
 def run_decoder_layer(model: Any, index: int, hidden: Any) -> Any:
     """Decoder layer ``index`` of ``model`` on ``hidden`` [1, positions, width] alone, causal, positions from 0.
 
-    Since transformers 4.48 the decoder computes the rotary cos/sin once (``model.model.rotary_emb``) and hands
+    In the tested releases the decoder computes the rotary cos/sin once (``model.model.rotary_emb``) and hands
     them to every layer as ``position_embeddings``; the layer no longer computes them itself."""
     import torch
 
@@ -131,7 +131,7 @@ def attn_implementation(model: Any) -> str:
 
 
 def set_attn_implementation(model: Any, implementation: str) -> None:
-    """Switch the loaded model's attention implementation (transformers >= 4.48 has the method)."""
+    """Switch the loaded model's attention implementation (sdpa -> eager), and check that it switched."""
     require("PreTrainedModel.set_attn_implementation", model, "set_attn_implementation")(implementation)
     if attn_implementation(model) != implementation:
         raise missing_api(f"set_attn_implementation({implementation!r})", f"the model still runs {attn_implementation(model)!r}")

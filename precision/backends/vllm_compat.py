@@ -219,8 +219,8 @@ def final_norm_output(output: Any) -> Any:
 
 
 def compute_logits(model: Any, hidden: Any) -> Any:
-    """Logits of final-norm rows: vLLM never calls lm_head as a module. Since vLLM 0.11 ``compute_logits`` takes
-    the hidden states alone (earlier releases also took sampling metadata); under tensor parallelism every rank
+    """Logits of final-norm rows: vLLM never calls lm_head as a module. In vLLM 0.32 ``compute_logits`` takes
+    the hidden states alone (older releases also took sampling metadata); under tensor parallelism every rank
     must call it (it gathers the vocabulary shards), and ranks other than 0 may get None."""
     method = require(f"{type(model).__name__}.compute_logits", model, "compute_logits")
     _check_takes_hidden_states_only(f"{type(model).__name__}.compute_logits", method)
