@@ -14,7 +14,6 @@ import numpy as np
 
 from precision.metrics.arrays import as_numpy
 from precision.metrics.tensor import (  # noqa: F401  (BF16_UNIT_ROUNDOFF, RELATIVE_ERROR_FLOOR, ULP_BUCKETS re-exported)
-    BF16_INF_MAGNITUDE,
     BF16_UNIT_ROUNDOFF,
     ULP_BUCKETS,
     _raw_sums,

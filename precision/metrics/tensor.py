@@ -16,7 +16,6 @@ import numpy as np
 
 from precision.metrics import fused
 from precision.metrics.arrays import as_numpy
-from precision.metrics.fused import BF16_INF_MAGNITUDE  # noqa: F401  (re-exported)
 from precision.metrics.msprobe import MsprobeAccumulator, Sums, check_convention
 from precision.metrics.nonfinite import NonFinite, NonFiniteCounter, non_finite  # noqa: F401  (re-exported)
 from precision.names import BF16_UNIT_ROUNDOFF, ERR_RATIO_THRESHOLDS, RELATIVE_ERROR_FLOOR  # noqa: F401  (re-exported)

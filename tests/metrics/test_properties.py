@@ -15,7 +15,6 @@ from precision.metrics import (
     bf16_ulp_distance,
     cosine_similarity,
     err_ratio_below,
-    euclidean_distance,
     five_thousandths_err_ratio,
     logits_stats,
     max_abs_error,
