@@ -110,12 +110,16 @@ def render_report(comparison: str | Path, *, out: str | Path | None = None, thre
     from precision.pipeline import RunResult
     from precision.report import write_report
 
+    from precision.contract import ContractError
+
     path = Path(comparison)
     path = path / "comparison.json" if path.is_dir() else path
     try:
         document = read_result_json(path)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise PrecisionError(f"cannot read comparison {path}: {exc}; pass the comparison.json written by 'precision-check compare'") from exc
+    except ContractError as exc:
+        raise PrecisionError(f"{path} is damaged or of another version ({exc}); recreate it with 'precision-check compare'") from exc
     if not isinstance(document, dict) or document.get("format") != COMPARISON_FORMAT:
         raise PrecisionError(f"{path} is not a precision-check comparison.json")
     out = Path(out) if out else path.parent
