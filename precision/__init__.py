@@ -38,7 +38,6 @@ _EXPORTS = {
     "GoldenStore": "precision.golden",
     # Building blocks.
     "write_capture": "precision.capture.writer:capture",
-    "capture": "precision.capture.writer",
     "CapturePlan": "precision.capture.writer",
     "CaptureReader": "precision.capture.reader",
     "CaptureSelection": "precision.capture.sites",
@@ -68,10 +67,9 @@ _EXPORTS = {
 }
 """Public name -> the module that defines it ("module:name" where the module calls it otherwise). A public name
 never equals a submodule's name: once imported, ``precision.capture`` (the package) would shadow a function
-exported as ``capture``, which is why capture.writer.capture is exported as ``write_capture``. ``capture`` stays
-for the README's older spelling; it is that function only until precision.capture is first imported."""
-SHADOWED = frozenset({"capture"})
-"""Public names a submodule shadows (kept for older callers; each has a name that is not shadowed)."""
+exported as ``capture`` (importing precision.capture.writer sets ``precision.capture`` to the package, so
+``from precision import capture`` never gave the function), which is why capture.writer.capture is exported as
+``write_capture``."""
 
 
 def __getattr__(name: str):

@@ -311,7 +311,8 @@ def test_a_forbidden_import_planted_in_a_copy_of_the_real_package_is_reported(tm
 
 
 def test_every_public_name_is_what_it_says_even_after_every_module_is_loaded():
-    """A public name equal to a submodule's name would be shadowed by the submodule once it is imported."""
+    """A public name equal to a submodule's name is shadowed by the submodule (``from precision import capture``
+    gave the capture package, not the function, which is why the function is exported as write_capture)."""
     import importlib
 
     for path in sorted(PACKAGE_ROOT.rglob("*.py")):
@@ -323,4 +324,4 @@ def test_every_public_name_is_what_it_says_even_after_every_module_is_loaded():
         module, _, attribute = target.partition(":")
         if getattr(precision, public) is not getattr(importlib.import_module(module), attribute or public):
             shadowed.add(public)
-    assert shadowed == set(precision.SHADOWED)
+    assert shadowed == set()
