@@ -1,25 +1,10 @@
 """Compare two captures (and optionally an FP32 truth) into the comparison document, comparison.json.
 
-comparison.json (schema_version 1):
-    schema_version, format="precision-check-comparison", created_at,
-    expected / actual / truth: {path, backend, dtype, device, manifest_sha256} (truth may be null),
-    definitions: {metric name: definition},
-    prompts: [{
-        id, category, prompt_tokens, forced_tokens, positions (count),
-        tokens: {expected_generated, actual_generated, matching_prefix, match_rate, first_divergence},
-        sites: [{site, layer (int | null), metrics: TensorStats fields, non_finite: {...},
-                 truth: {expected_vs_truth, actual_vs_truth, R} | null}],
-        logits: {kl_mean, kl_max, top1_agreement, top5_overlap_mean, positions: [...],
-                 per_position: {kl, top1_agree, top5_overlap, expected_margin, max_abs},
-                 flips: [{position, expected_token, actual_token, expected_margin, flip_margin, other_rms, flip_scale,
-                          logit_noise, z, alpha, family_positions, ulp, rounding_allowance, bound, near_tie}]
-                        (near_tie: precision.analysis.near_tie),
-                 non_finite_positions: [...]},
-    }],
-    sites: [{site, layer, relative_l2 (pooled over prompts), max_abs, cosine_min, ulp_shares (pooled),
-             expected_vs_truth, actual_vs_truth, R (pooled) }],
-Pooled relative L2 over prompts = sqrt(sum_p ||a_p - e_p||^2) / sqrt(sum_p ||e_p||^2).
-Non-finite values are serialized as the strings "NaN", "Infinity", "-Infinity".
+The document's schema is the typed precision.contract.comparison.Comparison (published as
+docs/schema/precision-check-comparison.schema.json, every field's definition included): per prompt, every site's
+element-wise metrics and the truth's errors, the logits position by position with every top-1 flip classified
+near-tie or real; per site, the figures pooled over prompts:
+pooled relative L2 = sqrt(sum_p ||a_p - e_p||^2) / sqrt(sum_p ||e_p||^2).
 """
 
 from __future__ import annotations
@@ -31,11 +16,13 @@ from typing import Any
 
 import numpy as np
 
+from precision import names
 from precision.analysis.alignment import check_comparable
 from precision.analysis.near_tie import classify_flips
 from precision.capture import sites as site_names
 from precision.capture.arrays import TensorFile
 from precision.capture.reader import CaptureReader, PromptRecord
+from precision.contract.comparison import COMPARISON_FORMAT, COMPARISON_VERSION
 from precision.environment import utc_now
 from precision.errors import PrecisionError
 from precision.metrics import CONVENTIONS, DEFINITIONS, LogitsStats, logits_stats, tensor_stats, token_agreement
@@ -44,8 +31,7 @@ from precision.metrics.tensor import ULP_BUCKETS
 
 log = logging.getLogger(__name__)
 DEFAULT_CONVENTION = CONVENTIONS[0]
-SCHEMA_VERSION = 1
-FORMAT_NAME = "precision-check-comparison"
+SCHEMA_VERSION, FORMAT_NAME = COMPARISON_VERSION, COMPARISON_FORMAT
 
 
 def ratio(numerator: float, denominator: float) -> float:
@@ -110,8 +96,8 @@ def compare_captures(expected: CaptureReader, actual: CaptureReader, *, truth: C
 def _classify_run_flips(prompts: list[dict], expected: CaptureReader, actual: CaptureReader) -> None:
     """Near-tie or real, for every flip of the run at once: the false-alarm rate is held over all positions
     compared in the run (see precision.analysis.near_tie)."""
-    logits = [p["logits"] for p in prompts if "logits" in p]
-    compared = sum(sum(1 for kl in lg["per_position"]["kl"] if math.isfinite(kl)) for lg in logits)
+    logits = [p[names.LOGITS] for p in prompts if names.LOGITS in p]
+    compared = sum(sum(1 for kl in lg["per_position"][names.KL] if math.isfinite(kl)) for lg in logits)
     flips = [flip for lg in logits for flip in lg["flips"]]
     classify_flips(flips, compared, reference_dtype=expected.manifest["backend"].get("dtype"),
                    target_dtype=actual.manifest["backend"].get("dtype"))
@@ -135,7 +121,7 @@ def _compare_prompt(expected: CaptureReader, actual: CaptureReader, truth: Captu
     result["positions"] = len(positions)
     for site in e_rec.sites:
         if site == site_names.LOGITS:
-            result["logits"], pair, truth_pairs = _compare_logits(eh, ah, th, positions, convention)
+            result[names.LOGITS], pair, truth_pairs = _compare_logits(eh, ah, th, positions, convention)
         else:
             e, a = eh.array(site), ah.array(site)
             pair = tensor_stats(e, a, convention=convention)
@@ -147,8 +133,8 @@ def _compare_prompt(expected: CaptureReader, actual: CaptureReader, truth: Captu
         if truth_pairs is not None:
             e_err, a_err = truth_pairs
             entry["truth"] = {
-                "expected_vs_truth": e_err.relative_l2,
-                "actual_vs_truth": a_err.relative_l2,
+                names.EXPECTED_VS_TRUTH: e_err.relative_l2,
+                names.ACTUAL_VS_TRUTH: a_err.relative_l2,
                 "R": ratio(a_err.relative_l2, e_err.relative_l2),
                 "truth_l2": e_err.expected_l2,
             }
@@ -158,10 +144,10 @@ def _compare_prompt(expected: CaptureReader, actual: CaptureReader, truth: Captu
 
 def _stats_json(stats) -> dict:
     data = asdict(stats)
-    nf = data.pop("non_finite")
+    nf = data.pop(names.NON_FINITE)
     for key in [k for k in nf if k.endswith("first_index")]:  # [row, column] lists, as they read back from JSON
         nf[key] = list(nf[key]) if nf[key] is not None else None
-    data["non_finite"] = nf
+    data[names.NON_FINITE] = nf
     return data
 
 
@@ -200,7 +186,7 @@ def _compare_logits(eh: TensorFile, ah: TensorFile, th: TensorFile | None, posit
             "position": positions[row],
             "expected_token": int(stats.expected_top1[row]),
             "actual_token": int(stats.actual_top1[row]),
-            "expected_margin": float(stats.expected_margin[row]),
+            names.EXPECTED_MARGIN: float(stats.expected_margin[row]),
             "flip_margin": float(stats.flip_margin[row]),
             "other_rms": float(stats.other_rms[row]),
             "flip_scale": float(stats.flip_scale[row]),
@@ -209,17 +195,17 @@ def _compare_logits(eh: TensorFile, ah: TensorFile, th: TensorFile | None, posit
     finite = stats.finite_rows
     kl = stats.kl[finite]
     summary = {
-        "kl_mean": float(kl.mean()) if kl.size else math.nan,
+        names.KL_MEAN: float(kl.mean()) if kl.size else math.nan,
         "kl_max": float(kl.max()) if kl.size else math.nan,
-        "top1_agreement": float(stats.top1_agree[finite].mean()) if finite.any() else math.nan,
+        names.TOP1_AGREEMENT: float(stats.top1_agree[finite].mean()) if finite.any() else math.nan,
         "top5_overlap_mean": float(stats.top5_overlap[finite].mean()) if finite.any() else math.nan,
         "positions": positions,
         "per_position": {
-            "kl": stats.kl.tolist(),
-            "top1_agree": stats.top1_agree.tolist(),
-            "top5_overlap": stats.top5_overlap.tolist(),
-            "expected_margin": stats.expected_margin.tolist(),
-            "max_abs": stats.max_abs.tolist(),
+            names.KL: stats.kl.tolist(),
+            names.TOP1_AGREE: stats.top1_agree.tolist(),
+            names.TOP5_OVERLAP: stats.top5_overlap.tolist(),
+            names.EXPECTED_MARGIN: stats.expected_margin.tolist(),
+            names.MAX_ABS: stats.max_abs.tolist(),
         },
         "flips": flips,
         "non_finite_positions": [positions[r] for r in np.flatnonzero(~finite)],
@@ -236,43 +222,43 @@ def pool_sites(prompts: list[dict]) -> list[dict]:
     for prompt in prompts:
         for entry in prompt["sites"]:
             m = entry["metrics"]
-            acc = pooled.setdefault(entry["site"], {"site": entry["site"], "layer": entry["layer"], "e2": 0.0, "d2": 0.0, "max_abs": 0.0,
-                                                    "cosine_min": 1.0, "ulp": dict.fromkeys(ULP_BUCKETS, 0.0), "n": 0,
-                                                    "t2": 0.0, "te2": 0.0, "ta2": 0.0, "has_truth": entry["truth"] is not None, "non_finite": 0,
+            acc = pooled.setdefault(entry["site"], {"site": entry["site"], "layer": entry["layer"], "e2": 0.0, "d2": 0.0, names.MAX_ABS: 0.0,
+                                                    names.COSINE_MIN: 1.0, "ulp": dict.fromkeys(ULP_BUCKETS, 0.0), "n": 0,
+                                                    "t2": 0.0, "te2": 0.0, "ta2": 0.0, "has_truth": entry["truth"] is not None, names.NON_FINITE: 0,
                                                     "undefined_prompts": 0})
             acc["e2"] += m["expected_l2"] ** 2
-            acc["d2"] += (m["relative_l2"] * m["expected_l2"]) ** 2 if math.isfinite(m["relative_l2"]) else math.inf
+            acc["d2"] += (m[names.RELATIVE_L2] * m["expected_l2"]) ** 2 if math.isfinite(m[names.RELATIVE_L2]) else math.inf
             # NaN propagates: a prompt whose cosine or max |a-e| is undefined (an all-zero side, no finite element)
             # makes the pooled value undefined, and undefined_prompts counts them, instead of pooling the others.
-            acc["max_abs"] = max(acc["max_abs"], m["max_abs"]) if not math.isnan(m["max_abs"]) else math.nan
-            acc["cosine_min"] = min(acc["cosine_min"], m["cosine"]) if not math.isnan(m["cosine"]) else math.nan
-            acc["undefined_prompts"] += math.isnan(m["max_abs"]) or math.isnan(m["cosine"])
-            nf = m["non_finite"]
-            acc["non_finite"] += nf["expected_nan"] + nf["expected_inf"] + nf["actual_nan"] + nf["actual_inf"]
+            acc[names.MAX_ABS] = max(acc[names.MAX_ABS], m[names.MAX_ABS]) if not math.isnan(m[names.MAX_ABS]) else math.nan
+            acc[names.COSINE_MIN] = min(acc[names.COSINE_MIN], m[names.COSINE]) if not math.isnan(m[names.COSINE]) else math.nan
+            acc["undefined_prompts"] += math.isnan(m[names.MAX_ABS]) or math.isnan(m[names.COSINE])
+            nf = m[names.NON_FINITE]
+            acc[names.NON_FINITE] += nf["expected_nan"] + nf["expected_inf"] + nf["actual_nan"] + nf["actual_inf"]
             for bucket in ULP_BUCKETS:
-                share = m["ulp_shares"].get(bucket, math.nan)  # comparisons written before a bucket existed lack it
+                share = m[names.ULP_SHARES].get(bucket, math.nan)  # comparisons written before a bucket existed lack it
                 if math.isfinite(share):
                     acc["ulp"][bucket] += share * m["elements"]
             acc["n"] += m["elements"]
             if entry["truth"] is not None:
                 t = entry["truth"]
                 acc["t2"] += t["truth_l2"] ** 2
-                acc["te2"] += (t["expected_vs_truth"] * t["truth_l2"]) ** 2
-                acc["ta2"] += (t["actual_vs_truth"] * t["truth_l2"]) ** 2
+                acc["te2"] += (t[names.EXPECTED_VS_TRUTH] * t["truth_l2"]) ** 2
+                acc["ta2"] += (t[names.ACTUAL_VS_TRUTH] * t["truth_l2"]) ** 2
     result = []
     for site in site_names.site_order(list(pooled)):
         acc = pooled[site]
         row = {
             "site": site,
             "layer": acc["layer"],
-            "relative_l2": ratio(math.sqrt(acc["d2"]), math.sqrt(acc["e2"])),
-            "max_abs": acc["max_abs"],
-            "cosine_min": acc["cosine_min"],
-            "ulp_shares": {b: (v / acc["n"] if acc["n"] else math.nan) for b, v in acc["ulp"].items()},
-            "non_finite": acc["non_finite"],
+            names.RELATIVE_L2: ratio(math.sqrt(acc["d2"]), math.sqrt(acc["e2"])),
+            names.MAX_ABS: acc[names.MAX_ABS],
+            names.COSINE_MIN: acc[names.COSINE_MIN],
+            names.ULP_SHARES: {b: (v / acc["n"] if acc["n"] else math.nan) for b, v in acc["ulp"].items()},
+            names.NON_FINITE: acc[names.NON_FINITE],
             "undefined_prompts": acc["undefined_prompts"],
-            "expected_vs_truth": None,
-            "actual_vs_truth": None,
+            names.EXPECTED_VS_TRUTH: None,
+            names.ACTUAL_VS_TRUTH: None,
             "R": None,
         }
         if acc["has_truth"]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 
+from precision import names
 from precision.analysis.compare import compare_captures, pool_sites, ratio
 from precision.capture.reader import CaptureReader
 
@@ -50,15 +51,15 @@ def site_envelope(reference: CaptureReader, members: dict[str, CaptureReader], c
                     for name, capture in members.items()}
     rows = []
     for site, target in target_sites.items():
-        errors = {name: sites[site]["relative_l2"] for name, sites in member_sites.items()}
+        errors = {name: sites[site][names.RELATIVE_L2] for name, sites in member_sites.items()}
         largest = max(errors.values())
         rows.append({
             "site": site,
-            "target": target["relative_l2"],
+            "target": target[names.RELATIVE_L2],
             "members": errors,
             "max": largest,
-            "ratio": ratio(target["relative_l2"], largest),
-            "percentile": sum(e < target["relative_l2"] for e in errors.values()) / len(errors),
+            "ratio": ratio(target[names.RELATIVE_L2], largest),
+            "percentile": sum(e < target[names.RELATIVE_L2] for e in errors.values()) / len(errors),
         })
     return {"members": list(members), "prompts": prompt_ids, "sites": rows}
 
@@ -68,14 +69,14 @@ def local_envelope(target_steps: list[dict], member_steps: dict[str, list[dict]]
     rows = []
     for index, step in enumerate(target_steps):
         locals_ = [steps[index]["local"] for steps in member_steps.values()]
-        gains = [abs(steps[index]["local_gain"]) for steps in member_steps.values() if steps[index]["local_gain"] is not None]
+        gains = [abs(steps[index][names.LOCAL_GAIN]) for steps in member_steps.values() if steps[index][names.LOCAL_GAIN] is not None]
         largest_local = max(locals_) if locals_ else math.nan
         largest_gain = max(gains) if gains else None
         floor = step.get("rounding_floor", 0.0)
         rows.append({
             **step,
             "envelope_local_max": largest_local,
-            "local_ratio": ratio(step["local"], max(largest_local, floor)) if locals_ else None,
+            names.LOCAL_RATIO: ratio(step["local"], max(largest_local, floor)) if locals_ else None,
             "envelope_gain_max": largest_gain,
         })
     return rows

@@ -1,19 +1,10 @@
 """Turns a comparison into findings: theory band, implementation envelope, local versus inherited error,
-determinism and the first non-finite value. The result is the ``analysis`` section of comparison.json:
+determinism and the first non-finite value. The result is the ``analysis`` section of comparison.json, typed as
+precision.contract.analysis.Analysis.
 
-    analysis: {
-      theory:      [{site, roundings, vs_truth_low/high, between_engines_low/high}]        precision.analysis.theory
-      envelope:    {members, prompts, sites: [{site, target, members, max, ratio, percentile}]} | null
-      theory_source: "model config.json" | "capture manifest (...)": where the model's sizes came from
-      local:       {available, reason, steps: [{site, input_site, local, inherited, input, amplification,
-                    local_R, local_gain, rounding_gain, rounding_floor, local_ulp_shares, envelope_local_max,
-                    local_ratio, envelope_gain_max}]}
 The model directory recorded in the reference capture is needed only for the replay (and the theory band's
 intermediate and head sizes): on a machine without it (a capture pair copied off the NPU box) the replay is
 skipped with that reason, and the theory band uses the hidden size the manifest records.
-      determinism: {runs, prompts, tokens_identical, tensors_identical, max_relative_l2} | null
-      first_non_finite: {prompt, site, index, side} | null
-    }
 """
 
 from __future__ import annotations
@@ -22,6 +13,7 @@ import json
 import logging
 from pathlib import Path
 
+from precision import names
 from precision.analysis.envelope import local_envelope, site_envelope
 from precision.analysis.replay import Replayer, replayable
 from precision.analysis.theory import model_reductions, theory_band
@@ -34,7 +26,7 @@ def first_non_finite(comparison: dict) -> dict | None:
     """The first prompt and site, in model order, where either side holds NaN or Inf."""
     for prompt in comparison["prompts"]:
         for entry in prompt["sites"]:
-            nf = entry["metrics"]["non_finite"]
+            nf = entry["metrics"][names.NON_FINITE]
             actual, expected = nf["actual_nan"] + nf["actual_inf"], nf["expected_nan"] + nf["expected_inf"]
             if actual or expected:
                 index = nf["first_index"]

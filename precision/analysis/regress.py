@@ -47,13 +47,16 @@ import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from precision import names
+from precision.contract.comparison import COMPARISON_FORMAT
+from precision.contract.results import REGRESSION_FORMAT, REGRESSION_VERSION, SUMMARY_FORMAT
 from precision.errors import MismatchedCapturesError, PrecisionError
 from precision.io import read_result_json
 
 RELATIVE_ERROR, R_KIND, KL_KIND, GAIN_KIND, TOP1_KIND, NON_FINITE_KIND = "relative error", "R", "KL", "local gain", "top-1", "non-finite"
 
 METRICS: dict[str, str] = {
-    "relative_l2": RELATIVE_ERROR,      # ‖a−e‖/‖e‖ per (prompt, site)
+    names.RELATIVE_L2: RELATIVE_ERROR,      # ‖a−e‖/‖e‖ per (prompt, site)
     "target_vs_truth": RELATIVE_ERROR,  # ‖a−t‖/‖t‖ per (prompt, site), t the FP32 truth
     "R": R_KIND,                        # err(a, t) / err(e, t) per (prompt, site)
     "target_non_finite": NON_FINITE_KIND,  # NaN + Inf count in the target per (prompt, site)
@@ -61,7 +64,7 @@ METRICS: dict[str, str] = {
     "local_R": R_KIND,                  # per replayed step, pooled over prompts
     "local_gain_abs": GAIN_KIND,        # |local gain| per replayed step with an update
     "logits_kl_mean": KL_KIND,          # mean KL over teacher-forced positions, per prompt
-    "top1_agreement": TOP1_KIND,        # share of teacher-forced positions with equal argmax, per prompt
+    names.TOP1_AGREEMENT: TOP1_KIND,        # share of teacher-forced positions with equal argmax, per prompt
 }
 """Every compared metric and its kind (which allowance applies). Order: the order of rows at one site."""
 
@@ -136,9 +139,9 @@ def _read(path: Path, expected_format: str, what: str) -> dict:
 def _load(run_dir: Path) -> tuple[dict, dict]:
     if not run_dir.is_dir():
         raise PrecisionError(f"{run_dir} is not a directory; pass the --out directory of a finished 'precision-check run'")
-    comparison = _read(run_dir / "comparison.json", "precision-check-comparison", "comparison.json")
+    comparison = _read(run_dir / "comparison.json", COMPARISON_FORMAT, "comparison.json")
     summary_path = run_dir / "summary.json"
-    summary = _read(summary_path, "precision-check-summary", "summary.json")
+    summary = _read(summary_path, SUMMARY_FORMAT, "summary.json")
     verdict = summary.get("verdict")
     if not isinstance(verdict, dict) or verdict.get("status") not in ("PASS", "WARN", "FAIL") or not isinstance(verdict.get("summary"), str):
         raise PrecisionError(f"{summary_path} has no valid verdict (a 'verdict' object with status PASS/WARN/FAIL and a summary); "
@@ -175,23 +178,23 @@ def _extract(comparison: dict) -> tuple[dict[RowKey, dict], list[str], dict]:
             if not isinstance(site, str):
                 raise _Malformed(f"{at}.site is {site!r}")
             metrics = _mapping(entry.get("metrics"), f"{at}.metrics")
-            relative = _number(metrics.get("relative_l2"), f"{at}.metrics.relative_l2")
-            if site == "logits":
+            relative = _number(metrics.get(names.RELATIVE_L2), f"{at}.metrics.relative_l2")
+            if site == names.LOGITS:
                 logits_error = relative
-            put((pid, site, "relative_l2"), relative)
-            nf = _mapping(metrics.get("non_finite"), f"{at}.metrics.non_finite")
+            put((pid, site, names.RELATIVE_L2), relative)
+            nf = _mapping(metrics.get(names.NON_FINITE), f"{at}.metrics.non_finite")
             put((pid, site, "target_non_finite"), (_number(nf.get("actual_nan"), f"{at}.actual_nan") or 0.0) + (_number(nf.get("actual_inf"), f"{at}.actual_inf") or 0.0))
             truth = entry.get("truth")
             if truth is not None:
                 truth = _mapping(truth, f"{at}.truth")
-                put((pid, site, "target_vs_truth"), _number(truth.get("actual_vs_truth"), f"{at}.truth.actual_vs_truth"))
+                put((pid, site, "target_vs_truth"), _number(truth.get(names.ACTUAL_VS_TRUTH), f"{at}.truth.actual_vs_truth"))
                 put((pid, site, "R"), _number(truth.get("R"), f"{at}.truth.R"),
-                    reference_vs_truth=_number(truth.get("expected_vs_truth"), f"{at}.truth.expected_vs_truth"))
-        logits = prompt.get("logits")
+                    reference_vs_truth=_number(truth.get(names.EXPECTED_VS_TRUTH), f"{at}.truth.expected_vs_truth"))
+        logits = prompt.get(names.LOGITS)
         if logits is not None:
             logits = _mapping(logits, f"{where}.logits")
-            put((pid, "logits", "logits_kl_mean"), _number(logits.get("kl_mean"), f"{where}.logits.kl_mean"), logits_relative_l2=logits_error)
-            put((pid, "logits", "top1_agreement"), _number(logits.get("top1_agreement"), f"{where}.logits.top1_agreement"))
+            put((pid, names.LOGITS, "logits_kl_mean"), _number(logits.get(names.KL_MEAN), f"{where}.logits.kl_mean"), logits_relative_l2=logits_error)
+            put((pid, names.LOGITS, names.TOP1_AGREEMENT), _number(logits.get(names.TOP1_AGREEMENT), f"{where}.logits.top1_agreement"))
 
     analysis = _mapping(comparison.get("analysis") or {}, "analysis")
     local = _mapping(analysis.get("local") or {}, "analysis.local")
@@ -203,7 +206,7 @@ def _extract(comparison: dict) -> tuple[dict[RowKey, dict], list[str], dict]:
             raise _Malformed(f"{at}.site is {site!r}")
         local_error = _number(step.get("local"), f"{at}.local")
         local_r = _number(step.get("local_R"), f"{at}.local_R")
-        gain = _number(step.get("local_gain"), f"{at}.local_gain")
+        gain = _number(step.get(names.LOCAL_GAIN), f"{at}.local_gain")
         put((None, site, "local_error"), local_error)
         put((None, site, "local_R"), local_r, local_error=local_error)
         put((None, site, "local_gain_abs"), None if gain is None else abs(gain),
@@ -339,8 +342,8 @@ def regress(baseline_dir: str | Path, candidate_dir: str | Path, tolerance: Regr
     status = "FAIL" if missing or worse or candidate_failed else "PASS"
     first_bad = next((r for r in rows if r["worse"]), None)
     return {
-        "schema_version": 2,
-        "format": "precision-check-regression",
+        "schema_version": REGRESSION_VERSION,
+        "format": REGRESSION_FORMAT,
         "baseline": {"run": str(baseline_dir.resolve()), "target": base["actual"].get("backend"), "verdict": base_summary["verdict"]["status"]},
         "candidate": {"run": str(candidate_dir.resolve()), "target": cand["actual"].get("backend"), "verdict": cand_summary["verdict"]["status"]},
         "tolerance": {f.name: getattr(tolerance, f.name) for f in fields(tolerance)},

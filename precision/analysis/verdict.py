@@ -36,6 +36,7 @@ import enum
 import math
 from dataclasses import dataclass, field, fields
 
+from precision import names
 from precision.analysis.theory import BF16_U
 from precision.capture import sites as site_names
 
@@ -139,7 +140,7 @@ def _judge_analysis(analysis: dict | None, sites: list[dict], th: Thresholds) ->
                 f"FP32 as the reference's BF16 rounding of the same step (limit {th.local_r_fail}); local error {step['local']:.2e}, "
                 f"largest envelope member {step['envelope_local_max']:.2e}", site))
             break
-        gain, envelope_gain = step.get("local_gain"), step.get("envelope_gain_max")
+        gain, envelope_gain = step.get(names.LOCAL_GAIN), step.get("envelope_gain_max")
         if site_names.layer_index(site) is None:
             gain = None  # only a decoder layer has an update; comparisons written before replay knew it carry a norm's gain
         rounding_gain = step.get("rounding_gain") or 0.0
@@ -153,13 +154,13 @@ def _judge_analysis(analysis: dict | None, sites: list[dict], th: Thresholds) ->
             break
         # A step outside the envelope fails only when it is not also closer to FP32 than the reference: a target
         # in a wider dtype (FP16, FP32) differs from the BF16 reference by more than BF16 variants do, and is right to.
-        if step.get("local_ratio") is not None and step["local_ratio"] > th.local_ratio_fail and step["local_R"] >= 1.0:
+        if step.get(names.LOCAL_RATIO) is not None and step[names.LOCAL_RATIO] > th.local_ratio_fail and step["local_R"] >= 1.0:
             floor = step.get("rounding_floor", 0.0)
             basis = (f"the largest any implementation variant adds there ({step['envelope_local_max']:.2e})"
                      if step["envelope_local_max"] >= floor else
                      f"one rounding ({floor:.2e}; the implementation variants add at most {step['envelope_local_max']:.2e} there)")
             findings.append(Finding("local-envelope", Status.FAIL,
-                f"{site}'s local error {step['local']:.2e} is {step['local_ratio']:.1f}x {basis}; limit {th.local_ratio_fail}x", site))
+                f"{site}'s local error {step['local']:.2e} is {step[names.LOCAL_RATIO]:.1f}x {basis}; limit {th.local_ratio_fail}x", site))
             break
     envelope = analysis.get("envelope")
     if envelope:
@@ -177,9 +178,9 @@ def _judge_analysis(analysis: dict | None, sites: list[dict], th: Thresholds) ->
             f"of {repeat['prompts']} prompts; run-to-run relative L2 up to {repeat['max_relative_l2']:.2e}"))
     if steps and not any(f.status is Status.FAIL for f in findings):
         worst_r = max(steps, key=lambda s: s["local_R"])
-        ratios = [s for s in steps if s.get("local_ratio") is not None]
-        worst_ratio = max(ratios, key=lambda s: s["local_ratio"]) if ratios else None
-        ratio_text = f", largest local error relative to the envelope {worst_ratio['local_ratio']:.2f}x at {worst_ratio['site']}" if worst_ratio else ""
+        ratios = [s for s in steps if s.get(names.LOCAL_RATIO) is not None]
+        worst_ratio = max(ratios, key=lambda s: s[names.LOCAL_RATIO]) if ratios else None
+        ratio_text = f", largest local error relative to the envelope {worst_ratio[names.LOCAL_RATIO]:.2f}x at {worst_ratio['site']}" if worst_ratio else ""
         claim = ("every step's own error is what implementation choices produce" if worst_ratio is not None else
                  "every step's own error is within the limits applied (no implementation envelope was measured)")
         findings.append(Finding("explained", Status.PASS,
@@ -191,25 +192,25 @@ def _judge_prompt(prompt: dict, th: Thresholds) -> PromptVerdict:
     findings: list[Finding] = []
     findings += _non_finite_findings(prompt)
     findings += _flip_findings(prompt)
-    hidden = [s for s in prompt["sites"] if s["site"] != "logits"]
-    logits = next((s for s in prompt["sites"] if s["site"] == "logits"), None)
+    hidden = [s for s in prompt["sites"] if s["site"] != names.LOGITS]
+    logits = next((s for s in prompt["sites"] if s["site"] == names.LOGITS), None)
     if logits is not None and logits["truth"] is not None:
         r = logits["truth"]["R"]
         if r > th.r_logits_fail:
             findings.append(Finding("r-logits", Status.FAIL,
                 f"at the logits the target is {r:.2f}x as far from FP32 truth as the reference "
-                f"({logits['truth']['actual_vs_truth']:.2e} vs {logits['truth']['expected_vs_truth']:.2e}); the limit is {th.r_logits_fail}"))
+                f"({logits['truth'][names.ACTUAL_VS_TRUTH]:.2e} vs {logits['truth'][names.EXPECTED_VS_TRUTH]:.2e}); the limit is {th.r_logits_fail}"))
         worst_layer = max(hidden, key=lambda s: s["truth"]["R"], default=None)
         if worst_layer is not None and worst_layer["truth"]["R"] > th.r_layer_warn:
             t = worst_layer["truth"]
             findings.append(Finding("r-layer", Status.WARN,
                 f"at {worst_layer['site']} the target is {t['R']:.2f}x as far from FP32 truth as the reference "
-                f"({t['actual_vs_truth']:.2e} vs {t['expected_vs_truth']:.2e}); the limit is {th.r_layer_warn}"))
-    finite_sites = [s for s in prompt["sites"] if math.isfinite(s["metrics"]["relative_l2"])]
-    biggest = max(finite_sites, key=lambda s: s["metrics"]["relative_l2"], default=None)
+                f"({t[names.ACTUAL_VS_TRUTH]:.2e} vs {t[names.EXPECTED_VS_TRUTH]:.2e}); the limit is {th.r_layer_warn}"))
+    finite_sites = [s for s in prompt["sites"] if math.isfinite(s["metrics"][names.RELATIVE_L2])]
+    biggest = max(finite_sites, key=lambda s: s["metrics"][names.RELATIVE_L2], default=None)
     has_truth = logits is not None and logits["truth"] is not None
     if biggest is not None:
-        err = biggest["metrics"]["relative_l2"]
+        err = biggest["metrics"][names.RELATIVE_L2]
         if err > th.rel_l2_fail:
             findings.append(Finding("gross-error", Status.FAIL,
                 f"relative L2 error {err:.2e} at {biggest['site']} exceeds {th.rel_l2_fail}, far beyond BF16 rounding (unit roundoff {BF16_U:.1e})"))
@@ -217,9 +218,9 @@ def _judge_prompt(prompt: dict, th: Thresholds) -> PromptVerdict:
             findings.append(Finding("large-error", Status.WARN,
                 f"relative L2 error {err:.2e} at {biggest['site']} exceeds {th.rel_l2_warn}; capture an FP32 truth to tell whether the target or the reference is off"))
     if not any(f.status is not Status.PASS for f in findings):
-        largest = f"largest relative L2 error {biggest['metrics']['relative_l2']:.2e} at {biggest['site']}" if biggest else "no finite site"
+        largest = f"largest relative L2 error {biggest['metrics'][names.RELATIVE_L2]:.2e} at {biggest['site']}" if biggest else "no finite site"
         r_text = f", R at the logits {logits['truth']['R']:.2f}" if has_truth else ""
-        top1 = prompt.get("logits", {}).get("top1_agreement")
+        top1 = prompt.get(names.LOGITS, {}).get(names.TOP1_AGREEMENT)
         top1_text = f", teacher-forced top-1 agreement {top1:.1%}" if top1 is not None and math.isfinite(top1) else ""
         findings.append(Finding("self-check", Status.PASS, f"{largest}{r_text}{top1_text}"))
     return PromptVerdict(prompt["id"], worst(f.status for f in findings), tuple(findings))
@@ -236,7 +237,7 @@ def _non_finite_findings(prompt: dict) -> list[Finding]:
     target_fail: list[tuple[dict, str]] = []
     reference_only: list[dict] = []
     for entry in prompt["sites"]:
-        nf = entry["metrics"]["non_finite"]
+        nf = entry["metrics"][names.NON_FINITE]
         target_bad, reference_bad = nf["actual_nan"] + nf["actual_inf"], nf["expected_nan"] + nf["expected_inf"]
         if "actual_only" in nf:
             if nf["actual_only"]:
@@ -260,7 +261,7 @@ def _non_finite_findings(prompt: dict) -> list[Finding]:
         findings.append(Finding("non-finite", Status.FAIL, f"at {entry['site']} the target has {text}{more}", entry["site"]))
     if reference_only:
         entry = reference_only[0]
-        nf = entry["metrics"]["non_finite"]
+        nf = entry["metrics"][names.NON_FINITE]
         findings.append(Finding("non-finite-ref", Status.WARN,
             f"the reference itself has {nf['expected_nan']} NaN and {nf['expected_inf']} Inf values at {entry['site']}, first at "
             f"{nf['first_index']} (nothing to compare against there; the target is not non-finite anywhere the reference is finite); "
@@ -271,22 +272,22 @@ def _non_finite_findings(prompt: dict) -> list[Finding]:
 def _flip_findings(prompt: dict) -> list[Finding]:
     """Real flips FAIL, near-ties are reported (precision.analysis.near_tie: the bound is the stored logits'
     rounding plus z sqrt(2) sigma, sigma the logit noise of the position's other tokens)."""
-    flips = prompt.get("logits", {}).get("flips", [])
-    real = [f for f in flips if not f["near_tie"]]
+    flips = prompt.get(names.LOGITS, {}).get("flips", [])
+    real = [f for f in flips if not f[names.NEAR_TIE]]
     findings = []
     if real:
         f = real[0]
         bound_text = (f"the near-tie bound {f['bound']:.3g} ({f['rounding_allowance']:.3g} for the stored logits' rounding + "
                       f"z {f['z']:.2f} x sqrt(2) x the other tokens' logit noise {f['other_rms']:.3g})") if "bound" in f else \
                      f"a logit noise of {f['logit_noise']:.3g}"
-        margin = f.get("flip_margin", f["expected_margin"])
+        margin = f.get("flip_margin", f[names.EXPECTED_MARGIN])
         findings.append(Finding("real-flip", Status.FAIL,
             f"{len(real)} teacher-forced top-1 flip(s) beyond the near-tie bound; first at position {f['position']}: "
             f"token {f['expected_token']} -> {f['actual_token']}, which the reference ranks {margin:.3g} logits lower, against "
-            f"{bound_text}", "logits"))
-    near = [f for f in flips if f["near_tie"]]
+            f"{bound_text}", names.LOGITS))
+    near = [f for f in flips if f[names.NEAR_TIE]]
     if near:
-        widest = max(near, key=lambda f: f.get("flip_margin", f["expected_margin"]))
+        widest = max(near, key=lambda f: f.get("flip_margin", f[names.EXPECTED_MARGIN]))
         detail = (f"; largest margin {widest['flip_margin']:.3g} against its bound {widest['bound']:.3g}" if "bound" in widest else "")
         findings.append(Finding("near-tie-flip", Status.PASS,
             f"{len(near)} teacher-forced top-1 flip(s) at near-ties (reference margin within what the position's rounding noise "

@@ -1,30 +1,13 @@
-"""manifest.json of a capture directory (schema_version 1).
+"""File names and constants of a capture directory.
 
-    {
-      "schema_version": 1,
-      "format": "precision-check-capture",
-      "created_at": ISO-8601 UTC,
-      "backend": {"name", "spec", "engine", "dtype", "device", "settings", ...},   # what ran
-      "model": ModelInfo (path, architecture, num_layers, hidden_size, vocab_size, max_position_embeddings,
-                          stop_token_ids, config_sha256, weights_sha256),
-      "tokenizer": {"class", "vocab_size", "bos_token_id", "eos_token_id", "chat_template_sha256",
-                    "tokenizer_json_sha256", "plain_chat_rendering"},
-      "environment": {"versions", "python", "platform", "host", "env", ...},
-      "selection": {"positions": "all" | "last" | "every:K", "layers": "all" | [int]},
-      "teacher_forcing": {"source": "self" | "reference", "reference_capture": path | null,
-                          "reference_manifest_sha256": hex | null},
-      "prompts": [PromptRecord ...],   # see precision.capture.reader.PromptRecord
-      "skipped": [{"id", "reason"}],
-      "runtime_seconds": float,
-      "repeats": int,                  # runs per prompt (>1: the determinism record of each prompt)
-      "identity": {...}                # precision.capture.writer.capture_identity: what --resume must match
-    }
-Beside it: ".precision-check" (the marker of a directory precision-check created; precision.outputs) and
-".precision-check.lock" (the advisory lock a writer holds).
+The manifest's schema is the typed document precision.contract.capture.CaptureManifest (published as
+docs/schema/precision-check-capture.schema.json); progress.jsonl is a ProgressHeader line followed by one
+PromptEntry line per finished prompt. Beside them: ".precision-check" (the marker of a directory precision-check
+created; precision.outputs) and ".precision-check.lock" (the advisory lock a writer holds).
 """
 
-SCHEMA_VERSION = 1
-FORMAT_NAME = "precision-check-capture"
+from precision.contract.capture import CAPTURE_FORMAT as FORMAT_NAME, CAPTURE_VERSION as SCHEMA_VERSION  # noqa: F401
+
 MANIFEST = "manifest.json"
 PROGRESS = "progress.jsonl"
 TENSOR_DIR = "tensors"

@@ -15,10 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from precision.contract.capture import CaptureManifest, ProgressHeader, PromptEntry
+from precision.contract.capture import CAPTURE_FORMAT, CAPTURE_VERSION, CaptureManifest, ProgressHeader, PromptEntry
 from precision.contract.codec import ContractError, decode, encode, schema_of
-from precision.contract.comparison import Comparison
-from precision.contract.results import GoldenStore, Regression, RunRecord, Selftest, Summary
+from precision.contract.comparison import COMPARISON_FORMAT, COMPARISON_VERSION, Comparison
+from precision.contract.results import (GOLDEN_FORMAT, GOLDEN_VERSION, REGRESSION_FORMAT, REGRESSION_VERSION, RUN_FORMAT,
+                                        RUN_VERSION, SELFTEST_FORMAT, SELFTEST_VERSION, SUMMARY_FORMAT, SUMMARY_VERSION,
+                                        GoldenStore, Regression, RunRecord, Selftest, Summary)
 
 __all__ = ["ContractError", "DOCUMENTS", "DocumentType", "decode", "encode", "json_schema", "load", "validate",
            "CaptureManifest", "Comparison", "GoldenStore", "ProgressHeader", "PromptEntry", "Regression", "RunRecord",
@@ -38,13 +40,13 @@ class DocumentType:
 
 
 DOCUMENTS: dict[str, DocumentType] = {d.format: d for d in (
-    DocumentType("precision-check-capture", CaptureManifest, 1, (1,), "manifest.json"),
-    DocumentType("precision-check-comparison", Comparison, 1, (1,), "comparison.json"),
-    DocumentType("precision-check-summary", Summary, 1, (1,), "summary.json"),
-    DocumentType("precision-check-run", RunRecord, 1, (1,), "run.json"),
-    DocumentType("precision-check-regression", Regression, 2, (2,), "regression.json"),
-    DocumentType("precision-check-golden", GoldenStore, 1, (1,), "store.json"),
-    DocumentType("precision-check-selftest", Selftest, 1, (1,), "selftest.json"),
+    DocumentType(CAPTURE_FORMAT, CaptureManifest, CAPTURE_VERSION, (CAPTURE_VERSION,), "manifest.json"),
+    DocumentType(COMPARISON_FORMAT, Comparison, COMPARISON_VERSION, (COMPARISON_VERSION,), "comparison.json"),
+    DocumentType(SUMMARY_FORMAT, Summary, SUMMARY_VERSION, (SUMMARY_VERSION,), "summary.json"),
+    DocumentType(RUN_FORMAT, RunRecord, RUN_VERSION, (RUN_VERSION,), "run.json"),
+    DocumentType(REGRESSION_FORMAT, Regression, REGRESSION_VERSION, (REGRESSION_VERSION,), "regression.json"),
+    DocumentType(GOLDEN_FORMAT, GoldenStore, GOLDEN_VERSION, (GOLDEN_VERSION,), "store.json"),
+    DocumentType(SELFTEST_FORMAT, Selftest, SELFTEST_VERSION, (SELFTEST_VERSION,), "selftest.json"),
 )}
 
 

@@ -12,6 +12,12 @@ from precision.contract.codec import described, optional_key
 
 Status = Literal["PASS", "WARN", "FAIL"]
 
+SUMMARY_FORMAT, SUMMARY_VERSION = "precision-check-summary", 1
+RUN_FORMAT, RUN_VERSION = "precision-check-run", 1
+REGRESSION_FORMAT, REGRESSION_VERSION = "precision-check-regression", 2
+GOLDEN_FORMAT, GOLDEN_VERSION = "precision-check-golden", 1
+SELFTEST_FORMAT, SELFTEST_VERSION = "precision-check-selftest", 1
+
 
 @dataclass(frozen=True)
 class FindingRecord:

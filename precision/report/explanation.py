@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+from precision import names
 from precision.analysis.theory import BF16_U, ONE_ROUNDING
 from precision.analysis.verdict import Status, Verdict
 
@@ -75,7 +76,7 @@ def r_wording(r: float, r_fail: float) -> str:
 
 
 def _size_paragraph(comparison: dict, sites: list[dict], analysis: dict) -> str | None:
-    logits = _site(sites, "logits")
+    logits = _site(sites, names.LOGITS)
     layers = [s for s in sites if s.get("layer") is not None]
     layer_indices, total = captured_layers(comparison)
     all_layers = total is not None and layer_indices == list(range(total))
@@ -84,9 +85,9 @@ def _size_paragraph(comparison: dict, sites: list[dict], analysis: dict) -> str 
         deepest = layers[-1]
         where = ("the last decoder layer" if total is not None and deepest["layer"] == total - 1
                  else f"the deepest captured; {layers_phrase(comparison)} were captured")
-        parts.append(f"a relative L2 error of {_e(deepest['relative_l2'])} after {deepest['site']} ({where})")
+        parts.append(f"a relative L2 error of {_e(deepest[names.RELATIVE_L2])} after {deepest['site']} ({where})")
     if logits:
-        parts.append(f"{_e(logits['relative_l2'])} at the logits")
+        parts.append(f"{_e(logits[names.RELATIVE_L2])} at the logits")
     if not parts:
         return None
     text = "The target and the reference differ by " + " and ".join(parts) + "."
@@ -99,7 +100,7 @@ def _size_paragraph(comparison: dict, sites: list[dict], analysis: dict) -> str 
     anchor = next((s for s in candidates if s is not None and s["site"] in theory), None)
     if anchor is not None:
         row = theory[anchor["site"]]
-        low, high, measured = row["between_engines_low"], row["between_engines_high"], anchor["relative_l2"]
+        low, high, measured = row["between_engines_low"], row["between_engines_high"], anchor[names.RELATIVE_L2]
         place = "below" if measured < low else ("above" if measured > high else "within")
         text += (f" Rounding theory for two BF16 engines ({row['roundings']} rounding points up to {anchor['site']}, no amplification) "
                  f"predicts between {_e(low)} and {_e(high)} there; the measured difference is {place} that band.")
@@ -110,22 +111,22 @@ def _truth_paragraph(logits: dict | None, verdict: Verdict) -> str | None:
     if not logits or logits.get("R") is None:
         return None
     return (f"Against the FP32 run of the same model on the same tokens (the numerical truth), the reference errs by "
-            f"{_e(logits['expected_vs_truth'])} and the target by {_e(logits['actual_vs_truth'])} at the logits: R = {logits['R']:.2f}. "
+            f"{_e(logits[names.EXPECTED_VS_TRUTH])} and the target by {_e(logits[names.ACTUAL_VS_TRUTH])} at the logits: R = {logits['R']:.2f}. "
             + r_wording(logits["R"], verdict.thresholds.r_logits_fail))
 
 
 def _ulp_paragraph(layers: list[dict]) -> str | None:
-    usable = [s for s in layers if all(_finite(s["ulp_shares"].get(k)) for k in ("0", "1", ">2"))]
+    usable = [s for s in layers if all(_finite(s[names.ULP_SHARES].get(k)) for k in ("0", "1", ">2"))]
     if not usable:
         return None
     first, deepest = usable[0], usable[-1]
-    text = (f"Element by element, after {first['site']} {first['ulp_shares']['0']:.0%} of the values are the same BF16 number on both "
-            f"sides and {first['ulp_shares']['1']:.0%} differ by one BF16 step (ULP)")
+    text = (f"Element by element, after {first['site']} {first[names.ULP_SHARES]['0']:.0%} of the values are the same BF16 number on both "
+            f"sides and {first[names.ULP_SHARES]['1']:.0%} differ by one BF16 step (ULP)")
     if deepest is first:
         return text + "."
-    text += (f"; after {deepest['site']} {deepest['ulp_shares']['0']:.0%} are identical and {deepest['ulp_shares']['>2']:.0%} differ by "
+    text += (f"; after {deepest['site']} {deepest[names.ULP_SHARES]['0']:.0%} are identical and {deepest[names.ULP_SHARES]['>2']:.0%} differ by "
              "more than two steps.")
-    if deepest["ulp_shares"]["0"] < first["ulp_shares"]["0"]:
+    if deepest[names.ULP_SHARES]["0"] < first[names.ULP_SHARES]["0"]:
         text += " Fewer values are identical deeper in the model: the differences spread as each layer passes on those it receives."
     else:
         text += " The deeper layer has no fewer identical values than the first: the differences do not spread with depth here."
@@ -135,7 +136,7 @@ def _ulp_paragraph(layers: list[dict]) -> str | None:
 def _envelope_paragraph(envelope: dict | None) -> str | None:
     if not envelope or not envelope.get("sites"):
         return None
-    row = _site(envelope["sites"], "logits") or envelope["sites"][-1]
+    row = _site(envelope["sites"], names.LOGITS) or envelope["sites"][-1]
     members = row["members"]
     within = "within" if row["ratio"] <= 1.0 else "beyond"
     text = (f"Re-running the reference itself with {len(members)} legitimate implementation variants moves its {row['site']} by up to "
@@ -219,7 +220,7 @@ def explain(comparison: dict, verdict: Verdict) -> list[str]:
     layers = [s for s in sites if s.get("layer") is not None]
     paragraphs = [
         _size_paragraph(comparison, sites, analysis),
-        _truth_paragraph(_site(sites, "logits"), verdict),
+        _truth_paragraph(_site(sites, names.LOGITS), verdict),
         _ulp_paragraph(layers),
         _envelope_paragraph(analysis.get("envelope")),
         _local_paragraph(analysis.get("local") or {}),

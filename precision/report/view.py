@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from precision import names
 from precision.analysis.theory import BF16_U, FP32_U, ONE_ROUNDING, ROUNDINGS_PER_LAYER
 from precision.analysis.verdict import Status, Verdict
 from precision.report.explanation import NO_ENVELOPE, R_SAME_BAND, explain, layers_phrase, r_wording
@@ -70,28 +71,28 @@ def fmt(value: Any, spec: str = ".3e") -> str:
 
 
 def _prompt_view(p: dict, verdict, decode: Decoder | None, prompt_ids: list[int] | None) -> dict:
-    logits = p.get("logits", {})
+    logits = p.get(names.LOGITS, {})
     flips = logits.get("flips", [])
     render = decode or _ids_text
     tokens = p["tokens"]
-    k = tokens["matching_prefix"]
+    k = tokens[names.MATCHING_PREFIX]
     common = render(tokens["expected_generated"][:k])
-    worst_site = max((s for s in p["sites"] if math.isfinite(s["metrics"]["relative_l2"])), key=lambda s: s["metrics"]["relative_l2"], default=None)
+    worst_site = max((s for s in p["sites"] if math.isfinite(s["metrics"][names.RELATIVE_L2])), key=lambda s: s["metrics"][names.RELATIVE_L2], default=None)
     per_position = logits.get("per_position", {})
     positions = [str(x) for x in logits.get("positions", [])]
     kl_chart = None
     if positions:
         flip_positions = {f["position"] for f in flips}
-        flip_series = tuple(v if int(pos) in flip_positions else None for pos, v in zip(positions, per_position["kl"]))
-        kl_chart = line_chart(positions, [Series("KL per position", tuple(per_position["kl"])), Series("top-1 flip", flip_series, dashed=True)],
+        flip_series = tuple(v if int(pos) in flip_positions else None for pos, v in zip(positions, per_position[names.KL]))
+        kl_chart = line_chart(positions, [Series("KL per position", tuple(per_position[names.KL])), Series("top-1 flip", flip_series, dashed=True)],
                               y_label="KL (nats)", title=f"{p['id']}: logits KL per teacher-forced position", height=220)
     return {
         "id": p["id"], "category": p["category"], "status": verdict.status.value, "findings": verdict.findings,
         "prompt_tokens": p["prompt_tokens"], "forced_tokens": p["forced_tokens"], "tokens": tokens,
-        "kl_mean": logits.get("kl_mean"), "kl_max": logits.get("kl_max"), "top1": logits.get("top1_agreement"), "top5": logits.get("top5_overlap_mean"),
+        names.KL_MEAN: logits.get(names.KL_MEAN), "kl_max": logits.get("kl_max"), "top1": logits.get(names.TOP1_AGREEMENT), "top5": logits.get("top5_overlap_mean"),
         "flips": [{**f, "expected_text": render([f["expected_token"]]), "actual_text": render([f["actual_token"]])} for f in flips],
-        "near_tie_flips": sum(f["near_tie"] for f in flips), "real_flips": sum(not f["near_tie"] for f in flips),
-        "worst_site": worst_site["site"] if worst_site else None, "worst_rel_l2": worst_site["metrics"]["relative_l2"] if worst_site else None,
+        "near_tie_flips": sum(f[names.NEAR_TIE] for f in flips), "real_flips": sum(not f[names.NEAR_TIE] for f in flips),
+        "worst_site": worst_site["site"] if worst_site else None, "worst_rel_l2": worst_site["metrics"][names.RELATIVE_L2] if worst_site else None,
         "reference_text": _segments(common, render(tokens["expected_generated"][k:])),
         "target_text": _segments(common, render(tokens["actual_generated"][k:])),
         "kl_chart": kl_chart,
@@ -101,10 +102,10 @@ def _prompt_view(p: dict, verdict, decode: Decoder | None, prompt_ids: list[int]
 
 def _charts(sites: list[dict], analysis: dict, has_truth: bool) -> dict:
     labels = [s["site"] for s in sites]
-    series = [Series("target vs reference", tuple(s["relative_l2"] for s in sites))]
+    series = [Series("target vs reference", tuple(s[names.RELATIVE_L2] for s in sites))]
     if has_truth:
-        series.append(Series("reference vs FP32 truth", tuple(s["expected_vs_truth"] for s in sites), dashed=True))
-        series.append(Series("target vs FP32 truth", tuple(s["actual_vs_truth"] for s in sites), dashed=True))
+        series.append(Series("reference vs FP32 truth", tuple(s[names.EXPECTED_VS_TRUTH] for s in sites), dashed=True))
+        series.append(Series("target vs FP32 truth", tuple(s[names.ACTUAL_VS_TRUTH] for s in sites), dashed=True))
     bands = []
     envelope = {row["site"]: row for row in (analysis.get("envelope") or {}).get("sites", [])}
     if envelope:
@@ -130,7 +131,7 @@ def _charts(sites: list[dict], analysis: dict, has_truth: bool) -> dict:
         ], y_label="relative L2 error", title="Local versus inherited error (reference layers replayed on the target's inputs)", height=300)
     chosen = [sites[i] for i in sorted({1, len(sites) // 2, len(sites) - 2, len(sites) - 1}) if 0 <= i < len(sites)]
     buckets = ulp_buckets(sites)
-    charts["ulp"] = [bar_chart(list(buckets), [s["ulp_shares"].get(k, math.nan) for k in buckets], title=f"{s['site']}: ULP distance",
+    charts["ulp"] = [bar_chart(list(buckets), [s[names.ULP_SHARES].get(k, math.nan) for k in buckets], title=f"{s['site']}: ULP distance",
                                y_label="share") for s in chosen]
     return charts
 
@@ -139,7 +140,7 @@ def ulp_buckets(sites: list[dict]) -> tuple[str, ...]:
     """The ULP-share keys the comparison holds, in its order (a newer comparison adds a non-finite bucket)."""
     keys: list[str] = []
     for s in sites:
-        keys += [k for k in s.get("ulp_shares", {}) if k not in keys]
+        keys += [k for k in s.get(names.ULP_SHARES, {}) if k not in keys]
     return tuple(keys)
 
 
@@ -158,23 +159,23 @@ def _verdict_rows(comparison: dict, verdict: Verdict, manifests: dict, prompts: 
         categories.setdefault(p["category"], []).append(p)
     for category, members in categories.items():
         status = max((Status(p["status"]) for p in members), key=lambda s: s.rank).value
-        agree = sum(p["tokens"]["first_divergence"] is None for p in members)
+        agree = sum(p["tokens"][names.FIRST_DIVERGENCE] is None for p in members)
         rows.append({"item": f"Inference: {category}", "status": status,
                      "evidence": f"{agree}/{len(members)} greedy generations identical; teacher-forced top-1 {fmt(min(p['top1'] for p in members), '.1%')} (lowest)"})
-    all_agree = sum(p["tokens"]["first_divergence"] is None for p in prompts)
-    worst_layer = max((s for s in comparison["sites"] if s["layer"] is not None), key=lambda s: s["relative_l2"], default=None)
-    logits = sites.get("logits")
+    all_agree = sum(p["tokens"][names.FIRST_DIVERGENCE] is None for p in prompts)
+    worst_layer = max((s for s in comparison["sites"] if s["layer"] is not None), key=lambda s: s[names.RELATIVE_L2], default=None)
+    logits = sites.get(names.LOGITS)
     if worst_layer and logits:
         prompt_status = max((Status(p["status"]) for p in prompts), key=lambda s: s.rank).value
         rows.append({"item": "Precision versus CPU reference", "status": prompt_status,
                      "evidence": f"greedy tokens identical on {all_agree}/{len(prompts)} prompts; largest relative L2 error ‖a−e‖/‖e‖ "
-                                 f"{fmt(worst_layer['relative_l2'])} at {worst_layer['site']}, {fmt(logits['relative_l2'])} at the logits"})
+                                 f"{fmt(worst_layer[names.RELATIVE_L2])} at {worst_layer['site']}, {fmt(logits[names.RELATIVE_L2])} at the logits"})
         if logits.get("R") is not None:
             r = logits["R"]
             status = "PASS" if math.isfinite(r) and r <= verdict.thresholds.r_logits_fail else "FAIL"
             rows.append({"item": "Accuracy versus FP32 truth", "status": status,
-                         "evidence": f"R = {fmt(r, '.2f')} at the logits (target {fmt(logits['actual_vs_truth'])}, reference "
-                                     f"{fmt(logits['expected_vs_truth'])}). {r_wording(r, verdict.thresholds.r_logits_fail)}"})
+                         "evidence": f"R = {fmt(r, '.2f')} at the logits (target {fmt(logits[names.ACTUAL_VS_TRUTH])}, reference "
+                                     f"{fmt(logits[names.EXPECTED_VS_TRUTH])}). {r_wording(r, verdict.thresholds.r_logits_fail)}"})
     analysis = comparison.get("analysis") or {}
     local_row = _local_row(verdict, analysis)
     if local_row:
@@ -205,10 +206,10 @@ def _local_row(verdict: Verdict, analysis: dict) -> dict | None:
         return None
     worst_r = max(steps, key=lambda s: s["local_R"])
     evidence = f"replayed {len(steps)} steps on the target's inputs; largest local R {fmt(worst_r['local_R'], '.2f')} at {worst_r['site']}"
-    ratios = [s for s in steps if isinstance(s.get("local_ratio"), (int, float)) and math.isfinite(s["local_ratio"])]
+    ratios = [s for s in steps if isinstance(s.get(names.LOCAL_RATIO), (int, float)) and math.isfinite(s[names.LOCAL_RATIO])]
     if ratios:
-        worst = max(ratios, key=lambda s: s["local_ratio"])
-        evidence += f"; largest local error {fmt(worst['local_ratio'], '.2f')}x the largest implementation variant's, at {worst['site']}"
+        worst = max(ratios, key=lambda s: s[names.LOCAL_RATIO])
+        evidence += f"; largest local error {fmt(worst[names.LOCAL_RATIO], '.2f')}x the largest implementation variant's, at {worst['site']}"
     else:
         evidence += f"; {NO_ENVELOPE}, so local errors are not compared with variants"
     return {"item": "Layer-by-layer explanation", "status": "PASS", "evidence": evidence}
@@ -219,7 +220,7 @@ def _non_finite_rows(comparison: dict) -> list[dict]:
     rows = []
     for p in comparison["prompts"]:
         for entry in p["sites"]:
-            nf = entry["metrics"].get("non_finite") or {}
+            nf = entry["metrics"].get(names.NON_FINITE) or {}
             shown = {k: v for k, v in nf.items() if k != "first_index" and v not in (None, 0, [])}
             if any(isinstance(v, (int, float)) for v in shown.values()):
                 rows.append({"prompt": p["id"], "site": entry["site"], "counts": shown, "first_index": nf.get("first_index")})
@@ -228,7 +229,7 @@ def _non_finite_rows(comparison: dict) -> list[dict]:
 
 def _extra_site_columns(sites: list[dict]) -> list[str]:
     """Pooled per-site metrics beyond the fixed columns (for example a Euclidean distance), shown when present."""
-    fixed = {"site", "layer", "relative_l2", "max_abs", "cosine_min", "ulp_shares", "non_finite", "expected_vs_truth", "actual_vs_truth", "R"}
+    fixed = {"site", "layer", names.RELATIVE_L2, names.MAX_ABS, names.COSINE_MIN, names.ULP_SHARES, names.NON_FINITE, names.EXPECTED_VS_TRUTH, names.ACTUAL_VS_TRUTH, "R"}
     extra: list[str] = []
     for s in sites:
         extra += [k for k, v in s.items() if k not in fixed and k not in extra and (v is None or isinstance(v, (int, float)))]
@@ -237,8 +238,8 @@ def _extra_site_columns(sites: list[dict]) -> list[str]:
 
 def _extra_step_columns(steps: list[dict]) -> list[str]:
     """Replay figures beyond the fixed columns (for example a step's rounding floor), shown when present."""
-    fixed = {"site", "input_site", "input", "inherited", "amplification", "local", "envelope_local_max", "local_ratio", "local_R",
-             "local_gain", "local_ulp_shares", "envelope_gain_max"}
+    fixed = {"site", "input_site", "input", "inherited", "amplification", "local", "envelope_local_max", names.LOCAL_RATIO, "local_R",
+             names.LOCAL_GAIN, "local_ulp_shares", "envelope_gain_max"}
     extra: list[str] = []
     for s in steps:
         extra += [k for k, v in s.items() if k not in fixed and k not in extra and (v is None or isinstance(v, (int, float)))]
@@ -269,7 +270,7 @@ def build_view(comparison: dict, verdict: Verdict, *, decode: Decoder | None = N
     prompt_ids = {r["id"]: r["prompt_ids"] for r in manifests.get("expected", {}).get("prompts", [])}
     prompts = [_prompt_view(p, verdicts[p["id"]], decode, prompt_ids.get(p["id"])) for p in comparison["prompts"]]
     sites = comparison["sites"]
-    logits_site = next((s for s in sites if s["site"] == "logits"), None)
+    logits_site = next((s for s in sites if s["site"] == names.LOGITS), None)
     return {
         "verdict": verdict,
         "status": verdict.status.value,
@@ -306,7 +307,7 @@ def build_view(comparison: dict, verdict: Verdict, *, decode: Decoder | None = N
 
 def _flip_columns(prompts: list[dict]) -> list[str]:
     """Flip fields beyond the fixed ones (for example the near-tie bound and the noise sigma), shown when present."""
-    fixed = {"position", "expected_token", "actual_token", "expected_margin", "near_tie", "expected_text", "actual_text"}
+    fixed = {"position", "expected_token", "actual_token", names.EXPECTED_MARGIN, names.NEAR_TIE, "expected_text", "actual_text"}
     extra: list[str] = []
     for p in prompts:
         for f in p["flips"]:
@@ -316,24 +317,24 @@ def _flip_columns(prompts: list[dict]) -> list[str]:
 
 def _conclusion(verdict: Verdict, logits_site: dict | None, prompts: list[dict], has_truth: bool, analysis: dict) -> str:
     n = len(prompts)
-    agree = sum(p["tokens"]["first_divergence"] is None for p in prompts)
+    agree = sum(p["tokens"][names.FIRST_DIVERGENCE] is None for p in prompts)
     parts = [f"{verdict.summary}."]
     parts.append(f"Free-running greedy generations are identical on {agree} of {n} prompts.")
     if logits_site is not None:
-        parts.append(f"Teacher-forced logits differ by a relative L2 error of {fmt(logits_site['relative_l2'])} (pooled).")
+        parts.append(f"Teacher-forced logits differ by a relative L2 error of {fmt(logits_site[names.RELATIVE_L2])} (pooled).")
         if has_truth and logits_site["R"] is not None:
             parts.append(
-                f"Against FP32 truth the target's logits err {fmt(logits_site['actual_vs_truth'])} and the reference's "
-                f"{fmt(logits_site['expected_vs_truth'])}: R = {fmt(logits_site['R'], '.2f')}."
+                f"Against FP32 truth the target's logits err {fmt(logits_site[names.ACTUAL_VS_TRUTH])} and the reference's "
+                f"{fmt(logits_site[names.EXPECTED_VS_TRUTH])}: R = {fmt(logits_site['R'], '.2f')}."
             )
     steps = (analysis.get("local") or {}).get("steps") or []
-    ratios = [s for s in steps if isinstance(s.get("local_ratio"), (int, float)) and math.isfinite(s["local_ratio"])]
+    ratios = [s for s in steps if isinstance(s.get(names.LOCAL_RATIO), (int, float)) and math.isfinite(s[names.LOCAL_RATIO])]
     if analysis.get("envelope") and ratios:
-        worst = max(ratios, key=lambda s: s["local_ratio"])
-        if worst["local_ratio"] <= 1.0:
+        worst = max(ratios, key=lambda s: s[names.LOCAL_RATIO])
+        if worst[names.LOCAL_RATIO] <= 1.0:
             parts.append(f"Every replayed layer's own error is within the largest that an implementation variant adds there "
-                         f"(at most {worst['local_ratio']:.2f}x, at {worst['site']}).")
+                         f"(at most {worst[names.LOCAL_RATIO]:.2f}x, at {worst['site']}).")
         else:
             parts.append(f"The largest own error of a replayed step, relative to the largest that an implementation variant adds there, "
-                         f"is {worst['local_ratio']:.2f}x at {worst['site']}.")
+                         f"is {worst[names.LOCAL_RATIO]:.2f}x at {worst['site']}.")
     return " ".join(parts)
