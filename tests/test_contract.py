@@ -157,3 +157,22 @@ def test_the_literal_check_can_fail(tmp_path):
     module = tmp_path / "offender.py"
     module.write_text('row = {"relative_l2": 1.0}\nlabel = f"{row}"\n')
     assert names.RELATIVE_L2 in _string_literals(module)
+
+
+def test_documents_of_the_same_version_written_before_a_key_existed_still_read(run_dir, tmp_path):
+    """Keys added to schema version 1 after files of that version were written are optional: an older
+    comparison.json (no per-element non-finite counts, no local rounding gain) reads, and is judged."""
+    from precision.analysis.verdict import judge
+
+    comparison = json.loads((run_dir / "comparison.json").read_text())
+    for prompt in comparison["prompts"]:
+        for entry in prompt["sites"]:
+            for key in ("actual_only", "actual_only_first_index", "mismatched", "mismatched_first_index"):
+                del entry["metrics"]["non_finite"][key]
+    for step in comparison["analysis"]["local"]["steps"]:
+        del step["rounding_gain"]
+    path = tmp_path / "comparison.json"
+    path.write_text(json.dumps(comparison))
+    older = read_result_json(path)
+    assert "actual_only" not in older["prompts"][0]["sites"][0]["metrics"]["non_finite"]
+    assert judge(older).status.value == json.loads((run_dir / "summary.json").read_text())["verdict"]["status"]

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from precision.contract.codec import described
+from precision.contract.codec import described, optional_key
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TheoryBand:
     """Relative errors BF16 rounding predicts at one site (precision.analysis.theory)."""
 
@@ -20,7 +20,7 @@ class TheoryBand:
     between_engines_high: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EnvelopeSite:
     """The target's pooled relative L2 at one site beside every envelope member's (precision.analysis.envelope)."""
 
@@ -32,7 +32,7 @@ class EnvelopeSite:
     percentile: float = described("Share of members whose error is below the target's.")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Envelope:
     """How far legitimate implementation choices alone move the reference."""
 
@@ -41,7 +41,7 @@ class Envelope:
     sites: list[EnvelopeSite]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Determinism:
     """Repeated runs of the target on the same inputs."""
 
@@ -52,7 +52,7 @@ class Determinism:
     max_relative_l2: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FirstNonFinite:
     """The first prompt and site, in model order, where either side holds NaN or Inf."""
 
@@ -63,7 +63,7 @@ class FirstNonFinite:
     side: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LocalStep:
     """One replayed step: the reference's layer run on the target's input, so its own (local) error is separated
     from what it inherited (precision.analysis.replay, precision.analysis.envelope.local_envelope)."""
@@ -75,23 +75,23 @@ class LocalStep:
     input: float
     amplification: float | None
     local_R: float
-    rounding_floor: float
+    rounding_floor: float = optional_key("The step's rounding floor u / sqrt(3): local error and local R are taken against at least it.")
     local_gain: float | None
-    rounding_gain: float | None
+    rounding_gain: float | None = optional_key("The same gain of the reference's own BF16 rounding against FP32.")
     local_ulp_shares: dict[str, float]
     envelope_local_max: float
     local_ratio: float | None
     envelope_gain_max: float | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LocalAnalysis:
     available: bool
     reason: str | None
     steps: list[LocalStep]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Analysis:
     """Findings that explain the comparison (precision.analysis.explain)."""
 

@@ -12,7 +12,7 @@ CAPTURE_FORMAT = "precision-check-capture"
 CAPTURE_VERSION = 1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BackendRecord:
     """What ran: the backend spec and its effective settings (engine-specific keys are kept as they are)."""
 
@@ -25,7 +25,7 @@ class BackendRecord:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelRecord:
     """The model directory and the hashes that pin it (precision.model.ModelInfo)."""
 
@@ -40,7 +40,7 @@ class ModelRecord:
     weights_sha256: dict[str, str]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TokenizerRecord:
     OPEN_KEYS = True
     vocab_size: int | None = optional_key()
@@ -49,26 +49,26 @@ class TokenizerRecord:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Selection:
     positions: str = described('"all", "last" or "every:K".')
     layers: str | list[int] = described('"all" or the captured decoder-layer indices.')
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TeacherForcing:
     source: Literal["self", "reference"]
     reference_capture: str | None
     reference_manifest_sha256: str | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TensorListing:
     shape: list[int]
     dtype: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RepeatRecord:
     """With repeated runs: how the runs of one prompt agreed."""
 
@@ -78,7 +78,7 @@ class RepeatRecord:
     max_relative_l2: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PromptEntry:
     """One captured prompt and its tensor file (precision.capture.reader.PromptRecord)."""
 
@@ -93,10 +93,10 @@ class PromptEntry:
     sha256: str = described("sha256 of the tensor file.")
     bytes: int = described("Size of the tensor file.")
     tensors: dict[str, TensorListing] = described("Every tensor of the file: site name (and \"positions\") to shape and dtype.")
-    determinism: RepeatRecord | None = None
+    determinism: RepeatRecord | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CaptureIdentity:
     """What ``--resume`` must match: the settings and inputs a capture was started with."""
 
@@ -105,13 +105,13 @@ class CaptureIdentity:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SkippedEntry:
     id: str
     reason: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CaptureManifest:
     """manifest.json of a capture directory: what ran, on which model and prompts, and every tensor file."""
 
@@ -131,7 +131,7 @@ class CaptureManifest:
     identity: CaptureIdentity | None = optional_key("What --resume must match (precision.capture.writer.capture_identity).")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ProgressHeader:
     """First line of progress.jsonl: {"header": CaptureIdentity}; every further line is a PromptEntry."""
 

@@ -8,7 +8,7 @@ Non-finite floats: JSON has no NaN or Infinity, so every document writes them as
 and "-Infinity" (NON_FINITE_STRINGS), and a float field accepts a number or one of those strings.
 
 Field conventions:
-- a field with ``optional_key()`` (default None) may be absent from the JSON; ``encode`` leaves it out when None;
+- a field with ``optional_key()`` may be absent from the JSON (its value is then ABSENT, which ``encode`` leaves out);
 - a dataclass with ``OPEN_KEYS = True`` keeps keys it does not name in its ``extra`` field (engine- and
   platform-dependent records such as the environment), and writes them back unchanged;
 - a field's ``metadata["doc"]`` is its description in the schema (the metric definitions, for metric fields).
@@ -31,9 +31,24 @@ class ContractError(PrecisionError):
     """A document does not match its published schema."""
 
 
-def optional_key(doc: str | None = None, default: Any = None) -> Any:
-    """A field that may be absent from the JSON (read as ``default``; written only when not None)."""
-    return dataclasses.field(default=default, metadata={"optional_key": True, **({"doc": doc} if doc else {})})
+class _Absent:
+    """The value of an optional key the document does not have (distinct from JSON null)."""
+
+    def __repr__(self) -> str:
+        return "ABSENT"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+ABSENT: Any = _Absent()
+
+
+def optional_key(doc: str | None = None) -> Any:
+    """A field that may be absent from the JSON: read as ABSENT when it is, and then left out when written. Used
+    for sections that exist only in some runs (a prompt's logits) and for keys added to a schema version after
+    documents of that version were written (older files lack them)."""
+    return dataclasses.field(default=ABSENT, metadata={"optional_key": True, **({"doc": doc} if doc else {})})
 
 
 def described(doc: str, **kwargs: Any) -> Any:
@@ -56,7 +71,7 @@ def encode(value: Any) -> Any:
             item = getattr(value, f.name)
             if f.name == "extra" and getattr(type(value), "OPEN_KEYS", False):
                 out.update({k: encode(v) for k, v in item.items()})
-            elif not (item is None and f.metadata.get("optional_key")):
+            elif item is not ABSENT:
                 out[f.name] = encode(item)
         return out
     if isinstance(value, float):
@@ -77,7 +92,7 @@ def to_plain(value: Any) -> Any:
             item = getattr(value, f.name)
             if f.name == "extra" and getattr(type(value), "OPEN_KEYS", False):
                 out.update(item)
-            elif not (item is None and f.metadata.get("optional_key")):
+            elif item is not ABSENT:
                 out[f.name] = to_plain(item)
         return out
     if isinstance(value, dict):

@@ -22,7 +22,7 @@ def metric(name: str, **kwargs: Any) -> Any:
     return described(DEFINITIONS[name], **kwargs)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CaptureRef:
     """Which capture a side of the comparison is, pinned by its manifest's sha256."""
 
@@ -34,7 +34,7 @@ class CaptureRef:
     manifest_sha256: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class NonFiniteCounts:
     """NaN and Inf on each side of one tensor pair, and where they first occur ([position row, column])."""
 
@@ -43,13 +43,13 @@ class NonFiniteCounts:
     actual_nan: int
     actual_inf: int
     first_index: list[int] | None
-    actual_only: int
-    actual_only_first_index: list[int] | None
-    mismatched: int
-    mismatched_first_index: list[int] | None
+    actual_only: int = optional_key("Elements non-finite in the target where the reference is finite.")
+    actual_only_first_index: list[int] | None = optional_key()
+    mismatched: int = optional_key("Elements non-finite on both sides with different values (NaN vs Inf, +Inf vs -Inf).")
+    mismatched_first_index: list[int] | None = optional_key()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TensorMetrics:
     """Every element-wise metric of one tensor pair (precision.metrics.tensor.TensorStats)."""
 
@@ -68,7 +68,7 @@ class TensorMetrics:
     non_finite: NonFiniteCounts = metric(names.NON_FINITE)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TruthErrors:
     """Both sides' relative L2 error against the FP32 truth at one site, and their ratio R."""
 
@@ -78,7 +78,7 @@ class TruthErrors:
     truth_l2: float = described("||t||_2 of the truth tensor, float64 (the pooling weight).")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SiteComparison:
     """One captured site of one prompt."""
 
@@ -88,7 +88,7 @@ class SiteComparison:
     truth: TruthErrors | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TokenComparison:
     """Free-running greedy generation on both sides (precision.metrics.tokens.TokenAgreement)."""
 
@@ -101,7 +101,7 @@ class TokenComparison:
     actual_length: int = described("Tokens the target generated.")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PerPosition:
     """Logits metrics at each compared position (lists aligned with LogitsComparison.positions)."""
 
@@ -112,28 +112,28 @@ class PerPosition:
     max_abs: list[float] = described("max_v |a_v - e_v| at the position: the largest logit difference.")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Flip:
     """A teacher-forced top-1 disagreement and the near-tie test applied to it (precision.analysis.near_tie)."""
 
     position: int
     expected_token: int
     actual_token: int
-    expected_margin: float
-    flip_margin: float
-    other_rms: float
-    flip_scale: float
-    logit_noise: float
-    z: float = described("Phi^-1(1 - alpha_1 / 2) for the run's family of compared positions (see near_tie).")
-    alpha: float = described("The run's family-wise false-alarm rate for real flips.")
-    family_positions: int = described("Positions compared in the run (the family size n).")
-    ulp: float = described("One unit in the last place of the flip's logit magnitude in the reference's dtype.")
-    rounding_allowance: float = described("ulp_ref + ulp_target at the flip's logit magnitude.")
-    bound: float = described("The near-tie bound the reference's margin is held to.")
+    expected_margin: float = metric(names.EXPECTED_MARGIN)
+    flip_margin: float = optional_key("e[i] - e[j], i the reference's top-1 and j the target's: how far the reference prefers its token.")
+    other_rms: float = optional_key("RMS of a - e over the position's other tokens (i and j left out): the logit noise.")
+    flip_scale: float = optional_key("max(|e_i|, |e_j|): the magnitude whose rounding unit bounds the stored margin's error.")
+    logit_noise: float = described("max_v |a_v - e_v| at the position.")
+    z: float = optional_key("Phi^-1(1 - alpha_1 / 2) for the run's family of compared positions (see near_tie).")
+    alpha: float = optional_key("The run's family-wise false-alarm rate for real flips.")
+    family_positions: int = optional_key("Positions compared in the run (the family size n).")
+    ulp: float = optional_key("One unit in the last place of the flip's logit magnitude in the reference's dtype.")
+    rounding_allowance: float = optional_key("ulp_ref + ulp_target at the flip's logit magnitude.")
+    bound: float = optional_key("The near-tie bound the reference's margin is held to.")
     near_tie: bool = metric(names.NEAR_TIE)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LogitsComparison:
     """The full-vocabulary logits of one prompt, position by position."""
 
@@ -147,7 +147,7 @@ class LogitsComparison:
     non_finite_positions: list[int]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PromptComparison:
     """One prompt: generated tokens, every captured site, and the logits."""
 
@@ -161,7 +161,7 @@ class PromptComparison:
     logits: LogitsComparison | None = optional_key("Present when the logits were captured.")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PooledSite:
     """One site pooled over prompts: relative L2 = sqrt(sum_p ||a_p - e_p||^2) / sqrt(sum_p ||e_p||^2)."""
 
@@ -173,18 +173,18 @@ class PooledSite:
     ulp_shares: dict[str, float] = metric(names.ULP_SHARES)
     non_finite: int = described("NaN and Inf elements on both sides, summed over prompts.")
     undefined_prompts: int = described("Prompts whose cosine or max |a - e| is undefined (NaN).")
-    expected_vs_truth: float | None = None
-    actual_vs_truth: float | None = None
-    R: float | None = metric(names.THREE_WAY_RATIO, default=None)
+    expected_vs_truth: float | None
+    actual_vs_truth: float | None
+    R: float | None = metric(names.THREE_WAY_RATIO)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SkippedPrompt:
     id: str
     reason: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Comparison:
     """comparison.json: the target against the reference (and the FP32 truth), per prompt, per site, pooled,
     with the analysis that explains the differences."""

@@ -19,7 +19,7 @@ GOLDEN_FORMAT, GOLDEN_VERSION = "precision-check-golden", 1
 SELFTEST_FORMAT, SELFTEST_VERSION = "precision-check-selftest", 1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FindingRecord:
     """One rule's outcome (precision.analysis.verdict: the rules and their thresholds)."""
 
@@ -29,14 +29,14 @@ class FindingRecord:
     site: str | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PromptVerdictRecord:
     id: str
     status: Status
     findings: list[FindingRecord]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class VerdictRecord:
     """The verdict: the worst status of any finding, run-level and per prompt."""
 
@@ -47,7 +47,7 @@ class VerdictRecord:
     prompts: list[PromptVerdictRecord] = described("Per-prompt findings.")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PromptSummary:
     id: str
     category: str
@@ -59,7 +59,7 @@ class PromptSummary:
     flips: list[Flip]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Summary:
     """summary.json: the verdict, the pooled per-site table and each prompt's key numbers."""
 
@@ -75,7 +75,7 @@ class Summary:
     skipped_prompts: list[SkippedPrompt]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RunRecord:
     """run.json: what a run was asked to do (``run --resume`` holds a resumed run to it)."""
 
@@ -97,21 +97,21 @@ class RunRecord:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RegressionSide:
     run: str
     target: str | None
     verdict: Status
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RowName:
     prompt: str | None
     site: str
     metric: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RegressionRow:
     """One metric of one (prompt, site) in both runs (precision.analysis.regress)."""
 
@@ -128,7 +128,7 @@ class RegressionRow:
     missing: bool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Regression:
     """regression.json: a candidate run against a baseline run, metric by metric."""
 
@@ -148,27 +148,27 @@ class Regression:
     rows: list[RegressionRow]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StoredCapture:
     dir: str
     manifest_sha256: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StoreCaptures:
     reference: StoredCapture
     truth: StoredCapture
     envelope: dict[str, StoredCapture]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CompactRecord:
     file: str
     sha256: str
     bytes: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class GoldenStore:
     """store.json: the CPU side of a run stored once (precision.golden; docs/ci-gating.md)."""
 
@@ -183,7 +183,7 @@ class GoldenStore:
     compact: CompactRecord
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SelftestCase:
     name: str
     variants: list[str]
@@ -198,7 +198,7 @@ class SelftestCase:
     flips: int = described("Teacher-forced flips, near-ties included.")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Selftest:
     """selftest.json: every planted fault, what the verdict said, and the sensitivity each sweep reached."""
 
