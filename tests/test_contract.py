@@ -72,7 +72,7 @@ def test_publishing_refuses_to_change_a_released_version(monkeypatch, tmp_path):
         new_field: int = optional_key()
 
     monkeypatch.setitem(DOCUMENTS, summary.format, dataclasses.replace(summary, type=ChangedSummary))
-    with pytest.raises(SystemExit, match="bump its version"):
+    with pytest.raises(ContractError, match="bump its version"):
         publish.publish(tmp_path)
 
 
@@ -176,3 +176,9 @@ def test_documents_of_the_same_version_written_before_a_key_existed_still_read(r
     older = read_result_json(path)
     assert "actual_only" not in older["prompts"][0]["sites"][0]["metrics"]["non_finite"]
     assert judge(older).status.value == json.loads((run_dir / "summary.json").read_text())["verdict"]["status"]
+
+
+def test_a_run_started_from_the_python_api_has_no_command_line(run_dir):
+    record = json.loads((run_dir / "run.json").read_text())
+    record["command"] = None
+    assert contract.validate(record, "run.json").command is None

@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from precision.contract import DOCUMENTS, DocumentType, json_schema
+from precision.contract import DOCUMENTS, ContractError, DocumentType, json_schema
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "docs" / "schema"
 VERSIONS_FILE = "versions.json"
@@ -67,7 +67,7 @@ def publish(schema_dir: Path = SCHEMA_DIR) -> list[str]:
         history = versions.setdefault(document.format, {})
         current = schema_sha256(document)
         if history.get(str(document.version), current) != current:
-            raise SystemExit(f"{document.format} version {document.version} was published with another schema; "
+            raise ContractError(f"{document.format} version {document.version} was published with another schema; "
                              "bump its version in precision.contract.DOCUMENTS instead of changing a released one")
         history[str(document.version)] = current
         (schema_dir / schema_file(document)).write_text(rendered(document), encoding="utf-8")
@@ -81,7 +81,12 @@ def main(argv: list[str]) -> int:
         found = problems()
         print("\n".join(found) or "published schemas match the types")
         return 1 if found else 0
-    for name in publish():
+    try:
+        written = publish()
+    except ContractError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    for name in written:
         print(f"wrote {SCHEMA_DIR / name}")
     return 0
 

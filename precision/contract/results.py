@@ -93,7 +93,7 @@ class RunRecord:
     engine_args: dict[str, Any]
     repeats: int
     metric_convention: str
-    command: str
+    command: str | None = described("The command line that started the run (null when started from the Python API).")
     extra: dict[str, Any] = field(default_factory=dict)
 
 
