@@ -13,7 +13,7 @@ import pytest
 from precision.capture import SCHEMA_VERSION, CaptureReader, CaptureSelection
 from precision.capture import manifest as schema
 from precision.errors import CaptureFormatError, PrecisionError
-from precision.io import prepare_output_dir
+from precision.outputs import claim_output_dir
 
 MODEL = Path(__file__).resolve().parents[2].parent / "shared" / "models" / "stories260K"
 SPEC = "hf:cpu:bf16"
@@ -534,7 +534,7 @@ def test_existing_complete_capture_needs_force(env, cap):
         env.capture(cap)
     assert read_manifest(cap) == before
     with pytest.raises(PrecisionError, match="--force"):
-        prepare_output_dir(cap, force=False, complete_marker=schema.MANIFEST)
+        claim_output_dir(cap, "capture", force=False, complete_marker=schema.MANIFEST)
     # --resume does not reopen a finished capture either
     with pytest.raises(PrecisionError, match="--force"):
         env.capture(cap, resume=True)
@@ -559,7 +559,7 @@ def test_incomplete_capture_needs_resume(env, cap):
         env.capture(cap)
     assert not (cap / schema.MANIFEST).exists()
     with pytest.raises(PrecisionError, match="--resume"):
-        prepare_output_dir(cap, force=False, complete_marker=schema.MANIFEST)
+        claim_output_dir(cap, "capture", force=False, complete_marker=schema.MANIFEST)
 
 
 def test_output_path_is_a_file(env, tmp_path):
