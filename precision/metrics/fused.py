@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from precision.errors import PrecisionError
+from precision.names import ERR_RATIO_THRESHOLDS
 
 N_ACCUMULATORS = 9
 """Slots of ``out``: sums of e^2, a^2, d^2, e*a (each of the scaled values, see ``Scales``), sum |d|, max |d|,
@@ -143,8 +144,6 @@ def fused_accumulate(e: np.ndarray, a: np.ndarray, floor: float, thresholds: tup
     (as torch's float64 -> bfloat16 cast does); float16 becomes float32 and every other dtype float64 (exactly,
     for the float dtypes; two different dtypes are both read as float64).
     ``thresholds``: the two err-ratio thresholds (default precision.names.ERR_RATIO_THRESHOLDS)."""
-    from precision.names import ERR_RATIO_THRESHOLDS
-
     low, high = ERR_RATIO_THRESHOLDS if thresholds is None else thresholds
     e, a = _kernel_input(e), _kernel_input(a)
     if e.dtype != a.dtype:
