@@ -27,6 +27,7 @@ from precision.names import LOGITS, POSITIONS
 from precision.outputs import claim_output_dir
 from precision.prompts import DEFAULT_MAX_NEW_TOKENS
 from precision.reference_side import CaptureSettings, CapturedReference, CpuSide, resolve_model
+from precision.safetensors_io import write_tensors
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
@@ -41,7 +42,6 @@ def is_store(path: str | Path | None) -> bool:
 def write_compact(reference: CaptureReader, out: Path) -> dict:
     """compact.safetensors + compact.json from a reference capture (see the module docstring)."""
     import torch
-    from safetensors.torch import save_file
 
     tensors, index = {}, {"top_k": TOP_K, "prompts": []}
     for number, record in enumerate(reference.prompts):
@@ -60,7 +60,7 @@ def write_compact(reference: CaptureReader, out: Path) -> dict:
             f"{prefix}.site_norms": norms.contiguous(),
         })
         index["prompts"].append({"id": record.id, "prefix": prefix, "sites": record.sites})
-    save_file(tensors, str(out / "compact.safetensors"))
+    write_tensors(out / "compact.safetensors", tensors)
     write_json_atomic(out / "compact.json", index)
     return {"file": "compact.safetensors", "sha256": sha256_file(out / "compact.safetensors"),
             "bytes": (out / "compact.safetensors").stat().st_size + (out / "compact.json").stat().st_size}

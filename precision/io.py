@@ -109,20 +109,6 @@ def write_json_atomic(path: Path, data: Any) -> None:
             handle.write(f"{Path(path).resolve()}\n")
 
 
-_KIND_OF_COMPLETE_MARKER = {"manifest.json": "capture", "summary.json": "run", "comparison.json": "comparison",
-                            "store.json": "golden-store", "selftest.json": "selftest"}
-
-
-def prepare_output_dir(path: Path, *, force: bool, complete_marker: str, resume: bool = False, kind: str | None = None,
-                       inputs=()):
-    """Claim ``path`` for new results (precision.outputs.claim_output_dir); kept for callers that name the
-    complete-marker file only. The returned OutputDir holds the directory's lock until it is closed."""
-    from precision.outputs import claim_output_dir
-
-    return claim_output_dir(path, kind or _KIND_OF_COMPLETE_MARKER[complete_marker], force=force, resume=resume,
-                            complete_marker=complete_marker, inputs=inputs)
-
-
 @contextlib.contextmanager
 def staged_directory(target: Path, prefix: str) -> Iterator[Path]:
     """A temporary directory beside ``target`` that becomes ``target`` when the block succeeds, so a reader never

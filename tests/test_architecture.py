@@ -60,9 +60,6 @@ KNOWN_CYCLES = {
     frozenset({"precision.backends", "precision.capture"}):
         "backends import capture.sites/capture.tensorfile while capture.writer imports backends.base; fixed when the "
         "backends take site names from precision.names and tensorfile moves beside the safetensors reader",
-    frozenset({"precision.io", "precision.outputs"}):
-        "outputs writes its marker with io.write_text_atomic while io.prepare_output_dir calls outputs.claim_output_dir; "
-        "fixed when prepare_output_dir's callers use outputs.claim_output_dir directly",
 }
 """Cycles that exist today, each with the change that removes it. The test fails on any other cycle, and on a listed
 one that is gone (so that the list cannot outlive the cycle)."""

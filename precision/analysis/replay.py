@@ -37,7 +37,7 @@ from precision import names
 from precision.analysis.theory import rounding_floor
 from precision.capture import sites as site_names
 from precision.capture.reader import CaptureReader
-from precision.metrics.tensor import _dot, ulp_histogram
+from precision.metrics.elementwise import _dot, ulp_histogram
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from precision.errors import BackendError
 from precision.io import staged_directory
-from precision.model import ModelInfo
+from precision.model import ModelInfo, weight_file
+from precision.safetensors_io import write_tensors
 
 
 def padded_head_dim(head_dim: int, supported: tuple[int, ...]) -> int | None:
@@ -45,7 +46,6 @@ def _index_map(old: int, new: int):
 def pad_heads(model: ModelInfo, new_head_dim: int, cache_dir: Path) -> Path:
     """Write (once) and return the padded copy of ``model`` under ``cache_dir``."""
     import torch
-    from safetensors.torch import load_file, save_file
 
     source = Path(model.path)
     config = json.loads((source / "config.json").read_text())
@@ -62,7 +62,7 @@ def pad_heads(model: ModelInfo, new_head_dim: int, cache_dir: Path) -> Path:
     q_scale = math.sqrt(new_head_dim / old)
     padded = {}
     for file in sorted(source.glob("*.safetensors")):
-        for name, weight in load_file(str(file)).items():
+        for name, weight in weight_file(file).tensors().items():
             if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "q_proj.bias", "k_proj.bias", "v_proj.bias")):
                 count = heads if ".q_proj." in name else kv_heads
                 shaped = weight.reshape(count, old, *weight.shape[1:])
@@ -79,7 +79,7 @@ def pad_heads(model: ModelInfo, new_head_dim: int, cache_dir: Path) -> Path:
             else:
                 padded[name] = weight
     with staged_directory(target, ".padding-") as staging:
-        save_file(padded, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        write_tensors(staging / "model.safetensors", padded, metadata={"format": "pt"})
         config["head_dim"] = new_head_dim
         (staging / "config.json").write_text(json.dumps(config, indent=2))
         for item in source.iterdir():

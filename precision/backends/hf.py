@@ -16,9 +16,9 @@ from precision.backends import transformers_compat
 from precision.backends.base import Backend
 from precision.backends.torch_device import describe_device, resolve_device
 from precision.capture.sites import CaptureSelection
-from precision.capture.tensorfile import write_tensor_file
 from precision.errors import BackendError, ModelError
 from precision.names import EMBED, FINAL_NORM, LOGITS, POSITIONS, layer_site
+from precision.safetensors_io import write_tensors
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class TransformersBackend(Backend):
         if missing:
             raise BackendError(f"hooks did not fire for {sorted(missing)}; the model's forward does not call these modules")
         captured[POSITIONS] = torch.tensor(positions, dtype=torch.int64)
-        write_tensor_file(path, captured)
+        write_tensors(path, captured)
 
     def _describe_impl(self) -> dict[str, Any]:
         return {

@@ -76,7 +76,7 @@ class CaptureWorkerExtension:
 
     def precision_collect(self) -> dict[str, Any]:
         import torch
-        from safetensors.torch import save_file
+        from precision.safetensors_io import write_tensors
 
         self._precision_armed = False
         store = self._precision_store
@@ -92,7 +92,7 @@ class CaptureWorkerExtension:
             tensors = {name: t.detach().to("cpu").contiguous() for name, t in store.items()}
             tensors[LOGITS] = logits.detach().to("cpu").contiguous()
             tensors[POSITIONS] = self._precision_keep.to(torch.int64).contiguous()
-            save_file(tensors, self._precision_path)
+            write_tensors(self._precision_path, tensors)
             result["path"] = self._precision_path
         self._precision_store = {}
         return result

@@ -103,15 +103,16 @@ class CaptureReader:
             raise CaptureFormatError(f"{manifest_path} is not a JSON object; capture again")
         if data.get("format") != schema.FORMAT_NAME:
             raise CaptureFormatError(f"{manifest_path} is not a precision-check capture manifest (format={data.get('format')!r})")
-        version = data.get("schema_version")
-        if version != schema.SCHEMA_VERSION:
-            raise CaptureFormatError(
-                f"{manifest_path} has schema_version {version!r}, this precision-check reads {schema.SCHEMA_VERSION}; "
-                "capture again with this version, or use the precision-check version that wrote it"
-            )
-        missing = [k for k in schema.REQUIRED_KEYS if k not in data]
-        if missing:
-            raise CaptureFormatError(f"{manifest_path} lacks {missing}; the capture is damaged, capture again")
+        from precision.contract import ContractError, document_type, validate
+
+        try:
+            document_type(data, str(manifest_path))  # a version this build does not read: the message says which
+        except ContractError as exc:
+            raise CaptureFormatError(str(exc)) from None
+        try:
+            validate(data, str(manifest_path))
+        except ContractError as exc:
+            raise CaptureFormatError(f"{exc}; the capture is damaged, capture again") from None
         return data
 
     def _check_record(self, record: PromptRecord, position: int) -> None:

@@ -239,18 +239,18 @@ def _repeat(backend: Backend, planned: PlannedPrompt, continuation: tuple[int, .
             first: Path, selection: CaptureSelection, repeats: int) -> dict:
     """Run the prompt again ``repeats - 1`` times; compare tokens and every tensor with the first run."""
     import torch
-    from safetensors.torch import load_file
 
+    from precision.capture.arrays import TensorFile
     from precision.metrics import relative_l2_error
 
-    reference = load_file(str(first))
+    reference = TensorFile(first).tensors()
     tokens_identical, tensors_identical, worst = True, True, 0.0
     scratch = first.with_name(f".{first.name}.repeat")
     try:
         for _ in range(repeats - 1):
             tokens_identical &= tuple(backend.generate(planned.prompt_ids, planned.max_new_tokens)) == generated
             backend.capture(planned.prompt_ids + continuation, selection, scratch)
-            again = load_file(str(scratch))
+            again = TensorFile(scratch).tensors()
             for name, tensor in reference.items():
                 if not torch.equal(tensor, again[name]):
                     tensors_identical = False
@@ -263,7 +263,7 @@ def _repeat(backend: Backend, planned: PlannedPrompt, continuation: tuple[int, .
 
 def _tensor_listing(path: Path) -> dict[str, dict[str, Any]]:
     """Names, shapes and dtypes from the safetensors header (no tensor data read)."""
-    with open(path, "rb") as handle:
-        length = int.from_bytes(handle.read(8), "little")
-        header = json.loads(handle.read(length))
-    return {name: {"shape": info["shape"], "dtype": info["dtype"]} for name, info in header.items() if name != "__metadata__"}
+    from precision.capture.arrays import TensorFile
+
+    handle = TensorFile(path)
+    return {name: {"shape": list(handle.shape(name)), "dtype": handle.dtype_name(name)} for name in handle.keys()}

@@ -68,8 +68,11 @@ def document_type(data: Any, where: str) -> DocumentType | None:
     if not isinstance(data, dict) or data.get("format") not in DOCUMENTS:
         return None
     document = DOCUMENTS[data["format"]]
-    version = data.get("schema_version")
-    if version not in document.readable:
+    if "schema_version" not in data:
+        raise ContractError(f"{where} is a {document.format} document without a schema_version; it is damaged or was not "
+                            "written by precision-check: write it again with this one")
+    version = data["schema_version"]
+    if version not in document.readable or isinstance(version, bool):
         newer = isinstance(version, int) and not isinstance(version, bool) and version > max(document.readable)
         hint = ("it was written by a newer precision-check: upgrade this one" if newer
                 else "it was written by another precision-check: write it again with this one")

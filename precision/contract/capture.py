@@ -127,7 +127,7 @@ class CaptureManifest:
     prompts: list[PromptEntry]
     skipped: list[SkippedEntry]
     runtime_seconds: float
-    repeats: int = described("Runs per prompt (above 1: each prompt's determinism record).")
+    repeats: int = optional_key("Runs per prompt (above 1: each prompt's determinism record); absent in the first captures, which ran once.")
     identity: CaptureIdentity | None = optional_key("What --resume must match (precision.capture.writer.capture_identity).")
 
 

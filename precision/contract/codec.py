@@ -114,6 +114,10 @@ def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
+def _got(value: Any) -> str:
+    return "null" if value is None else f"{type(value).__name__} {value!r:.40}"
+
+
 def decode(tp: Any, data: Any, path: str = "$") -> Any:
     """``data`` (parsed JSON) as type ``tp``; ContractError names the path of the first value that does not fit."""
     if tp is Any:
@@ -151,15 +155,15 @@ def decode(tp: Any, data: Any, path: str = "$") -> Any:
             return NON_FINITE_STRINGS[data]
         if isinstance(data, (int, float)) and not isinstance(data, bool):
             return float(data)
-        raise ContractError(f"{path}: expected a number, got {_type_name(data)} {data!r:.40}")
+        raise ContractError(f"{path}: expected a number, got {_got(data)}")
     if tp is int:
         if isinstance(data, int) and not isinstance(data, bool):
             return data
-        raise ContractError(f"{path}: expected an integer, got {_type_name(data)} {data!r:.40}")
+        raise ContractError(f"{path}: expected an integer, got {_got(data)}")
     if tp in (bool, str):
         if isinstance(data, tp):
             return data
-        raise ContractError(f"{path}: expected a {'boolean' if tp is bool else 'string'}, got {_type_name(data)} {data!r:.40}")
+        raise ContractError(f"{path}: expected a {'boolean' if tp is bool else 'string'}, got {_got(data)}")
     if tp is type(None):
         if data is None:
             return None

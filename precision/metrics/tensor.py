@@ -252,14 +252,3 @@ def _raw_sums(expected, actual, *, floor: float, thresholds: tuple[float, float]
     _accumulate(sums, e, a, any_bad, floor=floor, thresholds=thresholds)
     return sums
 
-
-def __getattr__(name: str):
-    """The single-metric views, for callers that import them from here (precision.analysis.replay imports _dot and
-    ulp_histogram): they live in precision.metrics.elementwise, which imports this module, so they are looked up on
-    first use rather than imported at the top."""
-    if not name.startswith("__"):
-        from precision.metrics import elementwise
-
-        if name in vars(elementwise):
-            return vars(elementwise)[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -42,10 +42,15 @@ def _write_sparse_capture(path):
             digest.update(chunk)
     record = {"index": 0, "id": "long", "category": "synthetic", "rendering": "raw-text", "prompt_ids": [1] * ROWS,
               "continuation_ids": [], "generated_ids": [], "file": schema.tensor_file_name(0), "sha256": digest.hexdigest(),
-              "bytes": file.stat().st_size, "tensors": {"positions": {"shape": [ROWS], "dtype": "I64"}, "logits": {"shape": [ROWS, WIDTH], "dtype": "F32"}}}
-    manifest = {"schema_version": schema.SCHEMA_VERSION, "format": schema.FORMAT_NAME, "backend": {"spec": "hf:cpu:fp32", "dtype": "float32"},
-                "model": {"num_layers": 0, "hidden_size": 8, "vocab_size": WIDTH}, "tokenizer": {}, "selection": {"positions": "all", "layers": []},
-                "teacher_forcing": {"source": "self"}, "prompts": [record]}
+              "bytes": file.stat().st_size, "tensors": {"positions": {"shape": [ROWS], "dtype": "I64"}, "logits": {"shape": [ROWS, WIDTH], "dtype": "F32"}},
+              "determinism": None}
+    manifest = {"schema_version": schema.SCHEMA_VERSION, "format": schema.FORMAT_NAME, "created_at": "2026-11-30T00:00:00+00:00",
+                "backend": {"name": "hf", "spec": "hf:cpu:fp32", "engine": "transformers", "dtype": "float32"},
+                "model": {"path": str(path), "architecture": "LlamaForCausalLM", "num_layers": 0, "hidden_size": 8, "vocab_size": WIDTH,
+                          "max_position_embeddings": None, "stop_token_ids": [], "config_sha256": "", "weights_sha256": {}},
+                "tokenizer": {}, "environment": {}, "selection": {"positions": "all", "layers": []},
+                "teacher_forcing": {"source": "self", "reference_capture": None, "reference_manifest_sha256": None},
+                "prompts": [record], "skipped": [], "runtime_seconds": 0.0}
     (path / schema.MANIFEST).write_text(json.dumps(manifest))
 
 

@@ -350,15 +350,15 @@ def test_schema_version_99(cap):
     data = read_manifest(cap)
     data["schema_version"] = 99
     write_manifest(cap, data)
-    message = refuse(cap, "schema_version 99")
-    assert f"reads {SCHEMA_VERSION}" in message
+    message = refuse(cap, "schema version 99")
+    assert f"reads version {SCHEMA_VERSION}" in message and "newer precision-check: upgrade" in message
 
 
 def test_schema_version_as_string_refused(cap):
     data = read_manifest(cap)
     data["schema_version"] = "1"
     write_manifest(cap, data)
-    refuse(cap, "schema_version '1'")
+    refuse(cap, "schema version '1'")
 
 
 def test_wrong_format(cap):
@@ -389,7 +389,7 @@ def test_prompt_entry_wrong_type(cap, key, value):
     data = read_manifest(cap)
     data["prompts"][0][key] = value
     write_manifest(cap, data)
-    refuse(cap, "prompts[0]", "wrong type")
+    refuse(cap, f"prompts[0].{key}", "expected", "damaged")
 
 
 @pytest.mark.parametrize("value", [None, 5])
