@@ -50,16 +50,19 @@ def _restore_non_finite(value: Any, key: str | None = None) -> Any:
     return value
 
 
-def read_result_json(path: Path) -> Any:
+def read_result_json(path: Path, expected_format: str | None = None) -> Any:
     """A JSON document written by write_json_atomic, as plain dicts and lists with "NaN" / "Infinity" /
     "-Infinity" turned back into floats. A document with a known ``format`` is checked against its typed schema
     (precision.contract: an unknown schema version or a malformed document raises ContractError) and only its
-    float fields are converted; any other JSON falls back to converting those strings everywhere except under
+    float fields are converted (``expected_format``: refuse any other document); any other JSON falls back to converting those strings everywhere except under
     free-text keys such as a prompt's id."""
-    from precision.contract import document_type, validate
+    from precision.contract import ContractError, document_type, validate
     from precision.contract.codec import to_plain
 
     data = json.loads(Path(path).read_text(encoding="utf-8"))
+    if expected_format is not None and (not isinstance(data, dict) or data.get("format") != expected_format):
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise ContractError(f"{path} is not a {expected_format} document (format {found!r})")
     if document_type(data, str(path)) is not None:
         return to_plain(validate(data, str(path)))
     return _restore_non_finite(data)

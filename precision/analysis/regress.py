@@ -48,6 +48,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from precision import names
+from precision.contract import ContractError
 from precision.contract.comparison import COMPARISON_FORMAT
 from precision.contract.results import REGRESSION_FORMAT, REGRESSION_VERSION, SUMMARY_FORMAT
 from precision.errors import MismatchedCapturesError, PrecisionError
@@ -127,9 +128,11 @@ def _read(path: Path, expected_format: str, what: str) -> dict:
     if not path.is_file():
         raise PrecisionError(f"{path} is missing: {path.parent} is not a finished run directory; {fix}")
     try:
-        data = read_result_json(path)
+        data = read_result_json(path, expected_format)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise PrecisionError(f"{path} cannot be read as JSON ({exc}); {fix}") from exc
+    except ContractError as exc:
+        raise PrecisionError(f"{exc}; {fix}") from None
     if not isinstance(data, dict) or data.get("format") != expected_format:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise PrecisionError(f"{path} is not a {expected_format} document (format {found!r}); {fix}")

@@ -38,6 +38,8 @@ from dataclasses import dataclass, field, fields
 
 from precision import names
 from precision.analysis.theory import BF16_U
+from precision.contract.codec import to_plain
+from precision.contract.results import FindingRecord, PromptVerdictRecord, VerdictRecord
 from precision.capture import sites as site_names
 
 
@@ -105,17 +107,19 @@ class Verdict:
         failing = [f for f in self.findings if f.status is not Status.PASS]
         return text + (f"; run-level: {', '.join(f.rule for f in failing)}" if failing else "")
 
+    def to_record(self) -> VerdictRecord:
+        """The verdict as summary.json's typed ``verdict`` (precision.contract.results.VerdictRecord)."""
+        def record(f: Finding) -> FindingRecord:
+            return FindingRecord(rule=f.rule, status=f.status.value, message=f.message, site=f.site)
+
+        return VerdictRecord(status=self.status.value, summary=self.summary,
+                             thresholds={f.name: getattr(self.thresholds, f.name) for f in fields(self.thresholds)},
+                             findings=[record(f) for f in self.findings],
+                             prompts=[PromptVerdictRecord(id=p.id, status=p.status.value, findings=[record(f) for f in p.findings])
+                                      for p in self.prompts])
+
     def to_json(self) -> dict:
-        return {
-            "status": self.status.value,
-            "summary": self.summary,
-            "thresholds": {f.name: getattr(self.thresholds, f.name) for f in fields(self.thresholds)},
-            "findings": [{"rule": f.rule, "status": f.status.value, "message": f.message, "site": f.site} for f in self.findings],
-            "prompts": [
-                {"id": p.id, "status": p.status.value, "findings": [{"rule": f.rule, "status": f.status.value, "message": f.message, "site": f.site} for f in p.findings]}
-                for p in self.prompts
-            ],
-        }
+        return to_plain(self.to_record())
 
 
 def judge(comparison: dict, thresholds: Thresholds | None = None) -> Verdict:

@@ -177,8 +177,8 @@ def _decode_dataclass(cls: type, data: Any, path: str) -> Any:
     hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     open_keys = getattr(cls, "OPEN_KEYS", False)
-    named = set(fields) - ({"extra"} if open_keys else set())
-    unknown = [k for k in data if k not in named]
+    named = [name for name in fields if not (open_keys and name == "extra")]  # field order: the first problem is reported
+    unknown = [k for k in data if k not in fields or (open_keys and k == "extra")]
     if unknown and not open_keys:
         raise ContractError(f"{path}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} in {cls.__name__}")
     values: dict[str, Any] = {}

@@ -287,11 +287,11 @@ def test_runs_against_different_references_are_refused(real_run, tmp_path):
 
 
 @pytest.mark.parametrize("case, fragment", [
-    ("summary without verdict", "summary.json has no valid verdict"),
+    ("summary without verdict", "lacks the required key 'verdict'"),
     ("comparison is a list", "comparison.json is not a precision-check-comparison"),
     ("comparison of another format", "comparison.json is not a precision-check-comparison"),
-    ("prompts not a list", "prompts is dict, not a list"),
-    ("a metric that is text", "relative_l2 is 'small', not a number"),
+    ("prompts not a list", "prompts: expected a list, got dict"),
+    ("a metric that is text", "metrics.relative_l2: expected a number, got str 'small'"),
     ("comparison not JSON", "cannot be read as JSON"),
     ("not a run directory", "comparison.json is missing"),
     ("a file, not a directory", "is not a directory"),
@@ -300,16 +300,18 @@ def test_malformed_inputs_exit_2_naming_the_file(real_run, tmp_path, capsys, cas
     candidate = derive(real_run, tmp_path / "c")
     comparison = read_result_json(candidate / "comparison.json")
     if case == "summary without verdict":
-        (candidate / "summary.json").write_text(json.dumps({"format": "precision-check-summary"}))
+        summary = json.loads((candidate / "summary.json").read_text())
+        del summary["verdict"]
+        (candidate / "summary.json").write_text(json.dumps(summary))
     elif case == "comparison is a list":
         (candidate / "comparison.json").write_text("[]")
     elif case == "comparison of another format":
         (candidate / "comparison.json").write_text(json.dumps({**comparison, "format": "precision-check-summary"}))
     elif case == "prompts not a list":
-        write_json_atomic(candidate / "comparison.json", {**comparison, "prompts": {}})
+        (candidate / "comparison.json").write_text(json.dumps({**comparison, "prompts": {}}))  # not through the validating writer
     elif case == "a metric that is text":
         prompt_site(comparison, "story", "embed")["metrics"]["relative_l2"] = "small"
-        write_json_atomic(candidate / "comparison.json", comparison)
+        (candidate / "comparison.json").write_text(json.dumps(comparison, allow_nan=True))
     elif case == "comparison not JSON":
         (candidate / "comparison.json").write_text("{not json")
     elif case == "not a run directory":
