@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STORIES = REPO.parent / "shared" / "models" / "stories260K"
+# Vendored (MIT, about 1 MB; see its LICENSE and PROVENANCE.md) so a fresh clone tests with nothing beside it.
+STORIES = REPO / "tests" / "models" / "stories260K"
 GOLDEN = REPO / "golden"
 
 # Keep the built-in model and padded copies out of the user's cache unless CI chose a place.
@@ -24,7 +25,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def stories_path() -> Path:
     if not (STORIES / "config.json").is_file():
-        pytest.fail(f"{STORIES} is missing: the tests need ../shared/models/stories260K beside the checkout")
+        pytest.fail(f"{STORIES} is missing: the tests use the model vendored in the repository; restore it with "
+                    f"`git checkout -- tests/models/stories260K`")
     return STORIES
 
 

@@ -21,7 +21,7 @@ from precision.prompts import (
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "golden"
-STORIES = REPO.parent / "shared" / "models" / "stories260K"
+STORIES = REPO / "tests" / "models" / "stories260K"
 
 USER_MSG = [{"role": "user", "content": "Hello"}]
 
