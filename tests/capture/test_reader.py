@@ -574,16 +574,56 @@ def test_output_parent_is_a_file(env, tmp_path):
         env.capture(parent / "out")
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores directory permissions")
+# Runs in a child process with the permission rules of an ordinary user: as root (CI runs as root) the child drops
+# the capabilities that let root write anywhere (setpriv, util-linux), and first proves the rules hold, so the test
+# can neither skip nor pass vacuously. The capture goes through the CLI: exit 2 and a message, never a traceback.
+READ_ONLY_SCENARIO = """
+import sys
+from pathlib import Path
+
+parent, model, prompts = sys.argv[1:4]
+probe = Path(parent) / "probe"
+try:
+    probe.mkdir()
+except PermissionError:
+    pass
+else:
+    probe.rmdir()
+    print("PERMISSIONS NOT ENFORCED: this process may write into a read-only directory", file=sys.stderr)
+    sys.exit(10)
+from precision.cli import main
+
+sys.exit(main(["-q", "capture", "--model", model, "--backend", "hf:cpu:bf16", "--prompts", prompts,
+               "--max-new-tokens", "2", "--out", str(Path(parent) / "out")]))
+"""
+
+
+def as_ordinary_user(argv: list[str]) -> list[str]:
+    if not (hasattr(os, "geteuid") and os.geteuid() == 0):
+        return argv
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.fail("running as root, this test needs setpriv (util-linux) to drop root's permission override")
+    drop = "-dac_override,-dac_read_search"
+    return [setpriv, f"--inh-caps={drop}", f"--bounding-set={drop}", "--", *argv]
+
+
 def test_read_only_output_directory(env, tmp_path):
+    import subprocess
+    import sys
+
     parent = tmp_path / "ro"
     parent.mkdir()
     parent.chmod(0o500)
     try:
-        with pytest.raises(PrecisionError, match="permission"):
-            env.capture(parent / "out")
+        result = subprocess.run(as_ordinary_user([sys.executable, "-c", READ_ONLY_SCENARIO, str(parent), str(MODEL),
+                                                  str(env.prompts_file)]),
+                                capture_output=True, text=True, timeout=300)
     finally:
         parent.chmod(0o700)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"no permission for creating {parent / 'out'}" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert list(parent.iterdir()) == []
 
 
 def _interrupt(path: Path) -> None:
