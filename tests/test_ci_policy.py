@@ -93,4 +93,3 @@ def test_the_project_allow_list_is_empty(request):
     conftest = next(p for p in request.config.pluginmanager.get_plugins()
                     if getattr(p, "__file__", None) == str(REPO / "tests" / "conftest.py"))
     assert conftest.CI_SKIP_ALLOWLIST == {}
-
