@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import math
 import os
@@ -16,8 +17,8 @@ from precision.errors import PrecisionError
 
 
 DOCUMENT_LOG_VARIABLE = "PRECISION_CHECK_DOCUMENT_LOG"
-"""When set, every document written is listed (one path per line) in that file: tests/conftest.py validates them
-all against the published JSON Schemas at the end of the test session."""
+"""When set, every document written is listed in that file (one "sha256<TAB>path" line each): tests/conftest.py
+validates them all against the published JSON Schemas at the end of the test session."""
 
 
 class DocumentWriteError(RuntimeError):
@@ -105,11 +106,13 @@ def write_json_atomic(path: Path, data: Any) -> None:
             validate(data, str(path))
     except ContractError as exc:
         raise DocumentWriteError(f"precision-check built a document that does not match its own schema: {exc}") from exc
-    write_text_atomic(path, json.dumps(_json_safe(data), indent=1, ensure_ascii=False, allow_nan=False) + "\n")
+    text = json.dumps(_json_safe(data), indent=1, ensure_ascii=False, allow_nan=False) + "\n"
+    write_text_atomic(path, text)
     log = os.environ.get(DOCUMENT_LOG_VARIABLE)
     if document is not None and log:  # the test suite checks every document it made against docs/schema/
+        digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
         with open(log, "a", encoding="utf-8") as handle:
-            handle.write(f"{Path(path).resolve()}\n")
+            handle.write(f"{digest}\t{Path(path).resolve()}\n")
 
 
 @contextlib.contextmanager

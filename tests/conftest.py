@@ -121,8 +121,11 @@ def pytest_configure(config):
 
 # Every document any test writes (in this process or a CLI subprocess) is listed here and, at the end of the session,
 # validated against the published JSON Schemas in docs/schema/ (tests/schema_check.py).
-DOCUMENT_LOG = Path(tempfile.mkdtemp(prefix="precision-check-documents-")) / "written.txt"
-os.environ["PRECISION_CHECK_DOCUMENT_LOG"] = str(DOCUMENT_LOG)
+# Test modules also import this file as tests.conftest, which runs it a second time under that name: the second run
+# must keep the first one's log, or every document goes to a log nobody checks and the validation passes vacuously.
+if "PRECISION_CHECK_DOCUMENT_LOG" not in os.environ:
+    os.environ["PRECISION_CHECK_DOCUMENT_LOG"] = str(Path(tempfile.mkdtemp(prefix="precision-check-documents-")) / "written.txt")
+DOCUMENT_LOG = Path(os.environ["PRECISION_CHECK_DOCUMENT_LOG"])
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -131,6 +134,7 @@ def pytest_sessionfinish(session, exitstatus):
     problems, counts = check_logged_documents(DOCUMENT_LOG)
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None and counts:
+        reporter.ensure_newline()
         reporter.write_line("documents validated against docs/schema/: " + ", ".join(f"{n} {fmt}" for fmt, n in sorted(counts.items())))
     if problems:
         if reporter is not None:

@@ -93,3 +93,13 @@ def test_the_project_allow_list_is_empty(request):
     conftest = next(p for p in request.config.pluginmanager.get_plugins()
                     if getattr(p, "__file__", None) == str(REPO / "tests" / "conftest.py"))
     assert conftest.CI_SKIP_ALLOWLIST == {}
+
+
+def test_importing_conftest_again_keeps_the_one_document_log(request):
+    """Test modules import tests.conftest, a second copy of the conftest pytest loaded; both must name the log that
+    the end-of-session schema validation reads, or it validates nothing."""
+    import tests.conftest as imported_again
+
+    loaded = next(p for p in request.config.pluginmanager.get_plugins()
+                  if getattr(p, "__file__", None) == str(REPO / "tests" / "conftest.py"))
+    assert imported_again.DOCUMENT_LOG == loaded.DOCUMENT_LOG == Path(os.environ["PRECISION_CHECK_DOCUMENT_LOG"])

@@ -182,3 +182,24 @@ def test_a_run_started_from_the_python_api_has_no_command_line(run_dir):
     record = json.loads((run_dir / "run.json").read_text())
     record["command"] = None
     assert contract.validate(record, "run.json").command is None
+
+
+def test_the_session_check_finds_an_off_schema_document_and_skips_one_changed_after_writing(run_dir, tmp_path):
+    import hashlib
+
+    from tests.schema_check import check_logged_documents
+
+    good = run_dir / "summary.json"
+    bad = tmp_path / "summary.json"
+    summary = json.loads(good.read_text())
+    summary["verdict"]["status"] = "MAYBE"
+    bad.write_text(json.dumps(summary))
+    changed = tmp_path / "changed" / "summary.json"
+    changed.parent.mkdir()
+    changed.write_text(good.read_text())
+    log = tmp_path / "written.txt"
+    log.write_text("".join(f"{hashlib.sha256(p.read_bytes()).hexdigest()}\t{p}\n" for p in (good, bad, changed)))
+    changed.write_text(json.dumps(summary))  # damaged after it was written: the writer validated it then
+    problems, counts = check_logged_documents(log)
+    assert counts == {"precision-check-summary": 2}
+    assert len(problems) == 1 and str(bad) in problems[0] and "verdict/status" in problems[0]
