@@ -286,8 +286,6 @@ def test_golden_long_context_prompt_is_skippable():
 
 @pytest.fixture(scope="module")
 def stories_tokenizer():
-    if not (STORIES / "tokenizer.json").is_file():
-        pytest.skip(f"model directory {STORIES} not available")
     from precision.tokenizer import load_tokenizer
 
     return load_tokenizer(STORIES)
