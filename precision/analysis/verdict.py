@@ -38,7 +38,9 @@ from dataclasses import dataclass, field, fields
 
 from precision import names
 from precision.analysis.theory import BF16_U
-from precision.contract.codec import to_plain
+from precision.contract.analysis import Analysis
+from precision.contract.codec import ABSENT, decode, to_plain
+from precision.contract.comparison import Comparison, Flip, PooledSite, PromptComparison, SiteComparison
 from precision.contract.results import FindingRecord, PromptVerdictRecord, VerdictRecord
 from precision.capture import sites as site_names
 
@@ -122,32 +124,34 @@ class Verdict:
         return to_plain(self.to_record())
 
 
-def judge(comparison: dict, thresholds: Thresholds | None = None) -> Verdict:
+def judge(comparison: Comparison | dict, thresholds: Thresholds | None = None) -> Verdict:
+    """The verdict of a comparison: the typed document, or its JSON form (decoded, and so checked, first)."""
+    if not isinstance(comparison, Comparison):
+        comparison = decode(Comparison, comparison, "comparison")
     thresholds = thresholds or Thresholds()
-    prompts = tuple(_judge_prompt(p, thresholds) for p in comparison["prompts"])
-    findings = tuple(_judge_analysis(comparison.get("analysis"), comparison.get("sites", []), thresholds))
+    prompts = tuple(_judge_prompt(p, thresholds) for p in comparison.prompts)
+    findings = tuple(_judge_analysis(comparison.analysis, comparison.sites, thresholds))
     status = worst([p.status for p in prompts] + [f.status for f in findings])
     return Verdict(status=status, prompts=prompts, thresholds=thresholds, findings=findings)
 
 
-def _judge_analysis(analysis: dict | None, sites: list[dict], th: Thresholds) -> list[Finding]:
-    if not analysis:
+def _judge_analysis(analysis: Analysis | None, sites: list[PooledSite], th: Thresholds) -> list[Finding]:
+    if not analysis:  # None, or ABSENT: a comparison not explained
         return []
     findings: list[Finding] = []
-    local = analysis.get("local") or {}
-    steps = local.get("steps", [])
+    steps = analysis.local.steps
     for step in steps:
-        site = step["site"]
-        if step["local_R"] > th.local_r_fail:
+        site = step.site
+        if step.local_R > th.local_r_fail:
             findings.append(Finding("local-R", Status.FAIL,
-                f"{site} adds error of its own: replayed on the target's own input, its output is {step['local_R']:.2f}x as far from "
-                f"FP32 as the reference's BF16 rounding of the same step (limit {th.local_r_fail}); local error {step['local']:.2e}, "
-                f"largest envelope member {step['envelope_local_max']:.2e}", site))
+                f"{site} adds error of its own: replayed on the target's own input, its output is {step.local_R:.2f}x as far from "
+                f"FP32 as the reference's BF16 rounding of the same step (limit {th.local_r_fail}); local error {step.local:.2e}, "
+                f"largest envelope member {step.envelope_local_max:.2e}", site))
             break
-        gain, envelope_gain = step.get(names.LOCAL_GAIN), step.get("envelope_gain_max")
+        gain, envelope_gain = step.local_gain, step.envelope_gain_max
         if site_names.layer_index(site) is None:
             gain = None  # only a decoder layer has an update; comparisons written before replay knew it carry a norm's gain
-        rounding_gain = step.get("rounding_gain") or 0.0
+        rounding_gain = step.rounding_gain or 0.0  # None (no update) or ABSENT (written before it was measured)
         if gain is not None and abs(gain) > max(th.gain_floor, th.gain_fail_factor * max(envelope_gain or 0.0, rounding_gain)):
             findings.append(Finding("local-gain", Status.FAIL,
                 f"{site} computes its update scaled by (1 {'+' if gain > 0 else '-'} {abs(gain):.2e}): a systematic error along what the "
@@ -158,79 +162,78 @@ def _judge_analysis(analysis: dict | None, sites: list[dict], th: Thresholds) ->
             break
         # A step outside the envelope fails only when it is not also closer to FP32 than the reference: a target
         # in a wider dtype (FP16, FP32) differs from the BF16 reference by more than BF16 variants do, and is right to.
-        if step.get(names.LOCAL_RATIO) is not None and step[names.LOCAL_RATIO] > th.local_ratio_fail and step["local_R"] >= 1.0:
-            floor = step.get("rounding_floor", 0.0)
-            basis = (f"the largest any implementation variant adds there ({step['envelope_local_max']:.2e})"
-                     if step["envelope_local_max"] >= floor else
-                     f"one rounding ({floor:.2e}; the implementation variants add at most {step['envelope_local_max']:.2e} there)")
+        if step.local_ratio is not None and step.local_ratio > th.local_ratio_fail and step.local_R >= 1.0:
+            floor = step.rounding_floor or 0.0
+            basis = (f"the largest any implementation variant adds there ({step.envelope_local_max:.2e})"
+                     if step.envelope_local_max >= floor else
+                     f"one rounding ({floor:.2e}; the implementation variants add at most {step.envelope_local_max:.2e} there)")
             findings.append(Finding("local-envelope", Status.FAIL,
-                f"{site}'s local error {step['local']:.2e} is {step[names.LOCAL_RATIO]:.1f}x {basis}; limit {th.local_ratio_fail}x", site))
+                f"{site}'s local error {step.local:.2e} is {step.local_ratio:.1f}x {basis}; limit {th.local_ratio_fail}x", site))
             break
-    envelope = analysis.get("envelope")
-    if envelope:
-        closer_to_truth = {s["site"] for s in sites if s.get("R") is not None and s["R"] < 1.0}
-        outside = [row for row in envelope["sites"] if row["ratio"] > th.envelope_warn and row["site"] not in closer_to_truth]
+    if analysis.envelope:
+        closer_to_truth = {s.site for s in sites if s.R is not None and s.R < 1.0}
+        outside = [row for row in analysis.envelope.sites if row.ratio > th.envelope_warn and row.site not in closer_to_truth]
         if outside:
             row = outside[0]
             findings.append(Finding("envelope", Status.WARN,
-                f"at {row['site']} the target differs from the reference by {row['target']:.2e}, {row['ratio']:.1f}x the largest of "
-                f"{len(row['members'])} implementation variants ({row['max']:.2e}); {len(outside)} site(s) are outside {th.envelope_warn}x", row["site"]))
-    repeat = analysis.get("determinism")
-    if repeat and repeat["tokens_identical"] < repeat["prompts"]:
+                f"at {row.site} the target differs from the reference by {row.target:.2e}, {row.ratio:.1f}x the largest of "
+                f"{len(row.members)} implementation variants ({row.max:.2e}); {len(outside)} site(s) are outside {th.envelope_warn}x", row.site))
+    repeat = analysis.determinism
+    if repeat and repeat.tokens_identical < repeat.prompts:
         findings.append(Finding("nondeterminism", Status.WARN,
-            f"repeated target runs ({repeat['runs']} per prompt) generated different tokens on {repeat['prompts'] - repeat['tokens_identical']} "
-            f"of {repeat['prompts']} prompts; run-to-run relative L2 up to {repeat['max_relative_l2']:.2e}"))
+            f"repeated target runs ({repeat.runs} per prompt) generated different tokens on {repeat.prompts - repeat.tokens_identical} "
+            f"of {repeat.prompts} prompts; run-to-run relative L2 up to {repeat.max_relative_l2:.2e}"))
     if steps and not any(f.status is Status.FAIL for f in findings):
-        worst_r = max(steps, key=lambda s: s["local_R"])
-        ratios = [s for s in steps if s.get(names.LOCAL_RATIO) is not None]
-        worst_ratio = max(ratios, key=lambda s: s[names.LOCAL_RATIO]) if ratios else None
-        ratio_text = f", largest local error relative to the envelope {worst_ratio[names.LOCAL_RATIO]:.2f}x at {worst_ratio['site']}" if worst_ratio else ""
+        worst_r = max(steps, key=lambda s: s.local_R)
+        ratios = [s for s in steps if s.local_ratio is not None]
+        worst_ratio = max(ratios, key=lambda s: s.local_ratio) if ratios else None
+        ratio_text = f", largest local error relative to the envelope {worst_ratio.local_ratio:.2f}x at {worst_ratio.site}" if worst_ratio else ""
         claim = ("every step's own error is what implementation choices produce" if worst_ratio is not None else
                  "every step's own error is within the limits applied (no implementation envelope was measured)")
         findings.append(Finding("explained", Status.PASS,
-            f"{claim}: largest local R {worst_r['local_R']:.2f} at {worst_r['site']}{ratio_text}; the rest is inherited and amplified"))
+            f"{claim}: largest local R {worst_r.local_R:.2f} at {worst_r.site}{ratio_text}; the rest is inherited and amplified"))
     return findings
 
 
-def _judge_prompt(prompt: dict, th: Thresholds) -> PromptVerdict:
+def _judge_prompt(prompt: PromptComparison, th: Thresholds) -> PromptVerdict:
     findings: list[Finding] = []
     findings += _non_finite_findings(prompt)
     findings += _flip_findings(prompt)
-    hidden = [s for s in prompt["sites"] if s["site"] != names.LOGITS]
-    logits = next((s for s in prompt["sites"] if s["site"] == names.LOGITS), None)
-    if logits is not None and logits["truth"] is not None:
-        r = logits["truth"]["R"]
+    hidden = [s for s in prompt.sites if s.site != names.LOGITS]
+    logits = next((s for s in prompt.sites if s.site == names.LOGITS), None)
+    has_truth = logits is not None and logits.truth is not None
+    if has_truth:
+        r = logits.truth.R
         if r > th.r_logits_fail:
             findings.append(Finding("r-logits", Status.FAIL,
                 f"at the logits the target is {r:.2f}x as far from FP32 truth as the reference "
-                f"({logits['truth'][names.ACTUAL_VS_TRUTH]:.2e} vs {logits['truth'][names.EXPECTED_VS_TRUTH]:.2e}); the limit is {th.r_logits_fail}"))
-        worst_layer = max(hidden, key=lambda s: s["truth"]["R"], default=None)
-        if worst_layer is not None and worst_layer["truth"]["R"] > th.r_layer_warn:
-            t = worst_layer["truth"]
+                f"({logits.truth.actual_vs_truth:.2e} vs {logits.truth.expected_vs_truth:.2e}); the limit is {th.r_logits_fail}"))
+        worst_layer = max(hidden, key=lambda s: s.truth.R, default=None)
+        if worst_layer is not None and worst_layer.truth.R > th.r_layer_warn:
+            t = worst_layer.truth
             findings.append(Finding("r-layer", Status.WARN,
-                f"at {worst_layer['site']} the target is {t['R']:.2f}x as far from FP32 truth as the reference "
-                f"({t[names.ACTUAL_VS_TRUTH]:.2e} vs {t[names.EXPECTED_VS_TRUTH]:.2e}); the limit is {th.r_layer_warn}"))
-    finite_sites = [s for s in prompt["sites"] if math.isfinite(s["metrics"][names.RELATIVE_L2])]
-    biggest = max(finite_sites, key=lambda s: s["metrics"][names.RELATIVE_L2], default=None)
-    has_truth = logits is not None and logits["truth"] is not None
+                f"at {worst_layer.site} the target is {t.R:.2f}x as far from FP32 truth as the reference "
+                f"({t.actual_vs_truth:.2e} vs {t.expected_vs_truth:.2e}); the limit is {th.r_layer_warn}"))
+    finite_sites = [s for s in prompt.sites if math.isfinite(s.metrics.relative_l2)]
+    biggest = max(finite_sites, key=lambda s: s.metrics.relative_l2, default=None)
     if biggest is not None:
-        err = biggest["metrics"][names.RELATIVE_L2]
+        err = biggest.metrics.relative_l2
         if err > th.rel_l2_fail:
             findings.append(Finding("gross-error", Status.FAIL,
-                f"relative L2 error {err:.2e} at {biggest['site']} exceeds {th.rel_l2_fail}, far beyond BF16 rounding (unit roundoff {BF16_U:.1e})"))
+                f"relative L2 error {err:.2e} at {biggest.site} exceeds {th.rel_l2_fail}, far beyond BF16 rounding (unit roundoff {BF16_U:.1e})"))
         elif err > th.rel_l2_warn and not has_truth:
             findings.append(Finding("large-error", Status.WARN,
-                f"relative L2 error {err:.2e} at {biggest['site']} exceeds {th.rel_l2_warn}; capture an FP32 truth to tell whether the target or the reference is off"))
+                f"relative L2 error {err:.2e} at {biggest.site} exceeds {th.rel_l2_warn}; capture an FP32 truth to tell whether the target or the reference is off"))
     if not any(f.status is not Status.PASS for f in findings):
-        largest = f"largest relative L2 error {biggest['metrics'][names.RELATIVE_L2]:.2e} at {biggest['site']}" if biggest else "no finite site"
-        r_text = f", R at the logits {logits['truth']['R']:.2f}" if has_truth else ""
-        top1 = prompt.get(names.LOGITS, {}).get(names.TOP1_AGREEMENT)
+        largest = f"largest relative L2 error {biggest.metrics.relative_l2:.2e} at {biggest.site}" if biggest else "no finite site"
+        r_text = f", R at the logits {logits.truth.R:.2f}" if has_truth else ""
+        top1 = prompt.logits.top1_agreement if prompt.logits else None
         top1_text = f", teacher-forced top-1 agreement {top1:.1%}" if top1 is not None and math.isfinite(top1) else ""
         findings.append(Finding("self-check", Status.PASS, f"{largest}{r_text}{top1_text}"))
-    return PromptVerdict(prompt["id"], worst(f.status for f in findings), tuple(findings))
+    return PromptVerdict(prompt.id, worst(f.status for f in findings), tuple(findings))
 
 
-def _non_finite_findings(prompt: dict) -> list[Finding]:
+def _non_finite_findings(prompt: PromptComparison) -> list[Finding]:
     """Every site, element by element where the comparison measured it.
 
     A site's ``non_finite`` counts, when present, ``actual_only`` (target NaN/Inf where the reference is finite)
@@ -238,61 +241,64 @@ def _non_finite_findings(prompt: dict) -> list[Finding]:
     [row, column]; either FAILs. Comparisons written before those counts existed are judged on per-kind counts:
     more target NaN (or Inf) than reference NaN (or Inf) means at least one target element is non-finite where
     the reference is not. What is non-finite in the reference alone is a WARN: nothing to compare there."""
-    target_fail: list[tuple[dict, str]] = []
-    reference_only: list[dict] = []
-    for entry in prompt["sites"]:
-        nf = entry["metrics"][names.NON_FINITE]
-        target_bad, reference_bad = nf["actual_nan"] + nf["actual_inf"], nf["expected_nan"] + nf["expected_inf"]
-        if "actual_only" in nf:
-            if nf["actual_only"]:
-                target_fail.append((entry, f"{nf['actual_only']} NaN/Inf value(s) where the reference is finite, "
-                                           f"first at [row, column] {nf.get('actual_only_first_index')}"))
-            elif nf.get("mismatched"):
-                target_fail.append((entry, f"{nf['mismatched']} element(s) non-finite on both sides with different values "
-                                           f"(NaN vs Inf or +Inf vs -Inf), first at [row, column] {nf.get('mismatched_first_index')}"))
+    target_fail: list[tuple[SiteComparison, str]] = []
+    reference_only: list[SiteComparison] = []
+    for entry in prompt.sites:
+        nf = entry.metrics.non_finite
+        target_bad, reference_bad = nf.actual_nan + nf.actual_inf, nf.expected_nan + nf.expected_inf
+        if nf.actual_only is not ABSENT:
+            if nf.actual_only:
+                target_fail.append((entry, f"{nf.actual_only} NaN/Inf value(s) where the reference is finite, "
+                                           f"first at [row, column] {nf.actual_only_first_index}"))
+            elif nf.mismatched:
+                target_fail.append((entry, f"{nf.mismatched} element(s) non-finite on both sides with different values "
+                                           f"(NaN vs Inf or +Inf vs -Inf), first at [row, column] {nf.mismatched_first_index}"))
             elif reference_bad:
                 reference_only.append(entry)
-        elif target_bad and (nf["actual_nan"] > nf["expected_nan"] or nf["actual_inf"] > nf["expected_inf"]):
-            target_fail.append((entry, f"{nf['actual_nan']} NaN and {nf['actual_inf']} Inf values against "
-                                       f"{nf['expected_nan']} NaN and {nf['expected_inf']} Inf in the reference, first non-finite "
-                                       f"at [row, column] {nf['first_index']}"))
+        elif target_bad and (nf.actual_nan > nf.expected_nan or nf.actual_inf > nf.expected_inf):
+            target_fail.append((entry, f"{nf.actual_nan} NaN and {nf.actual_inf} Inf values against "
+                                       f"{nf.expected_nan} NaN and {nf.expected_inf} Inf in the reference, first non-finite "
+                                       f"at [row, column] {nf.first_index}"))
         elif reference_bad:
             reference_only.append(entry)
     findings = []
     if target_fail:
         entry, text = target_fail[0]
         more = f"; {len(target_fail) - 1} later site(s) too" if len(target_fail) > 1 else ""
-        findings.append(Finding("non-finite", Status.FAIL, f"at {entry['site']} the target has {text}{more}", entry["site"]))
+        findings.append(Finding("non-finite", Status.FAIL, f"at {entry.site} the target has {text}{more}", entry.site))
     if reference_only:
         entry = reference_only[0]
-        nf = entry["metrics"][names.NON_FINITE]
+        nf = entry.metrics.non_finite
         findings.append(Finding("non-finite-ref", Status.WARN,
-            f"the reference itself has {nf['expected_nan']} NaN and {nf['expected_inf']} Inf values at {entry['site']}, first at "
-            f"{nf['first_index']} (nothing to compare against there; the target is not non-finite anywhere the reference is finite); "
-            f"{len(reference_only)} site(s) so", entry["site"]))
+            f"the reference itself has {nf.expected_nan} NaN and {nf.expected_inf} Inf values at {entry.site}, first at "
+            f"{nf.first_index} (nothing to compare against there; the target is not non-finite anywhere the reference is finite); "
+            f"{len(reference_only)} site(s) so", entry.site))
     return findings
 
 
-def _flip_findings(prompt: dict) -> list[Finding]:
+def _flip_findings(prompt: PromptComparison) -> list[Finding]:
     """Real flips FAIL, near-ties are reported (precision.analysis.near_tie: the bound is the stored logits'
     rounding plus z sqrt(2) sigma, sigma the logit noise of the position's other tokens)."""
-    flips = prompt.get(names.LOGITS, {}).get("flips", [])
-    real = [f for f in flips if not f[names.NEAR_TIE]]
+    flips = prompt.logits.flips if prompt.logits else []
+
+    def margin(f: Flip) -> float:  # comparisons written before flip_margin existed carry only the reference's margin
+        return f.expected_margin if f.flip_margin is ABSENT else f.flip_margin
+
+    real = [f for f in flips if not f.near_tie]
     findings = []
     if real:
         f = real[0]
-        bound_text = (f"the near-tie bound {f['bound']:.3g} ({f['rounding_allowance']:.3g} for the stored logits' rounding + "
-                      f"z {f['z']:.2f} x sqrt(2) x the other tokens' logit noise {f['other_rms']:.3g})") if "bound" in f else \
-                     f"a logit noise of {f['logit_noise']:.3g}"
-        margin = f.get("flip_margin", f[names.EXPECTED_MARGIN])
+        bound_text = (f"the near-tie bound {f.bound:.3g} ({f.rounding_allowance:.3g} for the stored logits' rounding + "
+                      f"z {f.z:.2f} x sqrt(2) x the other tokens' logit noise {f.other_rms:.3g})") if f.bound is not ABSENT else \
+                     f"a logit noise of {f.logit_noise:.3g}"
         findings.append(Finding("real-flip", Status.FAIL,
-            f"{len(real)} teacher-forced top-1 flip(s) beyond the near-tie bound; first at position {f['position']}: "
-            f"token {f['expected_token']} -> {f['actual_token']}, which the reference ranks {margin:.3g} logits lower, against "
+            f"{len(real)} teacher-forced top-1 flip(s) beyond the near-tie bound; first at position {f.position}: "
+            f"token {f.expected_token} -> {f.actual_token}, which the reference ranks {margin(f):.3g} logits lower, against "
             f"{bound_text}", names.LOGITS))
-    near = [f for f in flips if f[names.NEAR_TIE]]
+    near = [f for f in flips if f.near_tie]
     if near:
-        widest = max(near, key=lambda f: f.get("flip_margin", f[names.EXPECTED_MARGIN]))
-        detail = (f"; largest margin {widest['flip_margin']:.3g} against its bound {widest['bound']:.3g}" if "bound" in widest else "")
+        widest = max(near, key=margin)
+        detail = (f"; largest margin {widest.flip_margin:.3g} against its bound {widest.bound:.3g}" if widest.bound is not ABSENT else "")
         findings.append(Finding("near-tie-flip", Status.PASS,
             f"{len(near)} teacher-forced top-1 flip(s) at near-ties (reference margin within what the position's rounding noise "
             f"produces){detail}"))

@@ -12,6 +12,7 @@ from precision.analysis.envelope import local_envelope
 from precision.analysis.theory import rounding_floor
 from precision.analysis.verdict import Status, judge
 from precision.metrics import tensor_stats
+from tests.documents import complete
 
 
 def _prompt(pairs):
@@ -73,5 +74,5 @@ def test_a_step_off_by_one_rounding_passes_and_three_fail():
     members = {"a": [_step("final_norm", 0.0)]}
     for local, expected in ((floor, Status.PASS), (3.5 * floor, Status.FAIL)):
         rows = local_envelope([_step("final_norm", local)], members)
-        verdict = judge({"prompts": [], "analysis": {"local": {"steps": rows}}})
+        verdict = judge(complete({"prompts": [], "analysis": {"local": {"steps": rows}}}))
         assert verdict.status is expected, (local, verdict.findings)

@@ -7,7 +7,9 @@ import copy
 
 import pytest
 
-from precision.analysis.verdict import Status, Thresholds, judge
+from precision.analysis.verdict import Status, Thresholds
+from precision.analysis.verdict import judge as judge_document
+from tests.documents import complete
 from precision.errors import PrecisionError
 
 
@@ -47,6 +49,10 @@ def comparison(**changes):
             target = target[int(key)] if isinstance(target, list) else target[key]
         target[int(keys[-1]) if isinstance(target, list) else keys[-1]] = value
     return doc
+
+
+def judge(doc, thresholds=None):
+    return judge_document(complete(doc), thresholds)
 
 
 def rules(verdict):
