@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 _REGISTRY = {
     "hf": "precision.backends.hf:TransformersBackend",
     "vllm": "precision.backends.vllm:VllmBackend",
+    "hf-layers": "precision.backends.layerwise:LayerwiseBackend",
+    "hf-streamed": "precision.backends.layerwise:StreamedBackend",
 }
 _ALIASES = {"transformers": "hf"}
 _DEVICES = ("cpu", "cuda", "npu")

@@ -111,6 +111,11 @@ class Backend(abc.ABC):
         self._require_active()
         self._capture_impl(list(token_ids), selection, Path(path))
 
+    def prepare(self, planned: list[tuple[Sequence[int], Sequence[int] | None, int]], selection: CaptureSelection) -> None:
+        """Told, before a capture run, every prompt it will ask for in order: (prompt ids, the continuation to force
+        or None, max new tokens), and the selection. Engines that compute many prompts together (the layer-by-layer
+        backends) use it; the others ignore it."""
+
     def describe(self) -> dict[str, Any]:
         """Settings, device and library versions to record in the capture manifest."""
         return {"name": self.name, "spec": str(self.spec), **self._describe_impl()}

@@ -112,17 +112,76 @@ def layer_hidden_states(output: Any) -> Any:
 
 
 def run_decoder_layer(model: Any, index: int, hidden: Any) -> Any:
-    """Decoder layer ``index`` of ``model`` on ``hidden`` [1, positions, width] alone, causal, positions from 0.
+    """Decoder layer ``index`` of ``model`` on ``hidden`` [1, positions, width] alone, causal, positions from 0."""
+    return run_layer(model.model.layers[index], require("LlamaModel.rotary_emb", model.model, "rotary_emb"), hidden)
+
+
+def run_layer(layer: Any, rotary: Any, hidden: Any, *, cache: Any = None, start: int = 0, mask: Any = None) -> Any:
+    """One decoder layer on ``hidden`` [batch, positions, width]: causal, positions ``start``.. (each row its own
+    sequence), with the attention mask the model's own forward would build for the layer's attention
+    implementation (none for sdpa: it is causal by itself; a float mask for eager). With ``cache`` (a KV cache
+    from ``kv_cache``), the keys and values of earlier positions come from it and this step's are appended; the
+    mask must then be ``attention_mask(...)`` taken before the step's first layer (as the model's forward takes it
+    once, before the cache grows).
 
     In the tested releases the decoder computes the rotary cos/sin once (``model.model.rotary_emb``) and hands
     them to every layer as ``position_embeddings``; the layer no longer computes them itself."""
     import torch
 
-    decoder = model.model
-    rotary = require("LlamaModel.rotary_emb", decoder, "rotary_emb")
-    positions = torch.arange(hidden.shape[1]).unsqueeze(0)
-    output = decoder.layers[index](hidden, attention_mask=None, position_ids=positions, position_embeddings=rotary(hidden, positions))
+    positions = (torch.arange(hidden.shape[1]) + start).unsqueeze(0)
+    if cache is None:
+        mask = attention_mask(require("LlamaAttention.config", layer.self_attn, "config"), hidden, None, start)
+    output = layer(hidden, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=cache is not None,
+                   position_embeddings=rotary(hidden, positions))
     return layer_hidden_states(output)
+
+
+def attention_mask(config: Any, hidden: Any, cache: Any, start: int = 0) -> Any:
+    """The mask the model's forward builds for ``hidden`` at positions ``start``.. (None where the attention
+    implementation is causal by itself)."""
+    import torch
+    from transformers.masking_utils import create_causal_mask
+
+    positions = (torch.arange(hidden.shape[1]) + start).unsqueeze(0)
+    return create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=None, past_key_values=cache, position_ids=positions)
+
+
+def kv_cache(model: Any) -> Any:
+    """An empty KV cache for ``model``'s layers (what generate() starts from)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+def model_skeleton(path: str, dtype: Any, *, trust_remote_code: bool = False) -> Any:
+    """The causal LM at ``path`` built from its config.json with no weights (every parameter on the meta device),
+    so that one layer at a time can be given its weights (precision.backends.layerwise). The rotary embedding,
+    which holds computed buffers and no weights, is built on the CPU: ``model.model.rotary_emb`` is usable."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    check_version()
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, **{dtype_keyword(): dtype})
+    decoder = llama_decoder(model, path)
+    rotary = require("LlamaModel.rotary_emb", decoder, "rotary_emb")
+    with torch.device("cpu"):
+        decoder.rotary_emb = type(rotary)(config=model.config)
+    return model.eval()
+
+
+def set_layer_attn_implementation(layer: Any, implementation: str) -> None:
+    """Make one decoder layer's attention run ``implementation`` (it reads its own config's choice), leaving the
+    config other layers share untouched."""
+    import copy
+
+    attention = layer.self_attn
+    config = copy.copy(require("LlamaAttention.config", attention, "config"))
+    config._attn_implementation = implementation
+    attention.config = config
+    if attention.config._attn_implementation != implementation:
+        raise missing_api(f"layer attention implementation {implementation!r}")
 
 
 def attn_implementation(model: Any) -> str:

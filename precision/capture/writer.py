@@ -180,6 +180,7 @@ def _capture_into(backend: Backend, plan: CapturePlan, out_dir: Path, selection:
             progress.write(json.dumps(record.to_json()) + "\n")
         progress.flush()
         todo = plan.prompts[len(records):]
+        backend.prepare([(p.prompt_ids, p.continuation_ids, p.max_new_tokens) for p in todo], selection)
         for index, planned in enumerate(tqdm(todo, desc=f"capture {backend.spec}", unit="prompt", disable=not show_progress), start=len(records)):
             record = _capture_one(backend, planned, index, out_dir, selection, repeats)
             records.append(record)

@@ -1,0 +1,330 @@
+"""The transformers model run one step at a time, every prompt through step i before step i+1 (CPU only).
+
+A step is the embedding, one decoder layer, the final norm or the lm_head; ``ModelSteps`` hands each out as a
+module in a requested dtype, with implementation variants applied to a copy when asked:
+
+    resident   the checkpoint loaded once (as the transformers backend loads it); an FP32 or varied step is a copy of
+               that one step, so the BF16 model and one FP32 layer are the most ever held
+    streamed   only the config is loaded; each step's weights are read from the checkpoint's safetensors when the
+               step runs and dropped after it, so a model larger than the host's memory runs: memory is one step's
+               weights plus the prompts' hidden states and what is being captured
+
+The backends here (``hf-layers`` resident, ``hf-streamed`` streamed) capture exactly what the transformers backend
+``hf`` captures, bit for bit (tested): each prompt runs alone through each layer, with the mask and rotary
+embedding the model's own forward builds, so the order of prompts and layers changes no arithmetic. Generation
+without a given continuation is greedy with a KV cache per prompt, as transformers' generate() does. When the plan
+gives the continuation (teacher forcing: the truth, the envelope members, a target), ``generated_ids`` are the
+argmax of the logits at each forced position: what greedy decoding picks given the reference's prefix, which equals
+free generation up to the first token where the two differ (recorded in the manifest as the generation mode).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from precision.backends import transformers_compat
+from precision.backends.base import Backend
+from precision.capture.sites import CaptureSelection
+from precision.errors import BackendError, ModelError
+from precision.names import EMBED, FINAL_NORM, LOGITS, POSITIONS, layer_site
+from precision.safetensors_io import write_tensors
+
+log = logging.getLogger(__name__)
+
+GROUP_BYTES = 1 << 30
+"""Captured bytes held at most for one group of prompts pushed through the model together (a streamed model is read
+once per group, so larger groups read less; the hidden states of the group are held too)."""
+
+
+class CheckpointTensors:
+    """Tensors of a checkpoint directory by name, read on demand from its safetensors files."""
+
+    def __init__(self, path: str) -> None:
+        from precision.model import weight_file
+
+        self._files = {}
+        for weights in sorted(Path(path).glob("*.safetensors")):
+            handle = weight_file(weights)
+            for name in handle.keys():
+                self._files[name] = handle
+        if not self._files:
+            raise ModelError(f"{path} has no .safetensors weights; the streamed mode reads safetensors only")
+
+    def rows(self, name: str, token_ids: Sequence[int]):
+        """Rows ``token_ids`` of tensor ``name`` (an embedding lookup without reading the whole table)."""
+        import numpy as np
+        import torch
+
+        handle = self._files[name]
+        rows = np.stack([handle.rows(name, int(t), int(t) + 1)[0] for t in token_ids])
+        return torch.from_numpy(rows)
+
+    def get(self, name: str, fallback: str | None = None):
+        handle = self._files.get(name) or (self._files.get(fallback) if fallback else None)
+        if handle is None:
+            raise ModelError(f"the checkpoint has no tensor {name!r}; the streamed mode needs the checkpoint's names to be "
+                             "the transformers model's own (run without --layer-streamed for checkpoints transformers converts on load)")
+        return handle.get_tensor(name if name in self._files else fallback)
+
+
+class ModelSteps:
+    """The steps of a causal LM, each as a module in a chosen dtype (see the module docstring)."""
+
+    def __init__(self, path: str, dtype_name: str = "bfloat16", *, streamed: bool = False, trust_remote_code: bool = False) -> None:
+        import torch
+
+        from precision.backends.hf import load_hf_model
+
+        self.dtype = getattr(torch, dtype_name)
+        self.streamed = streamed
+        if streamed:
+            self.model = transformers_compat.model_skeleton(path, self.dtype, trust_remote_code=trust_remote_code)
+            self._tensors = CheckpointTensors(path)
+        else:
+            self.model = load_hf_model(path, dtype_name, torch.device("cpu"), trust_remote_code=trust_remote_code)
+            self._tensors = None
+        self.decoder = transformers_compat.llama_decoder(self.model, path)
+        self.rotary = self.decoder.rotary_emb
+        self.num_layers = len(self.decoder.layers)
+        self._names = {id(module): name for name, module in self.model.named_modules()}
+        self._tied = bool(getattr(self.model.config, "tie_word_embeddings", False))
+
+    def sites(self) -> list[str]:
+        """The output site of every step, in model order."""
+        return [EMBED] + [layer_site(i) for i in range(self.num_layers)] + [FINAL_NORM, LOGITS]
+
+    def _module(self, site: str):
+        if site == EMBED:
+            return self.decoder.embed_tokens
+        if site == FINAL_NORM:
+            return self.decoder.norm
+        if site == LOGITS:
+            return self.model.lm_head
+        from precision.capture.sites import layer_index
+
+        return self.decoder.layers[layer_index(site)]
+
+    def _materialize(self, module):
+        """A copy of the weightless ``module`` with its weights read from the checkpoint."""
+        prefix = self._names[id(module)] + "."
+        fresh = copy.deepcopy(module).to_empty(device="cpu")
+        embed_name = self._names[id(self.decoder.embed_tokens)] + ".weight"
+        state = {local: self._tensors.get(prefix + local, embed_name if self._tied else None) for local in fresh.state_dict()}
+        fresh.load_state_dict(state, strict=True)
+        return fresh
+
+    @contextlib.contextmanager
+    def step(self, site: str, dtype=None, variants: Sequence[str] = ()) -> Iterator[Any]:
+        """The module computing ``site`` in ``dtype`` (default: the model's), with ``variants`` applied to a copy.
+        The model's own module is never changed; a copy lives only inside the ``with`` block."""
+        module = self._module(site)
+        owned = self._tensors is not None
+        if owned:
+            module = self._materialize(module)
+        dtype = dtype or self.dtype
+        if dtype != self.dtype or variants:
+            module = (module if owned else copy.deepcopy(module)).to(dtype)
+            if variants:
+                from precision.backends.variants import apply_variants
+
+                apply_variants(module, tuple(variants))
+        try:
+            yield module
+        finally:
+            del module
+
+    def embed(self, token_ids: Sequence[int], dtype=None):
+        """The embedding of ``token_ids`` as [1, tokens, width] in ``dtype``: a lookup, so exact in any dtype (no
+        implementation variant changes it); streamed, only the rows asked for are read."""
+        import torch
+
+        if self._tensors is not None:
+            rows = self._tensors.rows(self._names[id(self.decoder.embed_tokens)] + ".weight", token_ids).to(self.dtype)
+        else:
+            rows = self.decoder.embed_tokens(torch.tensor(list(token_ids)))
+        return rows.unsqueeze(0).to(dtype or self.dtype)
+
+    def run_layer(self, layer, hidden, *, cache=None, start: int = 0, mask=None):
+        return transformers_compat.run_layer(layer, self.rotary, hidden, cache=cache, start=start, mask=mask)
+
+
+def teacher_forced(steps: ModelSteps, sequences: list[Sequence[int]], keep: list[list[int]], *, dtype=None,
+                   variants: Sequence[str] = (), layers: set[int] | None = None) -> list[dict]:
+    """One forward pass per sequence, step by step over all of them: per sequence, the kept rows (``keep``) of every
+    site (layers limited to ``layers`` when given) and the logits of those rows, as the transformers backend
+    captures them."""
+    import torch
+
+    kept = [torch.tensor(rows) for rows in keep]
+    captured: list[dict] = [{} for _ in sequences]
+    with torch.inference_mode():
+        hidden = [steps.embed(ids, dtype) for ids in sequences]
+        _keep(captured, EMBED, hidden, kept)
+        for index in range(steps.num_layers):
+            with steps.step(layer_site(index), dtype, variants) as layer:
+                hidden = [steps.run_layer(layer, h) for h in hidden]
+            if layers is None or index in layers:
+                _keep(captured, layer_site(index), hidden, kept)
+        with steps.step(FINAL_NORM, dtype, variants) as norm:
+            hidden = [norm(h) for h in hidden]
+        _keep(captured, FINAL_NORM, hidden, kept)
+        del hidden
+        with steps.step(LOGITS, dtype, variants) as head:
+            for record in captured:
+                record[LOGITS] = head(record[FINAL_NORM])
+    return captured
+
+
+def _keep(captured: list[dict], site: str, hidden: list, kept: list) -> None:
+    for record, h, rows in zip(captured, hidden, kept):
+        record[site] = h[0].index_select(0, rows).clone()
+
+
+def greedy(steps: ModelSteps, prompts: list[Sequence[int]], max_new_tokens: list[int], stop_ids: Sequence[int]) -> list[list[int]]:
+    """Greedy continuations of every prompt (at most ``max_new_tokens`` of its own, stopping after a stop token, which is kept),
+    computed as transformers' generate() computes them: a prefill, then one token at a time against a KV cache, the
+    next token the argmax of the last position's logits."""
+    import torch
+
+    stop = set(stop_ids)
+    caches = [transformers_compat.kv_cache(steps.model) for _ in prompts]
+    inputs = [list(p) for p in prompts]
+    starts = [0 for _ in prompts]
+    generated: list[list[int]] = [[] for _ in prompts]
+    active = [j for j in range(len(prompts)) if max_new_tokens[j] > 0]
+    with torch.inference_mode():
+        while active:
+            hidden = {j: steps.embed(inputs[j]) for j in active}
+            masks = {j: transformers_compat.attention_mask(steps.model.config, h, caches[j], starts[j]) for j, h in hidden.items()}
+            for index in range(steps.num_layers):
+                with steps.step(layer_site(index)) as layer:
+                    hidden = {j: steps.run_layer(layer, h, cache=caches[j], start=starts[j], mask=masks[j]) for j, h in hidden.items()}
+            with steps.step(FINAL_NORM) as norm, steps.step(LOGITS) as head:
+                for j, h in hidden.items():
+                    token = int(head(norm(h)[:, -1:, :])[0, -1].float().argmax())
+                    generated[j].append(token)
+                    starts[j] += len(inputs[j])
+                    inputs[j] = [token]
+            active = [j for j in active if generated[j][-1] not in stop and len(generated[j]) < max_new_tokens[j]]
+    return generated
+
+
+class LayerwiseBackend(Backend):
+    """``hf-layers``: the transformers model resident, run step by step over a group of prompts."""
+
+    name = "hf-layers"
+    streamed = False
+
+    def validate(self) -> None:
+        super().validate()
+        if self.spec.device not in (None, "cpu"):
+            raise BackendError(f"{self.spec}: the layer-by-layer backends run on the CPU only; use hf:{self.spec.device} for a device")
+        from precision.backends.variants import parse_variant
+
+        for text in self.options.variants:
+            if parse_variant(text).fault:
+                raise BackendError(f"{self.spec}: faults apply to the transformers backend (hf); {text!r} is one")
+
+    def _activate_impl(self) -> None:
+        self.validate()
+        self._steps = ModelSteps(self.model.path, self.spec.torch_dtype_name, streamed=self.streamed,
+                                 trust_remote_code=self.options.trust_remote_code)
+        self._planned: list[tuple[tuple[int, ...], tuple[int, ...] | None, int]] = []
+        self._selection = CaptureSelection()
+        self._done: set[tuple[int, ...]] = set()
+        self._generated: dict[tuple[int, ...], list[int]] = {}
+        self._captured: dict[tuple[int, ...], dict] = {}
+
+    def _deactivate_impl(self) -> None:
+        self._steps = None
+        self._generated, self._captured = {}, {}
+
+    def prepare(self, planned: list[tuple[Sequence[int], Sequence[int] | None, int]], selection: CaptureSelection) -> None:
+        """The prompts about to be captured, in order: (prompt ids, the continuation to force or None, max new
+        tokens), and what is kept of them. Groups of them are then computed together, each step once per group."""
+        self._planned = [(tuple(p), None if c is None else tuple(c), n) for p, c, n in planned]
+        self._selection = selection
+
+    def _group_from(self, prompt_ids: tuple[int, ...], max_new_tokens: int) -> list[tuple[tuple[int, ...], tuple[int, ...] | None, int]]:
+        """The planned prompts from ``prompt_ids`` on whose captures fit in GROUP_BYTES (at least that one); a
+        prompt asked for again (a repeat) or not planned is a group of its own."""
+        start = next((i for i, planned in enumerate(self._planned) if planned[0] == prompt_ids), None)
+        if start is None or prompt_ids in self._done:
+            return [(prompt_ids, None, max_new_tokens)]
+        width = self.model.hidden_size * (self.model.num_layers + 2) + self.model.vocab_size
+        group, total = [], 0
+        for planned in self._planned[start:]:
+            tokens = len(planned[0]) + (len(planned[1]) if planned[1] is not None else planned[2])
+            total += tokens * width * self._steps.dtype.itemsize
+            if group and total > GROUP_BYTES:
+                break
+            group.append(planned)
+        return group
+
+    def _generate_impl(self, token_ids: list[int], max_new_tokens: int) -> Sequence[int]:
+        key = tuple(token_ids)
+        if key not in self._generated:
+            self._compute(self._group_from(key, max_new_tokens))
+        return self._generated.pop(key)
+
+    def _compute(self, group: list[tuple[tuple[int, ...], tuple[int, ...] | None, int]]) -> None:
+        """Generate what the group does not force, then one teacher-forced pass over every sequence of the group;
+        kept for the generate and capture calls that follow."""
+        free = [(prompt, limit) for prompt, continuation, limit in group if continuation is None]
+        sequences = [(prompt, continuation, True) for prompt, continuation, _ in group if continuation is not None]
+        if free:
+            tokens = greedy(self._steps, [p for p, _ in free], [n for _, n in free], list(self.model.stop_token_ids))
+            sequences += [(prompt, tuple(generated), False) for (prompt, _), generated in zip(free, tokens)]
+        whole = [prompt + continuation for prompt, continuation, _ in sequences]
+        results = teacher_forced(self._steps, whole, [self._selection.position_indices(len(s)) for s in whole],
+                                 variants=self.options.variants, layers=set(self._selection.layer_indices(self._steps.num_layers)))
+        for (prompt, continuation, forced), sequence, result in zip(sequences, whole, results):
+            self._generated[prompt] = list(continuation) if not forced else self._picks(result, len(prompt), len(sequence))
+            self._captured[sequence] = result
+            self._done.add(prompt)
+
+    def _picks(self, result: dict, prompt_length: int, length: int) -> list[int]:
+        """The argmax of the logits at each forced position (the greedy pick given the forced prefix)."""
+        positions = self._selection.position_indices(length)
+        wanted = range(prompt_length - 1, length - 1)
+        if not set(wanted) <= set(positions):
+            return []  # the logits of those positions were not kept: no pick to report
+        rows = [positions.index(p) for p in wanted]
+        return result[LOGITS][rows].float().argmax(-1).tolist()
+
+    def _capture_impl(self, token_ids: list[int], selection: CaptureSelection, path: Path) -> None:
+        import torch
+
+        sequence = tuple(token_ids)
+        if selection != self._selection:
+            self._selection = selection
+            self._captured.clear()
+        captured = self._captured.pop(sequence, None)
+        if captured is None:
+            captured = teacher_forced(self._steps, [sequence], [selection.position_indices(len(sequence))], variants=self.options.variants,
+                                      layers=set(selection.layer_indices(self._steps.num_layers)))[0]
+        captured[POSITIONS] = torch.tensor(selection.position_indices(len(sequence)), dtype=torch.int64)
+        write_tensors(path, captured)
+
+    def _describe_impl(self) -> dict[str, Any]:
+        return {
+            "engine": "transformers",
+            "execution": "layer-streamed" if self.streamed else "layer-by-layer",
+            "dtype": self.spec.torch_dtype_name,
+            "attn_implementation": transformers_compat.attn_implementation(self._steps.model),
+            "settings": {"trust_remote_code": self.options.trust_remote_code, "seed": self.options.seed},
+            "variants": list(self.options.variants),
+            "generation": "greedy with a KV cache when free; argmax at each forced position when teacher-forced",
+            "device": "cpu",
+        }
+
+
+class StreamedBackend(LayerwiseBackend):
+    """``hf-streamed``: one step's weights resident at a time, read from the checkpoint (see the module docstring)."""
+
+    name = "hf-streamed"
+    streamed = True
