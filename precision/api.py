@@ -35,15 +35,20 @@ def run(config, source=None, *, junit: str | Path | None = None):
 
 def capture_backend(spec: str, out: str | Path, *, model: str | Path | None = None, prompts: str | Path | None = None,
                     teacher_forcing: str | Path | None = None, max_new_tokens: int = 32, selection=None,
-                    engine_args: dict | None = None, trust_remote_code: bool = False, resume: bool = False, force: bool = False):
+                    engine_args: dict | None = None, trust_remote_code: bool = False, resume: bool = False, force: bool = False,
+                    shard: str | None = None):
     """Capture one backend into ``out``: a reference from ``prompts``, or a target fed a reference capture's tokens
-    (``teacher_forcing``). Returns the CaptureReader of ``out``."""
+    (``teacher_forcing``). ``shard`` "I/N": only the I-th of N parts of the plan (precision.capture.shards; merge
+    the parts with ``merge_captures``). Returns the CaptureReader of ``out``."""
     from precision.backends import BackendOptions, create_backend, parse_spec
     from precision.capture.reader import CaptureReader
+    from precision.capture.shards import ShardSpec, shard_plan
     from precision.capture.writer import CapturePlan, capture
     from precision.planning import plan_from_prompts
     from precision.prompts import MAX_NEW_TOKENS_LIMIT
     from precision.reference_side import resolve_model
+
+    shard_spec = ShardSpec.parse(shard) if shard is not None else None
 
     parsed = parse_spec(spec)
     if not 1 <= max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
@@ -58,8 +63,41 @@ def capture_backend(spec: str, out: str | Path, *, model: str | Path | None = No
         plan = plan_from_prompts(prompts, info, max_new_tokens=max_new_tokens, trust_remote_code=trust_remote_code)
     else:
         raise PrecisionError("capture needs --prompts (for a reference) or --teacher-forcing REFERENCE_CAPTURE (for a target)")
+    if shard_spec is not None:
+        plan = shard_plan(plan, shard_spec)
     kwargs = {"selection": selection} if selection is not None else {}
     return capture(backend, plan, Path(out), resume=resume, force=force, **kwargs)
+
+
+def merge_captures(shards: Iterable[str | Path], out: str | Path, *, prompts: str | Path | None = None,
+                   teacher_forcing: str | Path | None = None, max_new_tokens: int = 32, model: str | Path | None = None,
+                   trust_remote_code: bool = False, force: bool = False, link: bool = True):
+    """Merge the capture directories of ``capture_backend(..., shard="I/N")`` into ``out``, the capture a single
+    ``capture_backend`` with the same ``prompts`` / ``teacher_forcing`` and ``max_new_tokens`` writes (the plan is
+    rebuilt from them with the tokenizer of ``model``, default the shards' model path, to check every prompt is
+    there once). Returns its CaptureReader."""
+    from precision.capture.reader import CaptureReader
+    from precision.capture.shards import merge_captures as merge
+    from precision.capture.writer import CapturePlan
+    from precision.model import inspect_model
+    from precision.planning import plan_from_prompts
+
+    shards = [Path(s) for s in shards]
+    if not shards:
+        raise PrecisionError("merge-captures needs at least one shard capture directory")
+    if bool(prompts) == bool(teacher_forcing):
+        raise PrecisionError("merge-captures needs the plan the shards were captured from: --prompts (a reference) or "
+                             "--teacher-forcing REFERENCE_CAPTURE (a target), as given to 'capture --shard'")
+    if teacher_forcing:
+        plan = CapturePlan.following(CaptureReader(teacher_forcing))
+    else:
+        model = model or CaptureReader(shards[0]).manifest["model"]["path"]
+        if not Path(model).is_dir():
+            raise PrecisionError(f"the shards' model {model} is not on this machine; pass --model with its copy here (its "
+                                 "tokenizer rebuilds the prompt plan)")
+        plan = plan_from_prompts(prompts, inspect_model(model, hash_weights=False), max_new_tokens=max_new_tokens,
+                                 trust_remote_code=trust_remote_code)
+    return merge(shards, out, plan, force=force, link=link)
 
 
 def compare(expected: str | Path, actual: str | Path, out: str | Path, *, truth: str | Path | None = None,

@@ -49,8 +49,19 @@ def _capture(args) -> int:
     reader = capture_backend(args.backend, args.out, model=args.model, prompts=args.prompts, teacher_forcing=args.teacher_forcing,
                              max_new_tokens=args.max_new_tokens, selection=values.selection(args),
                              engine_args=values.engine_args(args.engine_arg, args.additional_config),
-                             trust_remote_code=args.trust_remote_code, resume=args.resume, force=args.force)
-    print(f"captured {len(reader.prompts)} prompts with {reader.manifest['backend']['spec']} into {reader.path}")
+                             trust_remote_code=args.trust_remote_code, resume=args.resume, force=args.force, shard=args.shard)
+    part = f" (shard {args.shard})" if args.shard else ""
+    print(f"captured {len(reader.prompts)} prompts{part} with {reader.manifest['backend']['spec']} into {reader.path}")
+    return EXIT_OK
+
+
+def _merge_captures(args) -> int:
+    from precision.api import merge_captures  # precision.api is public; the name joins precision._EXPORTS with its owner
+
+    reader = merge_captures(args.shards, args.out, prompts=args.prompts, teacher_forcing=args.teacher_forcing,
+                            max_new_tokens=args.max_new_tokens, model=args.model, trust_remote_code=args.trust_remote_code, force=args.force,
+                            link=not args.copy)
+    print(f"merged {len(args.shards)} shards ({len(reader.prompts)} prompts, {reader.manifest['backend']['spec']}) into {reader.path}")
     return EXIT_OK
 
 
@@ -143,7 +154,7 @@ def _finish(verdict, files: dict) -> int:
 
 
 _COMMANDS = {"run": _run, "capture": _capture, "compare": _compare, "report": _report, "selftest": _selftest, "verify": _verify,
-             "golden": _golden, "regress": _regress, "plant-fault": _plant_fault}
+             "golden": _golden, "regress": _regress, "plant-fault": _plant_fault, "merge-captures": _merge_captures}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -106,7 +106,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-forcing", metavar="REFERENCE_CAPTURE", help="feed the token ids and continuations of this reference capture")
     p.add_argument("--out", required=True, help="capture directory to write")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--shard", metavar="I/N", help="capture only the I-th of N parts of the prompts (balanced by tokens; "
+                                                  "join the parts with merge-captures)")
     _add_capture_options(p)
+
+    p = sub.add_parser("merge-captures", help="merge the shard captures of 'capture --shard I/N' into one capture directory")
+    p.add_argument("shards", nargs="+", metavar="SHARD", help="the capture directories of the shards, in any order")
+    p.add_argument("--out", required=True, help="capture directory to write (the shards are never changed)")
+    p.add_argument("--prompts", help="the prompt set the shards were captured from (a reference)")
+    p.add_argument("--teacher-forcing", metavar="REFERENCE_CAPTURE", help="the reference capture the shards were fed (a target)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="as given to 'capture --shard' with --prompts (default: 32)")
+    p.add_argument("--model", help="with --prompts: the model whose tokenizer rebuilds the plan (default: the shards' model path)")
+    p.add_argument("--copy", action="store_true", help="copy the tensor files instead of hard-linking them")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own tokenizer code to run (off unless asked)")
+    p.add_argument("--force", action="store_true", help="replace a capture precision-check wrote before in --out")
 
     p = sub.add_parser("compare", help="compare two capture directories into comparison.json")
     p.add_argument("expected", help="reference capture directory")
