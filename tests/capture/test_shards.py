@@ -258,3 +258,19 @@ def test_the_merge_never_writes_into_an_input_and_leaves_the_shards_unchanged(ca
         _merge(captures, *captures.shards, out=out)
     _merge(captures, *captures.shards, out=out, force=True)  # --force replaces what the merge wrote there
     assert _manifest(out)["prompts"] == merged["prompts"]
+
+
+def test_layer_streamed_shards_merge_into_the_single_streamed_capture(captures, tmp_path):
+    """The layer-streamed backend (one decoder layer's weights at a time, every prompt of a group through layer i
+    before layer i+1) sharded by prompt: the merge equals its single capture, and both equal the whole-model one."""
+    common = ["capture", "--backend", "hf-streamed", "--model", captures.model, "--prompts", str(captures.prompts),
+              "--max-new-tokens", str(MAX_NEW)]
+    assert _cli(*common, "--out", str(tmp_path / "single")) == 0
+    for i in (1, 2):
+        assert _cli(*common, "--shard", f"{i}/2", "--out", str(tmp_path / f"shard-{i}")) == 0
+    assert _cli("merge-captures", str(tmp_path / "shard-1"), str(tmp_path / "shard-2"), "--prompts", str(captures.prompts),
+                "--max-new-tokens", str(MAX_NEW), "--out", str(tmp_path / "merged")) == 0
+    single, merged = _manifest(tmp_path / "single"), _manifest(tmp_path / "merged")
+    assert {k: v for k, v in merged.items() if k not in SELF_MEASURED} == {k: v for k, v in single.items() if k not in SELF_MEASURED}
+    whole = _manifest(captures.single)
+    assert [p["sha256"] for p in merged["prompts"]] == [p["sha256"] for p in whole["prompts"]]
