@@ -80,19 +80,31 @@ def build_tokenizer():
 
 
 def build_default_model(path: Path) -> Path:
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
 
     log.info("building the built-in default model in %s", path)
+    readme = f"Built-in synthetic model of precision-check (seed {SEED}, recipe {_recipe_hash()}). Random weights: its text is meaningless; its numerics are real.\n"
+    return build_random_checkpoint(path, LlamaConfig, "LlamaForCausalLM", ARCHITECTURE, SEED, readme,
+                                   hidden_act="silu", attention_bias=False, mlp_bias=False)
+
+
+def build_random_checkpoint(path: Path, config_class, architecture: str, shape: dict, seed: int, readme: str, **settings) -> Path:
+    """A causal LM of ``config_class`` (a transformers config) with this module's byte-level ChatML tokenizer and
+    random weights deterministic from ``seed``, saved (safetensors, BF16) into ``path`` atomically.
+
+    Weights are scaled so that activations keep their size through the layers (see the module docstring);
+    biases (Qwen2's q/k/v projections) are small and nonzero, so that a backend dropping them shows."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
     tokenizer = build_tokenizer()
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=None, eos_token_id=eos, pad_token_id=pad,
-                         hidden_act="silu", attention_bias=False, mlp_bias=False, **ARCHITECTURE)
-    config.architectures = ["LlamaForCausalLM"]
-    generator = torch.Generator().manual_seed(SEED)
+    config = config_class(vocab_size=len(tokenizer), bos_token_id=None, eos_token_id=eos, pad_token_id=pad, **settings, **shape)
+    config.architectures = [architecture]
+    generator = torch.Generator().manual_seed(seed)
     with torch.device("cpu"):
-        model = LlamaForCausalLM(config)
+        model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -100,6 +112,8 @@ def build_default_model(path: Path) -> Path:
                 param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=generator))
             elif name.endswith("embed_tokens.weight"):
                 param.copy_(torch.randn(param.shape, generator=generator))
+            elif name.endswith(".bias"):
+                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
             else:
                 fan_in = param.shape[1]
                 gain = 2.0 if name == "lm_head.weight" else 1.0
@@ -109,5 +123,38 @@ def build_default_model(path: Path) -> Path:
         model.save_pretrained(staging, safe_serialization=True)
         GenerationConfig(eos_token_id=eos, pad_token_id=pad, do_sample=False).save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        (staging / "README.md").write_text(f"Built-in synthetic model of precision-check (seed {SEED}, recipe {_recipe_hash()}). Random weights: its text is meaningless; its numerics are real.\n")
+        (staging / "README.md").write_text(readme)
     return path
+
+
+# -- tiny checkpoints of each supported model family (tests, examples) -------------------------------------------
+TINY_SHAPE = {
+    "hidden_size": 64,
+    "intermediate_size": 160,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 32,  # the smallest head size vLLM's CPU attention accepts: no head padding (which q/k norms forbid)
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-6,
+}
+TINY_FAMILIES = {
+    # family: (transformers config class, architecture, what sets the family apart)
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {"attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True}),  # q/k/v biases are part of Qwen2
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"attention_bias": False, "tie_word_embeddings": False}),  # q/k RMSNorms
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 4096, "tie_word_embeddings": False}),
+}
+
+
+def build_tiny_model(family: str, path: Path, seed: int = SEED) -> Path:
+    """A tiny random checkpoint of ``family`` (a key of TINY_FAMILIES) in ``path``: hidden 64, 2 layers, GQA 2:1,
+    head_dim 32, the built-in model's tokenizer. Builds in well under a second."""
+    import transformers
+
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"unknown family {family!r}; known: {sorted(TINY_FAMILIES)}")
+    config_name, architecture, settings = TINY_FAMILIES[family]
+    readme = f"Tiny random {architecture} built by precision-check (seed {seed}) to test the {family} model family.\n"
+    return build_random_checkpoint(path, getattr(transformers, config_name), architecture, TINY_SHAPE, seed, readme,
+                                   hidden_act="silu", **settings)

