@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -25,9 +25,10 @@ from precision.capture.reader import CaptureReader, PromptRecord
 from precision.contract.comparison import COMPARISON_FORMAT, COMPARISON_VERSION
 from precision.environment import utc_now
 from precision.errors import PrecisionError
-from precision.metrics import CONVENTIONS, DEFINITIONS, LogitsStats, logits_stats, tensor_stats, token_agreement
-from precision.metrics.tensor import StreamingStats, _workers
-from precision.metrics.tensor import ULP_BUCKETS
+from precision.metrics import CONVENTIONS, DEFINITIONS, token_agreement
+from precision.analysis.compare_jobs import in_order, logits_block_job, site_job
+from precision.metrics.logits import concat
+from precision.metrics.tensor import ULP_BUCKETS, StreamingStats
 
 log = logging.getLogger(__name__)
 DEFAULT_CONVENTION = CONVENTIONS[0]
@@ -119,16 +120,13 @@ def _compare_prompt(expected: CaptureReader, actual: CaptureReader, truth: Captu
     th = truth.arrays(t_rec, verify=verify) if truth is not None else None
     positions = eh.array(site_names.POSITIONS).tolist()
     result["positions"] = len(positions)
+    hidden = [site for site in e_rec.sites if site != site_names.LOGITS]
+    hidden_stats = dict(zip(hidden, in_order(site_job, ((eh, ah, th, site, convention) for site in hidden))))
     for site in e_rec.sites:
         if site == site_names.LOGITS:
             result[names.LOGITS], pair, truth_pairs = _compare_logits(eh, ah, th, positions, convention)
         else:
-            e, a = eh.array(site), ah.array(site)
-            pair = tensor_stats(e, a, convention=convention)
-            truth_pairs = None
-            if th is not None:
-                t = th.array(site)
-                truth_pairs = (tensor_stats(t, e), tensor_stats(t, a))
+            pair, truth_pairs = hidden_stats[site]
         entry = {"site": site, "layer": site_names.layer_index(site), "metrics": _stats_json(pair), "truth": None}
         if truth_pairs is not None:
             e_err, a_err = truth_pairs
@@ -156,30 +154,27 @@ _LOGITS_BLOCK_ELEMENTS = 4 << 20
 grow with positions x vocabulary (2048 x 166144 would be 1.4 GB per side in float32)."""
 
 
-def _concat(parts: list[LogitsStats]) -> LogitsStats:
-    return LogitsStats(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(LogitsStats)))
-
-
 def _compare_logits(eh: TensorFile, ah: TensorFile, th: TensorFile | None, positions: list[int], convention: str = DEFAULT_CONVENTION):
-    """One pass over the logits rows: per-position metrics, element-wise metrics, and the truth's."""
+    """One pass over the logits rows, block by block on the worker threads: per-position metrics, element-wise
+    metrics, and the truth's."""
     shape = eh.shape(site_names.LOGITS)
     rows_per_block = max(1, _LOGITS_BLOCK_ELEMENTS // max(shape[1], 1))
     pair = StreamingStats(shape, convention)
     truth_streams = (StreamingStats(shape), StreamingStats(shape)) if th is not None else None
     parts = []
-    for start in range(0, shape[0], rows_per_block):
-        e = eh.rows(site_names.LOGITS, start, start + rows_per_block)
-        a = ah.rows(site_names.LOGITS, start, start + rows_per_block)
-        pair.add(e, a)
-        # Per-position metrics of the block's halves on two threads (numpy releases the GIL in these loops).
-        half = (e.shape[0] + 1) // 2
-        halves = [_workers().submit(logits_stats, e[i:i + half], a[i:i + half]) for i in range(0, e.shape[0], half)]
-        parts.extend(job.result() for job in halves)
+    blocks = [(eh, ah, site_names.LOGITS, start, min(start + rows_per_block, shape[0]), convention, th is not None)
+              for start in range(0, shape[0], rows_per_block)]
+    for (sums, part, e, a), block in zip(in_order(logits_block_job, blocks), blocks):
+        if sums is not None:
+            pair.add_sums(sums, e.size if e is not None else (block[4] - block[3]) * shape[1])
+        else:
+            pair.add(e, a)
+        parts.append(part)
         if truth_streams is not None:
-            t = th.rows(site_names.LOGITS, start, start + rows_per_block)
+            t = th.rows(site_names.LOGITS, block[3], block[4])
             truth_streams[0].add(t, e)
             truth_streams[1].add(t, a)
-    stats = _concat(parts)
+    stats = concat(parts)
     flips = []
     for row in np.flatnonzero(stats.finite_rows & ~stats.top1_agree):
         flips.append({

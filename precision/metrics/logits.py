@@ -1,13 +1,15 @@
-"""Per-position metrics of full-vocabulary logits, float64 inside, processed in row chunks so memory stays
-bounded by a chunk (a 166k vocabulary times 8k positions would be 10 GB in float64 at once)."""
+"""Per-position metrics of full-vocabulary logits, float64 inside, one compiled pass per row pair
+(precision.metrics.logits_kernel), processed in row chunks so memory stays bounded by a chunk. The plain numpy
+definitions they are held to are frozen in tests/metrics/logits_oracle.py."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
 from precision.metrics.arrays import as_numpy
+from precision.metrics.logits_kernel import bf16_tables, row_metrics
 
 TOP_K_OVERLAP = 5
 _ROWS_PER_CHUNK = 64
@@ -41,102 +43,70 @@ class LogitsStats:
     """True where both rows are entirely finite; the other metrics are NaN (or -1 for ids) elsewhere."""
 
 
-def _log_softmax(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """log softmax and softmax of each row, with one exp per element."""
-    shifted = x - x.max(axis=-1, keepdims=True)
-    exps = np.exp(shifted)
-    sums = exps.sum(axis=-1, keepdims=True)
-    return shifted - np.log(sums), exps / sums
-
-
-def _top_k(x: np.ndarray, k: int) -> np.ndarray:
-    """Ids of the k largest values per row, descending, the lowest id first among equal values (as a stable
-    sort would give). A partition finds each row's k-th largest value; only the few ids at or above it are
-    sorted: a full argsort of a 166k-wide row per position was half of a comparison's time."""
-    k = min(k, x.shape[-1])
-    kth = np.partition(x, x.shape[-1] - k, axis=-1)[:, x.shape[-1] - k]
-    result = np.empty((x.shape[0], k), dtype=np.int64)
-    for row in range(x.shape[0]):
-        candidates = np.flatnonzero(x[row] >= kth[row])  # ascending ids; more than k only when values tie
-        order = np.argsort(-x[row, candidates], kind="stable")[:k]
-        result[row] = candidates[order]
-    return result
-
-
 def logits_stats(expected, actual) -> LogitsStats:
-    """Per-position logits metrics of two [P, V] arrays; see LogitsStats for definitions.
-
-    ``expected`` and ``actual`` may be numpy arrays or any object with ``shape`` whose row slices convert to
-    numpy (a lazily read file, for instance): only ``_ROWS_PER_CHUNK`` rows are held in float64 at a time."""
-    e_all, a_all = expected, actual
-    e_shape, a_shape = tuple(np.shape(e_all)), tuple(np.shape(a_all))
+    """Per-position logits metrics of two [P, V] arrays (numpy, torch, or any object with ``shape`` whose row
+    slices convert to numpy); see LogitsStats for definitions. Computed row by row in the compiled kernel
+    (precision.metrics.logits_kernel), ``_ROWS_PER_CHUNK`` rows converted at a time."""
+    e_shape, a_shape = tuple(np.shape(expected)), tuple(np.shape(actual))
     if e_shape != a_shape or len(e_shape) != 2:
         raise ValueError(f"logits must be two [positions, vocab] arrays of one shape, got {e_shape} and {a_shape}")
-    positions = e_shape[0]
-    kl, top5_overlap, expected_margin, max_abs = (np.full(positions, np.nan) for _ in range(4))
-    flip = _FlipNoise(positions)
-    top1_agree = np.zeros(positions, dtype=bool)
-    e_top1 = np.full(positions, -1, dtype=np.int64)
-    a_top1 = np.full(positions, -1, dtype=np.int64)
-    finite_rows = np.zeros(positions, dtype=bool)
-    for start in range(0, positions, _ROWS_PER_CHUNK):
-        rows = slice(start, min(start + _ROWS_PER_CHUNK, positions))
-        e = as_numpy(e_all[rows]).astype(np.float64, copy=False)
-        a = as_numpy(a_all[rows]).astype(np.float64, copy=False)
-        ok = np.isfinite(e).all(axis=1) & np.isfinite(a).all(axis=1)
-        finite_rows[rows] = ok
-        if not ok.any():
-            continue
-        idx = np.arange(rows.start, rows.stop)[ok]
-        e, a = e[ok], a[ok]
-        (log_pe, p_e), (log_pa, _) = _log_softmax(e), _log_softmax(a)
-        kl[idx] = np.maximum((p_e * (log_pe - log_pa)).sum(axis=1), 0.0)
-        top_e, top_a = _top_k(e, TOP_K_OVERLAP), _top_k(a, TOP_K_OVERLAP)
-        e_top1[idx], a_top1[idx] = top_e[:, 0], top_a[:, 0]
-        top1_agree[idx] = top_e[:, 0] == top_a[:, 0]
-        k = top_e.shape[1]
-        overlap = (top_e[:, :, None] == top_a[:, None, :]).any(axis=2).sum(axis=1)
-        top5_overlap[idx] = overlap / k
-        if e.shape[1] > 1:
-            ranked = np.take_along_axis(e, top_e[:, :2], axis=1)
-            expected_margin[idx] = ranked[:, 0] - ranked[:, 1]
-        diff = a - e
-        max_abs[idx] = np.abs(diff).max(axis=1)
-        flip.add(e, diff, top_e[:, 0], top_a[:, 0], idx)
-    return LogitsStats(
-        kl=kl,
-        top1_agree=top1_agree,
-        top5_overlap=top5_overlap,
-        expected_margin=expected_margin,
-        expected_top1=e_top1,
-        actual_top1=a_top1,
-        max_abs=max_abs,
-        flip_margin=flip.margin,
-        other_rms=flip.other_rms,
-        flip_scale=flip.scale,
-        finite_rows=finite_rows,
-    )
+    parts = []
+    for start in range(0, e_shape[0], _ROWS_PER_CHUNK):
+        e, a = (_kernel_rows(as_numpy(x[start:start + _ROWS_PER_CHUNK])) for x in (expected, actual))
+        if e.dtype != a.dtype:
+            e, a = e.astype(np.float64), a.astype(np.float64)
+        parts.append(_stats(e, a, bf16_bits=False))
+    return concat(parts) if parts else _stats(np.zeros((0, e_shape[1])), np.zeros((0, e_shape[1])), bf16_bits=False)
 
 
-class _FlipNoise:
-    """flip_margin, other_rms and flip_scale (see LogitsStats), filled chunk by chunk."""
+def logits_stats_bf16(expected_bits: np.ndarray, actual_bits: np.ndarray) -> LogitsStats:
+    """logits_stats of two [P, V] uint16 arrays holding bf16 bit patterns (a capture's logits as stored)."""
+    if expected_bits.shape != actual_bits.shape or expected_bits.ndim != 2:
+        raise ValueError(f"logits must be two [positions, vocab] arrays of one shape, got {expected_bits.shape} and {actual_bits.shape}")
+    return _stats(expected_bits, actual_bits, bf16_bits=True)
 
-    def __init__(self, positions: int) -> None:
-        self.margin, self.other_rms, self.scale = (np.full(positions, np.nan) for _ in range(3))
 
-    def add(self, e: np.ndarray, diff: np.ndarray, top_e: np.ndarray, top_a: np.ndarray, idx: np.ndarray) -> None:
-        """The values of a chunk's finite rows.
+def concat(parts: list[LogitsStats]) -> LogitsStats:
+    """The LogitsStats of consecutive row blocks, in order."""
+    return LogitsStats(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(LogitsStats)))
 
-        The two top-1 tokens' squares are set to zero before the sum rather than subtracted from the full sum:
-        a flip's own error can be far larger than the others' (a biased token), and subtracting it would cancel
-        most of the sum's digits."""
-        rows = np.arange(e.shape[0])
-        e_i, e_j = e[rows, top_e], e[rows, top_a]
-        self.margin[idx] = e_i - e_j
-        self.scale[idx] = np.maximum(np.abs(e_i), np.abs(e_j))
-        squares = diff * diff
-        squares[rows, top_e] = 0.0
-        squares[rows, top_a] = 0.0
-        others = e.shape[1] - 1 - (top_e != top_a)
+
+def _kernel_rows(x: np.ndarray) -> np.ndarray:
+    """float32 and float64 as they are (contiguous); float16 and integers as float64 (exact)."""
+    dtype = x.dtype if x.dtype in (np.float32, np.float64) else np.float64
+    return np.ascontiguousarray(x, dtype=dtype)
+
+
+def _stats(e: np.ndarray, a: np.ndarray, *, bf16_bits: bool) -> LogitsStats:
+    """LogitsStats from the kernel's per-row results (the few per-row values derived from top lists here)."""
+    positions, width = e.shape
+    k = min(TOP_K_OVERLAP, width)
+    kl, top_e, top_a, max_abs, other_sq, finite_rows = row_metrics(e, a, k, bf16_bits=bf16_bits)
+    top5_overlap, expected_margin, flip_margin, flip_scale, other_rms = (np.full(positions, np.nan) for _ in range(5))
+    e_top1 = np.where(finite_rows, top_e[:, 0] if k else -1, -1)
+    a_top1 = np.where(finite_rows, top_a[:, 0] if k else -1, -1)
+    top1_agree = finite_rows & (e_top1 == a_top1)
+    rows = np.flatnonzero(finite_rows)
+    if rows.size:
+        top5_overlap[rows] = (top_e[rows, :, None] == top_a[rows, None, :]).any(axis=2).sum(axis=1) / k
+        ranked = _values(e[rows], top_e[rows], bf16_bits)
+        if width > 1:
+            expected_margin[rows] = ranked[:, 0] - ranked[:, 1]
+        e_i = ranked[:, 0]
+        e_j = _values(e[rows], top_a[rows, :1], bf16_bits)[:, 0]
+        flip_margin[rows] = e_i - e_j
+        flip_scale[rows] = np.maximum(np.abs(e_i), np.abs(e_j))
+        others = width - 1 - (top_e[rows, 0] != top_a[rows, 0])
         with np.errstate(invalid="ignore", divide="ignore"):
-            self.other_rms[idx] = np.where(others > 0, np.sqrt(squares.sum(axis=1) / np.maximum(others, 1)), np.nan)
+            other_rms[rows] = np.where(others > 0, np.sqrt(other_sq[rows] / np.maximum(others, 1)), np.nan)
+    return LogitsStats(kl=kl, top1_agree=top1_agree, top5_overlap=top5_overlap, expected_margin=expected_margin,
+                       expected_top1=e_top1, actual_top1=a_top1, max_abs=max_abs, flip_margin=flip_margin,
+                       other_rms=other_rms, flip_scale=flip_scale, finite_rows=finite_rows)
+
+
+def _values(x: np.ndarray, ids: np.ndarray, bf16_bits: bool) -> np.ndarray:
+    """float64 values of ``x`` at ``ids`` per row (bf16 bits decoded)."""
+    picked = np.take_along_axis(x, ids, axis=1)
+    if bf16_bits:
+        return bf16_tables()[0][picked]
+    return picked.astype(np.float64)

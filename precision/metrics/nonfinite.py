@@ -81,6 +81,10 @@ class NonFiniteCounter:
                     self._first[slot] = self._seen + int(hits[0])
         self._seen += e.size
 
+    def skip(self, count: int) -> None:
+        """Count a block of ``count`` elements known to be finite on both sides."""
+        self._seen += count
+
     def _index(self, flat: int | None) -> tuple[int, ...] | None:
         if flat is None:
             return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -65,13 +66,14 @@ def _scale_exponent(largest: float) -> int:
 
 
 _pool: ThreadPoolExecutor | None = None
+_WORKER_PREFIX = "precision-metrics"
 
 
 def _workers() -> ThreadPoolExecutor:
     """Threads for the chunk kernels (the kernel releases the GIL): one per core, at most four."""
     global _pool
     if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="precision-metrics")
+        _pool = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix=_WORKER_PREFIX)
     return _pool
 
 
@@ -106,11 +108,26 @@ def _chunk(e: np.ndarray, a: np.ndarray, filter_non_finite: bool, floor: float, 
 
 def _accumulate(sums: _Sums, e: np.ndarray, a: np.ndarray, any_bad: bool, *, floor: float = RELATIVE_ERROR_FLOOR,
                 thresholds: tuple[float, float] = ERR_RATIO_THRESHOLDS, scales: tuple[float, float, float] = _UNSCALED) -> None:
-    """Add two flat arrays of one length to ``sums``, chunk by chunk on the worker threads."""
-    jobs = [_workers().submit(_chunk, e[i:i + _CHUNK], a[i:i + _CHUNK], any_bad, floor, thresholds, scales)
-            for i in range(0, e.size, _CHUNK)]
+    """Add two flat arrays of one length to ``sums``, chunk by chunk on the worker threads (in this thread when it
+    is one of the workers: waiting there for the others could leave every worker waiting)."""
+    chunks = range(0, e.size, _CHUNK)
+    if on_worker_thread():
+        for i in chunks:
+            sums.add(*_chunk(e[i:i + _CHUNK], a[i:i + _CHUNK], any_bad, floor, thresholds, scales))
+        return
+    jobs = [_workers().submit(_chunk, e[i:i + _CHUNK], a[i:i + _CHUNK], any_bad, floor, thresholds, scales) for i in chunks]
     for job in jobs:
         sums.add(*job.result())
+
+
+def on_worker_thread() -> bool:
+    """True in one of the metric worker threads (see _workers)."""
+    return threading.current_thread().name.startswith(_WORKER_PREFIX)
+
+
+def widen_bf16(bits: np.ndarray) -> np.ndarray:
+    """float32 values of bf16 bit patterns (uint16), exactly."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
 def _flat_pair(expected, actual) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -149,6 +166,23 @@ float64's range and were negligible beside the new block's). float32, bf16 and f
         except ValueError:
             raise ValueError(f"block shape mismatch: {np.shape(expected)} vs {np.shape(actual)}") from None
         self._add_flat(e, a, any_bad)
+
+    def add_bf16_bits(self, expected_bits: np.ndarray, actual_bits: np.ndarray) -> None:
+        """add() for a block pair given as bf16 bit patterns (uint16, as a capture stores them): read in place by
+        the bf16 kernel when both are entirely finite and the convention is this tool's, else widened and added."""
+        e, a = expected_bits.reshape(-1), actual_bits.reshape(-1)
+        if e.shape != a.shape:
+            raise ValueError(f"block shape mismatch: {expected_bits.shape} vs {actual_bits.shape}")
+        sums = fused.bf16_accumulate(e, a, RELATIVE_ERROR_FLOOR) if self._msprobe is None else None
+        if sums is None:
+            self.add(widen_bf16(e), widen_bf16(a))
+        else:
+            self.add_sums(sums, e.size)
+
+    def add_sums(self, sums: tuple[np.ndarray, np.ndarray], count: int) -> None:
+        """The bf16 kernel's accumulators of the next ``count`` elements, all finite (fused.bf16_accumulate)."""
+        self._sums.add(*sums, count)
+        self._non_finite.skip(count)
 
     def _add_flat(self, e: np.ndarray, a: np.ndarray, any_bad: bool) -> None:
         self._non_finite.add(e, a, any_bad)
@@ -241,6 +275,13 @@ def tensor_stats(expected, actual, *, convention: str = "precision-check") -> Te
     e, a, any_bad = _flat_pair(e_raw, actual)
     stream = StreamingStats(e_raw.shape, convention)
     stream._add_flat(e, a, any_bad)
+    return stream.result()
+
+
+def bf16_stats(expected_bits: np.ndarray, actual_bits: np.ndarray, shape: tuple[int, ...], *, convention: str = "precision-check") -> TensorStats:
+    """tensor_stats of two tensors given as bf16 bit patterns (uint16, any layout of ``shape``'s elements)."""
+    stream = StreamingStats(shape, convention)
+    stream.add_bf16_bits(expected_bits, actual_bits)
     return stream.result()
 
 

@@ -115,8 +115,14 @@ def _cosine(e: np.ndarray, a: np.ndarray, norm_e: float, norm_a: float) -> float
         return 1.0
     if norm_e == 0.0 or norm_a == 0.0:
         return float("nan")
-    # Unit vectors first: the dot product of two tiny (or huge) vectors would underflow (overflow).
-    return float(np.clip(_dot(e / norm_e, a / norm_a), -1.0, 1.0))
+    # Unit vectors first: the dot product of two tiny (or huge) vectors would underflow (overflow). Each is scaled
+    # by its largest magnitude before its own norm: the norm of four 2^1023s is 2^1024, which float64 lacks.
+    return float(np.clip(_dot(_unit(e), _unit(a)), -1.0, 1.0))
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    scaled = x / np.max(np.abs(x))
+    return scaled / np.sqrt(_dot(scaled, scaled))
 
 
 def euclidean_distance(expected, actual) -> float:
