@@ -91,6 +91,10 @@ def merge_captures(shards: Iterable[str | Path], out: str | Path, *, prompts: st
     if teacher_forcing:
         plan = CapturePlan.following(CaptureReader(teacher_forcing))
     else:
+        from precision.prompts import MAX_NEW_TOKENS_LIMIT
+
+        if not 1 <= max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+            raise PrecisionError(f"--max-new-tokens {max_new_tokens}: must be between 1 and {MAX_NEW_TOKENS_LIMIT}, as given to 'capture --shard'")
         model = model or CaptureReader(shards[0]).manifest["model"]["path"]
         if not Path(model).is_dir():
             raise PrecisionError(f"the shards' model {model} is not on this machine; pass --model with its copy here (its "

@@ -230,6 +230,10 @@ def test_the_cli_names_the_problem_with_exit_2(captures, tmp_path, capsys):
     assert "in none of the 1 shards" in err and "Traceback" not in err
     assert _cli("merge-captures", str(captures.shards[1]), "--out", str(tmp_path / "out")) == 2
     assert "--prompts" in capsys.readouterr().err
+    assert _cli("merge-captures", *map(str, captures.shards), "--prompts", str(captures.prompts), "--max-new-tokens", "0",
+                "--out", str(tmp_path / "out")) == 2
+    assert "--max-new-tokens 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_damaged_shard_is_refused(captures, tmp_path):
