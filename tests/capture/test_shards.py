@@ -278,3 +278,28 @@ def test_layer_streamed_shards_merge_into_the_single_streamed_capture(captures, 
     assert {k: v for k, v in merged.items() if k not in SELF_MEASURED} == {k: v for k, v in single.items() if k not in SELF_MEASURED}
     whole = _manifest(captures.single)
     assert [p["sha256"] for p in merged["prompts"]] == [p["sha256"] for p in whole["prompts"]]
+
+
+def _doctored_copy(shard: Path, to: Path, change) -> Path:
+    """A copy of ``shard`` whose manifest's environment ``change`` edits (as a shard captured elsewhere would read)."""
+    shutil.copytree(shard, to)
+    manifest = _manifest(to)
+    change(manifest["environment"])
+    (to / schema.MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
+    return to
+
+
+def test_shards_of_other_library_versions_are_refused(captures, tmp_path):
+    other = _doctored_copy(captures.shards[1], tmp_path / "other", lambda env: env["versions"].update(torch="0.0.1"))
+    with pytest.raises(PrecisionError, match="differ in library versions"):
+        _merge(captures, captures.shards[0], other, out=tmp_path / "out")
+
+
+def test_shards_from_two_hosts_list_both_hosts(captures, tmp_path):
+    """Host name, platform and core count may differ between shards; the merged environment lists the values."""
+    here = _manifest(captures.shards[0])["environment"]["host"]
+    other = _doctored_copy(captures.shards[1], tmp_path / "other", lambda env: env.update(host="other-host"))
+    _merge(captures, captures.shards[0], other, out=tmp_path / "out")
+    merged = _manifest(tmp_path / "out")["environment"]
+    assert merged["host"] == [here, "other-host"]
+    assert merged["cpu_count"] == _manifest(captures.single)["environment"]["cpu_count"]
