@@ -10,6 +10,7 @@ import numpy as np
 
 from precision.metrics.arrays import as_numpy
 from precision.metrics.logits_kernel import bf16_tables, row_metrics
+from precision.names import ERR_RATIO_THRESHOLDS, RELATIVE_ERROR_FLOOR
 
 TOP_K_OVERLAP = 5
 _ROWS_PER_CHUNK = 64
@@ -55,15 +56,23 @@ def logits_stats(expected, actual) -> LogitsStats:
         e, a = (_kernel_rows(as_numpy(x[start:start + _ROWS_PER_CHUNK])) for x in (expected, actual))
         if e.dtype != a.dtype:
             e, a = e.astype(np.float64), a.astype(np.float64)
-        parts.append(_stats(e, a, bf16_bits=False))
-    return concat(parts) if parts else _stats(np.zeros((0, e_shape[1])), np.zeros((0, e_shape[1])), bf16_bits=False)
+        parts.append(_stats(e, a, bf16_bits=False)[0])
+    return concat(parts) if parts else _stats(np.zeros((0, e_shape[1])), np.zeros((0, e_shape[1])), bf16_bits=False)[0]
 
 
 def logits_stats_bf16(expected_bits: np.ndarray, actual_bits: np.ndarray) -> LogitsStats:
     """logits_stats of two [P, V] uint16 arrays holding bf16 bit patterns (a capture's logits as stored)."""
+    return logits_and_element_sums_bf16(expected_bits, actual_bits)[0]
+
+
+def logits_and_element_sums_bf16(expected_bits: np.ndarray, actual_bits: np.ndarray, *, floor: float = RELATIVE_ERROR_FLOOR,
+                                 thresholds: tuple[float, float] = ERR_RATIO_THRESHOLDS):
+    """logits_stats_bf16 and, from the same pass, the element-wise accumulators of the pair (as
+    precision.metrics.fused.bf16_accumulate returns them: None when any element is NaN or Inf)."""
     if expected_bits.shape != actual_bits.shape or expected_bits.ndim != 2:
         raise ValueError(f"logits must be two [positions, vocab] arrays of one shape, got {expected_bits.shape} and {actual_bits.shape}")
-    return _stats(expected_bits, actual_bits, bf16_bits=True)
+    stats, sums = _stats(expected_bits, actual_bits, bf16_bits=True, floor=floor, thresholds=thresholds)
+    return stats, sums if stats.finite_rows.all() else None
 
 
 def concat(parts: list[LogitsStats]) -> LogitsStats:
@@ -77,11 +86,12 @@ def _kernel_rows(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=dtype)
 
 
-def _stats(e: np.ndarray, a: np.ndarray, *, bf16_bits: bool) -> LogitsStats:
-    """LogitsStats from the kernel's per-row results (the few per-row values derived from top lists here)."""
+def _stats(e: np.ndarray, a: np.ndarray, *, bf16_bits: bool, floor: float = 0.0, thresholds: tuple[float, float] = (0.0, 0.0)):
+    """LogitsStats from the kernel's per-row results (the few per-row values derived from top lists here), and
+    the kernel's element sums (bf16 only)."""
     positions, width = e.shape
     k = min(TOP_K_OVERLAP, width)
-    kl, top_e, top_a, max_abs, other_sq, finite_rows = row_metrics(e, a, k, bf16_bits=bf16_bits)
+    kl, top_e, top_a, max_abs, other_sq, finite_rows, sums = row_metrics(e, a, k, bf16_bits=bf16_bits, floor=floor, thresholds=thresholds)
     top5_overlap, expected_margin, flip_margin, flip_scale, other_rms = (np.full(positions, np.nan) for _ in range(5))
     e_top1 = np.where(finite_rows, top_e[:, 0] if k else -1, -1)
     a_top1 = np.where(finite_rows, top_a[:, 0] if k else -1, -1)
@@ -101,7 +111,7 @@ def _stats(e: np.ndarray, a: np.ndarray, *, bf16_bits: bool) -> LogitsStats:
             other_rms[rows] = np.where(others > 0, np.sqrt(other_sq[rows] / np.maximum(others, 1)), np.nan)
     return LogitsStats(kl=kl, top1_agree=top1_agree, top5_overlap=top5_overlap, expected_margin=expected_margin,
                        expected_top1=e_top1, actual_top1=a_top1, max_abs=max_abs, flip_margin=flip_margin,
-                       other_rms=other_rms, flip_scale=flip_scale, finite_rows=finite_rows)
+                       other_rms=other_rms, flip_scale=flip_scale, finite_rows=finite_rows), sums
 
 
 def _values(x: np.ndarray, ids: np.ndarray, bf16_bits: bool) -> np.ndarray:

@@ -27,6 +27,7 @@ import numpy as np
 
 from precision.errors import PrecisionError
 from precision.metrics.bits import intrinsics
+from precision.metrics.fused import N_ACCUMULATORS, N_ULP_BUCKETS
 
 SUM_BLOCK = 2048
 TABLE_RANGE = 600.0
@@ -37,6 +38,8 @@ TOP_BLOCK = 1024
 TABLE_MAGNITUDE = 0x4416
 """|bf16 bits| of 600.0: rows whose bits' magnitudes (bits & 0x7FFF) are at most this use the exp table."""
 BF16_EXPONENT = 0x7F80
+N_ELEMENT_SUMS = 6
+"""Per-row partial sums of the element-wise accumulators: e^2, a^2, e*a, |d|, and the two threshold counts."""
 """bf16 bits whose exponent field is all ones are Inf or NaN."""
 
 
@@ -56,11 +59,12 @@ def _top_insert(values, ids, count, k, x, v):
     return count + 1 if count < k else count
 
 
-def _rows_bf16(eb, ab, values, exps, k, kl, top_e, top_a, max_abs, other_sq, finite):
+def _rows_bf16(eb, ab, values, exps, k, floor, low, high, kl, top_e, top_a, max_abs, other_sq, finite, out, ulp):
     """Rows of two [R, V] uint16 arrays of bf16 bits. ``values``/``exps``: float64 value and exp of every bf16
     pattern. Writes, per row r: kl[r], top_e[r, :k], top_a[r, :k], max_abs[r], other_sq[r] (sum of (a - e)^2
     over tokens other than top_e[r, 0] and top_a[r, 0]) and finite[r]; the others are left alone where a row
-    holds NaN or Inf.
+    holds NaN or Inf. Adds the element-wise accumulators of the finite rows to ``out`` and ``ulp`` (the slots of
+    precision.metrics.fused: ``floor``, ``low``, ``high`` as there), so the logits are read once for both.
 
     One branch-free pass per row sums everything and keeps each block's largest value; the top-k then only
     looks at the blocks whose largest value reaches the k-th largest block maximum (every top-k element lies in
@@ -73,13 +77,17 @@ def _rows_bf16(eb, ab, values, exps, k, kl, top_e, top_a, max_abs, other_sq, fin
     tva = np.empty(k)
     tie = np.empty(k, dtype=np.int64)
     tia = np.empty(k, dtype=np.int64)
+    row_sums = np.empty(N_ELEMENT_SUMS)
     for r in range(rows):
         magnitude = 0
-        largest_diff = 0  # the bits of max |d| (non-negative float64 bits order like the values)
+        largest_diff = largest_rel = 0  # float64 bits of max |d| and max relative error (non-negative: same order)
         se = sa = w = d2 = 0.0
+        row_sums[:] = 0.0
+        same = one = two = 0
         for b in range(blocks):
-            bse = bsa = bw = bd2 = 0.0
-            bdiff = 0
+            bse = bsa = bw = bd2 = be2 = ba2 = bea = babs = 0.0
+            bdiff = brel = 0
+            blow = bhigh = bsame = bone = btwo = 0
             bke = bka = -BF16_EXPONENT
             bmag = 0
             for v in range(b * TOP_BLOCK, min((b + 1) * TOP_BLOCK, width)):
@@ -88,8 +96,10 @@ def _rows_bf16(eb, ab, values, exps, k, kl, top_e, top_a, max_abs, other_sq, fin
                 me = np.int32(be & 0x7FFF)
                 ma = np.int32(ba & 0x7FFF)
                 bmag = max(bmag, max(me, ma))
-                bke = max(bke, me * (1 - 2 * np.int32(be >> 15)))  # an integer that orders like the value
-                bka = max(bka, ma * (1 - 2 * np.int32(ba >> 15)))
+                ke = me * (1 - 2 * np.int32(be >> 15))  # integers that order like the values (ULPs apart)
+                ka = ma * (1 - 2 * np.int32(ba >> 15))
+                bke = max(bke, ke)
+                bka = max(bka, ka)
                 x = np.float64(_bf16_value(be))
                 y = np.float64(_bf16_value(ba))
                 pe = exps[np.int32(be)]
@@ -98,19 +108,56 @@ def _rows_bf16(eb, ab, values, exps, k, kl, top_e, top_a, max_abs, other_sq, fin
                 bsa += exps[np.int32(ba)]
                 bw += pe * d
                 bd2 += d * d
-                bdiff = max(bdiff, _float64_bits(abs(d)))
+                ad = abs(d)
+                bdiff = max(bdiff, _float64_bits(ad))
+                be2 += x * x
+                ba2 += y * y
+                bea += x * y
+                babs += ad
+                xm = abs(x)
+                rel = ad / (xm if xm > floor else floor)
+                brel = max(brel, _float64_bits(rel))
+                blow += rel < low
+                bhigh += rel < high
+                distance = abs(ka - ke)
+                bsame += distance == 0
+                bone += distance == 1
+                btwo += distance == 2
             block_e[b] = bke
             block_a[b] = bka
             magnitude = max(magnitude, bmag)
             largest_diff = max(largest_diff, bdiff)
+            largest_rel = max(largest_rel, brel)
             se += bse
             sa += bsa
             w += bw
             d2 += bd2
+            row_sums[0] += be2
+            row_sums[1] += ba2
+            row_sums[2] += bea
+            row_sums[3] += babs
+            row_sums[4] += blow
+            row_sums[5] += bhigh
+            same += bsame
+            one += bone
+            two += btwo
         mabs = _bits_float64(largest_diff)
         finite[r] = magnitude < BF16_EXPONENT
         if not finite[r]:
             continue
+        out[0] += row_sums[0]
+        out[1] += row_sums[1]
+        out[2] += d2
+        out[3] += row_sums[2]
+        out[4] += row_sums[3]
+        out[5] = max(out[5], mabs)
+        out[6] = max(out[6], _bits_float64(largest_rel))
+        out[7] += row_sums[4]
+        out[8] += row_sums[5]
+        ulp[0] += same
+        ulp[1] += one
+        ulp[2] += two
+        ulp[3] += width - same - one - two
         _top_k_in_blocks(eb, r, values, block_e, k, tve, tie)
         _top_k_in_blocks(ab, r, values, block_a, k, tva, tia)
         i = tie[0]
@@ -248,22 +295,28 @@ def bf16_tables() -> tuple[np.ndarray, np.ndarray]:
     return _tables
 
 
-def row_metrics(e: np.ndarray, a: np.ndarray, k: int, *, bf16_bits: bool):
-    """(kl, top_e [R, k], top_a [R, k], max_abs, other_sq, finite) of two [R, V] arrays: bf16 bits (uint16) when
-    ``bf16_bits``, else float32 or float64 values. Rows that are not entirely finite on both sides have
-    finite False and NaN / -1 elsewhere."""
+def row_metrics(e: np.ndarray, a: np.ndarray, k: int, *, bf16_bits: bool, floor: float = 0.0,
+                thresholds: tuple[float, float] = (0.0, 0.0)):
+    """(kl, top_e [R, k], top_a [R, k], max_abs, other_sq, finite, element sums) of two [R, V] arrays: bf16 bits
+    (uint16) when ``bf16_bits``, else float32 or float64 values. Rows that are not entirely finite on both sides
+    have finite False and NaN / -1 elsewhere. The element sums (precision.metrics.fused's accumulators and ULP
+    buckets over the finite rows, with ``floor`` and ``thresholds``) come from bf16 rows only (None otherwise)."""
     rows = e.shape[0]
     kl, max_abs, other_sq = (np.full(rows, np.nan) for _ in range(3))
     top_e = np.full((rows, k), -1, dtype=np.int64)
     top_a = np.full((rows, k), -1, dtype=np.int64)
     finite = np.zeros(rows, dtype=np.bool_)
-    if rows and k:
-        if bf16_bits:
+    sums = None
+    if bf16_bits:
+        out, ulp = np.zeros(N_ACCUMULATORS), np.zeros(N_ULP_BUCKETS, dtype=np.int64)
+        if rows and k:
             values, exps = bf16_tables()
-            _kernel_bf16()(e, a, values, exps, k, kl, top_e, top_a, max_abs, other_sq, finite)
-        else:
-            _kernel_float()(e, a, k, kl, top_e, top_a, max_abs, other_sq, finite)
-    return kl, top_e, top_a, max_abs, other_sq, finite
+            _kernel_bf16()(e, a, values, exps, k, float(floor), float(thresholds[0]), float(thresholds[1]), kl, top_e, top_a,
+                           max_abs, other_sq, finite, out, ulp)
+        sums = (out, ulp)
+    elif rows and k:
+        _kernel_float()(e, a, k, kl, top_e, top_a, max_abs, other_sq, finite)
+    return kl, top_e, top_a, max_abs, other_sq, finite, sums
 
 
 def _kernel_bf16():
@@ -291,8 +344,8 @@ def _prepare() -> None:
     _top_insert = numba.njit(cache=True, nogil=True, inline="always")(_top_insert)
     _finish_row = numba.njit(cache=True, nogil=True)(_finish_row)
     _top_k_in_blocks = numba.njit(cache=True, nogil=True)(_top_k_in_blocks)
-    options = {"cache": True, "nogil": True, "fastmath": {"reassoc", "contract"}}
+    options = {"cache": True, "nogil": True, "fastmath": {"reassoc", "contract"}, "error_model": "numpy"}
     # every float of the bf16 kernel's sums is finite when it is used (non-finite rows are found from the bits
     # and discarded), so it may assume so
-    _compiled["_rows_bf16"] = numba.njit(cache=True, nogil=True, fastmath=True)(_rows_bf16)
+    _compiled["_rows_bf16"] = numba.njit(cache=True, nogil=True, fastmath=True, error_model="numpy")(_rows_bf16)
     _compiled["_rows_float"] = numba.njit(**options)(_rows_float)

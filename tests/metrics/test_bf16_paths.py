@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from precision.metrics import fused
-from precision.metrics.logits import LogitsStats, logits_stats, logits_stats_bf16
+from precision.metrics.logits import LogitsStats, logits_and_element_sums_bf16, logits_stats, logits_stats_bf16
 from precision.metrics.tensor import StreamingStats, bf16_stats, tensor_stats, widen_bf16
 from precision.names import RELATIVE_ERROR_FLOOR
 from tests.metrics import logits_oracle
@@ -127,3 +127,17 @@ def test_streamed_bf16_blocks_locate_non_finite_elements_after_finite_blocks():
     stream.add_bf16_bits(bits(e[1]), bits(a[1]))
     assert stream.result().non_finite.actual_only_first_index == (1, 4)
     assert stream.result() == tensor_stats(widen_bf16(bits(e)).reshape(2, 6), widen_bf16(bits(a)).reshape(2, 6))
+
+
+@pytest.mark.parametrize("width", [VOCAB, 1000, 3])
+def test_logits_pass_element_sums_match_the_element_kernel(width):
+    """The element-wise metrics of the logits come from the row kernel's pass: the same accumulators as the
+    element kernel's (sums to 1e-12, maxima and counts exactly), and None when a row holds NaN or Inf."""
+    e, a = synthetic_rows(12, width, seed=width + 1)
+    finite_rows = [0, 1, 4, 5, 6, 7, 8, 9, 10, 11]
+    eb, ab = bits(e[finite_rows]), bits(a[finite_rows])
+    _, sums = logits_and_element_sums_bf16(eb, ab)
+    out, ulp = fused.bf16_accumulate(eb.reshape(-1), ab.reshape(-1), RELATIVE_ERROR_FLOOR)
+    assert np.allclose(sums[0][:5], out[:5], rtol=REL, atol=0.0) and np.array_equal(sums[0][5:], out[5:])
+    assert np.array_equal(sums[1], ulp)
+    assert logits_and_element_sums_bf16(bits(e), bits(a))[1] is None
