@@ -9,6 +9,9 @@ activations keep their size through the layers: greedy output depends on the con
 collapses to one repeated token).
 
 Built once into a cache directory (``$PRECISION_CHECK_HOME``, default ~/.cache/precision-check) and reused.
+
+The same recipe (tokenizer, initialisation) builds tiny checkpoints of each supported model family
+(precision.model_families) for the tests: ``build_tiny_model("qwen3", path)``.
 """
 
 from __future__ import annotations

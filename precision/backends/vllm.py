@@ -146,6 +146,7 @@ class VllmBackend(Backend):
         vllm_compat.check_engine(self._llm)
         info = vllm_compat.rpc(self._llm, "precision_install_hooks")
         self._num_layers = info[0]["num_layers"]
+        self._model_class = info[0]["model_class"]  # which of vLLM's model implementations ran this checkpoint
         if self._num_layers != self.model.num_layers:
             raise BackendError(f"vLLM's model has {self._num_layers} decoder layers, config.json says {self.model.num_layers}")
 
@@ -211,5 +212,6 @@ class VllmBackend(Backend):
             "dtype": self.spec.torch_dtype_name,
             "settings": {**self._kwargs, "worker_extension_cls": WORKER_EXTENSION},
             "model_transform": self._transform,
+            "model_class": self._model_class,
             **platform_record(self._device),
         }

@@ -176,6 +176,7 @@ def test_vllm_cpu_passes_against_transformers_on_each_family(family_run):
     assert all(step["local_R"] < 1.5 for step in analysis["local"]["steps"])
     target = CaptureReader(result.out / "captures" / "target")
     assert target.manifest["backend"]["model_transform"] is None  # head_dim 32 runs as it is: no padded copy
+    assert target.manifest["backend"]["model_class"] == TINY_FAMILIES[family][1]  # vLLM's own implementation of the family
     logits = next(site for site in result.comparison["sites"] if site["site"] == "logits")
     assert 0.0 < logits["relative_l2"] < 0.05, logits  # the engines differ, by rounding
 
