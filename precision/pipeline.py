@@ -33,7 +33,7 @@ from precision.outputs import claim_output_dir
 from precision.planning import plan_from_prompts
 from precision.prompts import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS_LIMIT
 from precision.reference_side import (DEFAULT_REFERENCE, DEFAULT_TRUTH, CapturedReference, CaptureSettings, ReferenceSource,
-                                      capture_role, resolve_model)
+                                      capture_role, resolve_model, streamed_spec)
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,8 @@ class RunConfig:
     thresholds: Thresholds = field(default_factory=Thresholds)
     metric_convention: str = "precision-check"
     """"msprobe" computes the element-wise metrics exactly as msprobe's compare does (precision.metrics.msprobe)."""
+    layer_streamed: bool = False
+    """The reference, truth, envelope and replay hold one step's weights at a time (a model larger than memory)."""
     force: bool = False
     resume: bool = False
     show_progress: bool = True
@@ -84,6 +86,9 @@ class RunConfig:
 
     def captured_reference(self) -> CapturedReference:
         """The reference source this configuration describes when no golden store is given."""
+        if self.layer_streamed:
+            return CapturedReference(streamed_spec(self.reference), self.truth and streamed_spec(self.truth), self.envelope,
+                                     self.envelope_max_tokens)
         return CapturedReference(self.reference, self.truth, self.envelope, self.envelope_max_tokens)
 
 
@@ -118,7 +123,7 @@ def _run_record(config: RunConfig, source: ReferenceSource, model: ModelInfo, ta
         "prompts": str(config.prompts), "model": model.path, "target_model": target_model.path, **source.record(),
         "target": target_spec, "target_variants": list(config.target_variants),
         "max_new_tokens": config.max_new_tokens, "selection": config.selection.to_json(), "engine_args": config.engine_args,
-        "replay": config.replay, "repeats": config.repeats, "metric_convention": config.metric_convention, "command": config.command,
+        "replay": config.replay, "layer_streamed": config.layer_streamed, "repeats": config.repeats, "metric_convention": config.metric_convention, "command": config.command,
     }
 
 
@@ -179,20 +184,21 @@ def run(config: RunConfig, source: ReferenceSource | None = None) -> RunResult:
         actual = capture_role("target", target_spec, target_model, cpu.following, config.out, settings, options=target_options, repeats=config.repeats)
         return compare_and_report(cpu.reference, actual, cpu.truth, config.out, members=cpu.members, envelope_prompts=cpu.envelope_prompts,
                                   replay=config.replay, thresholds=config.thresholds, command=config.command, show_progress=config.show_progress,
-                                  metric_convention=config.metric_convention)
+                                  metric_convention=config.metric_convention, streamed=config.layer_streamed)
 
 
 def analysed_comparison(expected: CaptureReader, actual: CaptureReader, truth: CaptureReader | None, *,
                         members: dict[str, CaptureReader] | None = None, envelope_prompts: list[str] | None = None,
-                        replay: bool = True, replayer=None, show_progress: bool = True, metric_convention: str = "precision-check") -> dict:
+                        replay: bool = True, replayer=None, show_progress: bool = True, metric_convention: str = "precision-check",
+                        streamed: bool = False) -> dict:
     """comparison.json's content: the comparison with its analysis section (the layer replay with ``replayer``,
-    or a new one when ``replay``)."""
+    or a new one when ``replay``, layer-streamed when ``streamed``)."""
     from precision.analysis.explain import build_analysis
     from precision.analysis.replay import Replayer
 
     comparison = compare_captures(expected, actual, truth=truth, show_progress=show_progress, metric_convention=metric_convention)
     if replayer is None and replay:
-        replayer = Replayer(expected.manifest["model"]["path"], expected.dtype)
+        replayer = Replayer(expected.manifest["model"]["path"], expected.dtype, streamed=streamed)
     comparison["analysis"] = build_analysis(comparison, reference=expected, target=actual, members=members,
                                             envelope_prompts=envelope_prompts, replayer=replayer)
     return comparison
@@ -201,12 +207,13 @@ def analysed_comparison(expected: CaptureReader, actual: CaptureReader, truth: C
 def compare_and_report(expected: CaptureReader, actual: CaptureReader, truth: CaptureReader | None, out: Path, *,
                        members: dict[str, CaptureReader] | None = None, envelope_prompts: list[str] | None = None,
                        replay: bool = True, replayer=None, thresholds: Thresholds | None = None, command: str | None = None,
-                       show_progress: bool = True, metric_convention: str = "precision-check") -> RunResult:
+                       show_progress: bool = True, metric_convention: str = "precision-check", streamed: bool = False) -> RunResult:
     """Compare, analyse (with ``replayer``, or a new one when ``replay``), judge and write the report into ``out``."""
     from precision.report import write_report
 
     comparison = analysed_comparison(expected, actual, truth, members=members, envelope_prompts=envelope_prompts, replay=replay,
-                                     replayer=replayer, show_progress=show_progress, metric_convention=metric_convention)
+                                     replayer=replayer, show_progress=show_progress, metric_convention=metric_convention,
+                                     streamed=streamed)
     write_json_atomic(out / "comparison.json", comparison)
     verdict = judge(comparison, thresholds)
     files = write_report(out, comparison, verdict, command=command)

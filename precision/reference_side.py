@@ -8,6 +8,7 @@ pipeline -> reference_side <- golden).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -95,6 +96,29 @@ class ReferenceSource(Protocol):
         """What run.json says about this side: its "reference", "truth" and "envelope"."""
 
 
+def teacher_forced_spec(reference: str) -> str:
+    """The backend that runs the truth and the envelope's members, which follow the reference's tokens: a CPU
+    transformers spec runs layer by layer (precision.backends.layerwise: the same arithmetic as ``hf``, bit for bit,
+    without free generation, which a teacher-forced capture does not use; the members share one loaded model)."""
+    spec = parse_spec(reference)
+    if spec.name == "hf" and spec.device in (None, "cpu"):
+        return str(replace(spec, name="hf-layers"))
+    return reference
+
+
+def streamed_spec(spec: str) -> str:
+    """``spec`` run layer-streamed (precision.backends.layerwise): one step's weights in memory at a time."""
+    parsed = parse_spec(spec)
+    if parsed.name in ("hf", "hf-layers", "hf-streamed") and parsed.device in (None, "cpu"):
+        return str(replace(parsed, name="hf-streamed"))
+    raise PrecisionError(f"--layer-streamed runs the CPU transformers reference and truth one layer at a time; {spec} is not one of them "
+                         "(use hf:cpu:bf16 and hf:cpu:fp32, or drop --layer-streamed)")
+
+
+def _finished(out: Path, name: str, settings: CaptureSettings) -> bool:
+    return settings.resume and (out / "captures" / "envelope" / name / "manifest.json").is_file()
+
+
 @dataclass(frozen=True)
 class CapturedReference:
     """The CPU side captured now: the reference backend, then the truth and the envelope fed its tokens."""
@@ -119,21 +143,29 @@ class CapturedReference:
     def open(self, model: ModelInfo, plan: CapturePlan, out: Path, settings: CaptureSettings) -> CpuSide:
         reference = capture_role("reference", self.reference, model, plan, out, settings)
         following = CapturePlan.following(reference)
-        truth = capture_role("truth", self.truth, model, following, out, settings) if self.truth else None
+        truth = capture_role("truth", teacher_forced_spec(self.truth), model, following, out, settings) if self.truth else None
         members, envelope_ids = self.capture_envelope(reference, model, following, out, settings)
         return CpuSide(reference, truth, members, envelope_ids)
 
     def capture_envelope(self, reference: CaptureReader, model: ModelInfo, following: CapturePlan, out: Path,
                          settings: CaptureSettings) -> tuple[dict[str, CaptureReader], list[str]]:
         """The reference re-run with each envelope member, on the prompts short enough for all of them."""
+        from precision.backends.layerwise import ModelSteps, lending
+
         ids = envelope_prompt_ids(reference, self.envelope_max_tokens)
         if not self.envelope or not ids:
             return {}, ids
-        members = {}
-        for member in self.envelope:
-            name = member_name(member)
-            options = BackendOptions(trust_remote_code=settings.trust_remote_code, variants=member)
-            members[name] = capture_role(f"envelope/{name}", self.reference, model, following.subset(ids), out, settings, options=options)
+        spec = teacher_forced_spec(self.reference)
+        members, lent = {}, False
+        with contextlib.ExitStack() as shared:
+            for member in self.envelope:
+                name = member_name(member)
+                options = BackendOptions(trust_remote_code=settings.trust_remote_code, variants=member)
+                if spec != self.reference and not lent and not _finished(out, name, settings):
+                    lent = True
+                    shared.enter_context(lending(ModelSteps(model.path, parse_spec(spec).torch_dtype_name,
+                                                            trust_remote_code=settings.trust_remote_code)))
+                members[name] = capture_role(f"envelope/{name}", spec, model, following.subset(ids), out, settings, options=options)
         return members, ids
 
     def record(self) -> dict:

@@ -21,6 +21,9 @@ from precision.capture.reader import CaptureReader
 
 log = logging.getLogger(__name__)
 
+TARGET = "\0target"
+"""The target's key among the replayed captures (no envelope member's name can be it)."""
+
 
 def first_non_finite(comparison: dict) -> dict | None:
     """The first prompt and site, in model order, where either side holds NaN or Inf."""
@@ -83,8 +86,9 @@ def build_analysis(comparison: dict, *, reference: CaptureReader, target: Captur
         reason = "the captures hold non-finite values; see first_non_finite"
     if reason is None:
         log.info("replaying reference layers on the target's inputs")
-        target_steps = replayer.replay(target, reference)
-        member_steps = {name: replayer.replay(capture, reference) for name, capture in (members or {}).items()}
+        replayed = replayer.replay_all(reference, {TARGET: target, **(members or {})}, without_truth=tuple(members or {}))
+        target_steps = replayed.pop(TARGET)
+        member_steps = replayed
         analysis["local"] = {"available": True, "reason": None, "steps": local_envelope(target_steps, member_steps)}
     else:
         analysis["local"] = {"available": False, "reason": reason, "steps": []}

@@ -27,6 +27,7 @@ Needs captures of every position and every layer (attention needs the whole sequ
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -78,14 +79,17 @@ class _Accumulator:
     gain_num: float = 0.0
     rounding_gain_num: float = 0.0
     update_den: float = 0.0
+    with_truth: bool = False
 
     def add(self, x_in, x_out, r16, r32, e_in, e_out, *, has_update: bool) -> None:
         sq = lambda v: _dot(v.ravel(), v.ravel())  # noqa: E731
         self.local_num += sq(x_out - r16)
         self.local_den += sq(r16)
-        self.truth_num += sq(x_out - r32)
-        self.truth_den += sq(r16 - r32)
-        self.truth_norm += sq(r32)
+        if r32 is not None:
+            self.with_truth = True
+            self.truth_num += sq(x_out - r32)
+            self.truth_den += sq(r16 - r32)
+            self.truth_norm += sq(r32)
         self.inherited_num += sq(r16 - e_out)
         self.out_den += sq(e_out)
         self.input_num += sq(x_in - e_in)
@@ -93,7 +97,8 @@ class _Accumulator:
         if has_update:  # a decoder layer: its update is r16 - x_in (added to the residual stream)
             update = r16 - x_in
             self.gain_num += _dot((x_out - r16).ravel(), update.ravel())
-            self.rounding_gain_num += _dot((r16 - r32).ravel(), update.ravel())
+            if r32 is not None:
+                self.rounding_gain_num += _dot((r16 - r32).ravel(), update.ravel())
             self.update_den += sq(update)
         shares = ulp_histogram(r16, x_out)
         n = x_out.size
@@ -111,7 +116,8 @@ class _Accumulator:
             "inherited": inherited,
             "input": input_err,
             "amplification": ratio(inherited, input_err) if input_err > 0 else None,
-            "local_R": ratio(math.sqrt(self.truth_num), max(math.sqrt(self.truth_den), floor * math.sqrt(self.truth_norm))),
+            "local_R": (ratio(math.sqrt(self.truth_num), max(math.sqrt(self.truth_den), floor * math.sqrt(self.truth_norm)))
+                        if self.with_truth else None),
             "rounding_floor": floor,
             # Least-squares gain of the local difference along the step's own update: a layer that computes
             # (1 + g) times its update has gain g; rounding noise has none (see the gain rule in verdict.py).
@@ -119,60 +125,73 @@ class _Accumulator:
             # The same gain of the reference's own BF16 rounding against FP32: BF16 rounding of a layer's output
             # is not free of correlation with its update, and a target in a wider dtype, close to FP32, shows
             # this much gain against the reference with no fault at all.
-            "rounding_gain": abs(self.rounding_gain_num) / self.update_den if self.update_den > 0 else None,
+            "rounding_gain": abs(self.rounding_gain_num) / self.update_den if self.update_den > 0 and self.with_truth else None,
             "local_ulp_shares": {k: v / self.elements for k, v in (self.ulp_weighted or {}).items()},
         }
 
 
 class Replayer:
-    """The reference model in BF16 and FP32, kept loaded to replay several captures."""
+    """The reference model, kept to replay several captures; one pass over its steps serves all of them.
 
-    def __init__(self, model_path: str, dtype_name: str = "bfloat16") -> None:
+    Memory is one model: the model in its dtype (or, ``streamed``, one step's weights read from the checkpoint at a
+    time) and, while a step is replayed, that one step's FP32 copy. The FP32 replay (local R) runs only for the
+    captures that need it: a target's, not an envelope member's (the local envelope reads a member's local error
+    and gain, never its distance from FP32)."""
+
+    def __init__(self, model_path: str, dtype_name: str = "bfloat16", *, streamed: bool = False) -> None:
         import torch
 
-        from precision.backends.hf import load_hf_model
+        from precision.backends.layerwise import ModelSteps
 
-        device = torch.device("cpu")
-        self.low = load_hf_model(model_path, dtype_name, device)
-        self.high = load_hf_model(model_path, "float32", device)
+        self.steps = ModelSteps(model_path, dtype_name, streamed=streamed)
         self.dtype = getattr(torch, dtype_name)
         self.floor = rounding_floor(dtype_name)
-        self._done: dict[tuple[str, str], list[dict]] = {}
-
-    def _step(self, model, step_out: str, x):
-        from precision.backends import transformers_compat
-
-        index = site_names.layer_index(step_out)
-        if index is not None:
-            return transformers_compat.run_decoder_layer(model, index, x)
-        if step_out == site_names.FINAL_NORM:
-            return model.model.norm(x)
-        return model.lm_head(x)
+        self._done: dict[tuple[str, str, bool], list[dict]] = {}
 
     def replay(self, capture: CaptureReader, reference: CaptureReader) -> list[dict]:
-        """Per step, pooled over prompts (see the module docstring). Results are kept per capture manifest, so
-        the envelope members are replayed once when several targets are judged against them (selftest)."""
-        key = (capture.manifest_sha256(), reference.manifest_sha256())
-        if key not in self._done:
-            self._done[key] = self._replay(capture, reference)
-        return self._done[key]
+        """Per step, pooled over prompts (see the module docstring)."""
+        return self.replay_all(reference, {"capture": capture})["capture"]
 
-    def _replay(self, capture: CaptureReader, reference: CaptureReader) -> list[dict]:
+    def replay_all(self, reference: CaptureReader, captures: dict[str, CaptureReader], *, without_truth: tuple[str, ...] = ()) -> dict[str, list[dict]]:
+        """Each capture's steps, replayed in one pass over the model's steps (the captures named in
+        ``without_truth`` get no FP32 replay: their local R is None). Results are kept per capture manifest, so the
+        envelope members are replayed once when several targets are judged against them (selftest)."""
+        keys = {name: (c.manifest_sha256(), reference.manifest_sha256(), name not in without_truth) for name, c in captures.items()}
+        todo = {name: c for name, c in captures.items() if keys[name] not in self._done}
+        if todo:
+            results = self._replay(reference, todo, set(todo) - set(without_truth))
+            for name, steps in results.items():
+                self._done[keys[name]] = steps
+        return {name: self._done[keys[name]] for name in captures}
+
+    def _run(self, module, step_out: str, x):
+        if site_names.layer_index(step_out) is not None:
+            return self.steps.run_layer(module, x)
+        return module(x)
+
+    def _replay(self, reference: CaptureReader, captures: dict[str, CaptureReader], with_truth: set[str]) -> dict[str, list[dict]]:
         import torch
 
-        reason = replayable(capture) or replayable(reference)
-        if reason:
-            raise ValueError(reason)
+        for capture in (reference, *captures.values()):
+            reason = replayable(capture)
+            if reason:
+                raise ValueError(reason)
         steps = replay_steps(reference.num_layers)
-        pooled = {out: _Accumulator() for _, out in steps}
+        pooled = {name: {out: _Accumulator() for _, out in steps} for name in captures}
         f64 = lambda t: t.to(torch.float64).numpy()  # noqa: E731
-        for x_rec, e_rec in zip(capture.prompts, reference.records([r.id for r in capture.prompts])):
-            with capture.open_tensors(x_rec) as xh, reference.open_tensors(e_rec) as eh, torch.inference_mode():
-                for step_in, step_out in steps:
-                    x_in = xh.get_tensor(step_in)
-                    r16 = self._step(self.low, step_out, x_in.to(self.dtype).unsqueeze(0))[0]
-                    r32 = self._step(self.high, step_out, x_in.to(torch.float32).unsqueeze(0))[0]
-                    pooled[step_out].add(f64(x_in), f64(xh.get_tensor(step_out)), f64(r16), f64(r32),
-                                         f64(eh.get_tensor(step_in)), f64(eh.get_tensor(step_out)),
-                                         has_update=site_names.layer_index(step_out) is not None)
-        return [pooled[out].result(step_in, out, self.floor) for step_in, out in steps]
+        pairs = {name: list(zip(c.prompts, reference.records([r.id for r in c.prompts]))) for name, c in captures.items()}
+        with torch.inference_mode():
+            for step_in, step_out in steps:
+                with contextlib.ExitStack() as held:
+                    low = held.enter_context(self.steps.step(step_out))
+                    high = held.enter_context(self.steps.step(step_out, torch.float32)) if with_truth else None
+                    for name, capture in captures.items():
+                        for x_rec, e_rec in pairs[name]:
+                            with capture.open_tensors(x_rec) as xh, reference.open_tensors(e_rec) as eh:
+                                x_in = xh.get_tensor(step_in)
+                                r16 = self._run(low, step_out, x_in.to(self.dtype).unsqueeze(0))[0]
+                                r32 = self._run(high, step_out, x_in.to(torch.float32).unsqueeze(0))[0] if name in with_truth else None
+                                pooled[name][step_out].add(f64(x_in), f64(xh.get_tensor(step_out)), f64(r16), None if r32 is None else f64(r32),
+                                                           f64(eh.get_tensor(step_in)), f64(eh.get_tensor(step_out)),
+                                                           has_update=site_names.layer_index(step_out) is not None)
+        return {name: [pooled[name][out].result(step_in, out, self.floor) for step_in, out in steps] for name in captures}

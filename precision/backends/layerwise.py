@@ -79,6 +79,7 @@ class ModelSteps:
 
         from precision.backends.hf import load_hf_model
 
+        self.path = path
         self.dtype = getattr(torch, dtype_name)
         self.streamed = streamed
         if streamed:
@@ -131,7 +132,7 @@ class ModelSteps:
             if variants:
                 from precision.backends.variants import apply_variants
 
-                apply_variants(module, tuple(variants))
+                apply_variants(module, tuple(variants), salt=self.sites().index(site), transient=True)
         try:
             yield module
         finally:
@@ -199,10 +200,12 @@ def greedy(steps: ModelSteps, prompts: list[Sequence[int]], max_new_tokens: list
     with torch.inference_mode():
         while active:
             hidden = {j: steps.embed(inputs[j]) for j in active}
-            masks = {j: transformers_compat.attention_mask(steps.model.config, h, caches[j], starts[j]) for j, h in hidden.items()}
+            config = steps.model.config
+            kinds = [transformers_compat.attention_kind(config, index) for index in range(steps.num_layers)]
+            masks = {(j, kind): transformers_compat.attention_mask(config, h, caches[j], starts[j], kind) for j, h in hidden.items() for kind in set(kinds)}
             for index in range(steps.num_layers):
                 with steps.step(layer_site(index)) as layer:
-                    hidden = {j: steps.run_layer(layer, h, cache=caches[j], start=starts[j], mask=masks[j]) for j, h in hidden.items()}
+                    hidden = {j: steps.run_layer(layer, h, cache=caches[j], start=starts[j], mask=masks[j, kinds[index]]) for j, h in hidden.items()}
             with steps.step(FINAL_NORM) as norm, steps.step(LOGITS) as head:
                 for j, h in hidden.items():
                     token = int(head(norm(h)[:, -1:, :])[0, -1].float().argmax())
@@ -211,6 +214,20 @@ def greedy(steps: ModelSteps, prompts: list[Sequence[int]], max_new_tokens: list
                     inputs[j] = [token]
             active = [j for j in active if generated[j][-1] not in stop and len(generated[j]) < max_new_tokens[j]]
     return generated
+
+
+_LENT: list[ModelSteps] = []
+
+
+@contextlib.contextmanager
+def lending(steps: ModelSteps) -> Iterator[ModelSteps]:
+    """Inside the block, a layer-by-layer backend of the same model, dtype and mode uses ``steps`` instead of
+    loading its own: the envelope's members, run one after another, share one loaded model."""
+    _LENT.append(steps)
+    try:
+        yield steps
+    finally:
+        _LENT.remove(steps)
 
 
 class LayerwiseBackend(Backend):
@@ -230,9 +247,13 @@ class LayerwiseBackend(Backend):
                 raise BackendError(f"{self.spec}: faults apply to the transformers backend (hf); {text!r} is one")
 
     def _activate_impl(self) -> None:
+        import torch
+
         self.validate()
-        self._steps = ModelSteps(self.model.path, self.spec.torch_dtype_name, streamed=self.streamed,
-                                 trust_remote_code=self.options.trust_remote_code)
+        dtype = getattr(torch, self.spec.torch_dtype_name)
+        lent = [s for s in _LENT if (s.path, s.dtype, s.streamed) == (self.model.path, dtype, self.streamed)]
+        self._steps = lent[-1] if lent else ModelSteps(self.model.path, self.spec.torch_dtype_name, streamed=self.streamed,
+                                                       trust_remote_code=self.options.trust_remote_code)
         self._planned: list[tuple[tuple[int, ...], tuple[int, ...] | None, int]] = []
         self._selection = CaptureSelection()
         self._done: set[tuple[int, ...]] = set()

@@ -130,20 +130,31 @@ def run_layer(layer: Any, rotary: Any, hidden: Any, *, cache: Any = None, start:
 
     positions = (torch.arange(hidden.shape[1]) + start).unsqueeze(0)
     if cache is None:
-        mask = attention_mask(require("LlamaAttention.config", layer.self_attn, "config"), hidden, None, start)
+        config = require("LlamaAttention.config", layer.self_attn, "config")
+        mask = attention_mask(config, hidden, None, start, attention_kind(config, require("LlamaAttention.layer_idx", layer.self_attn, "layer_idx")))
     output = layer(hidden, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=cache is not None,
                    position_embeddings=rotary(hidden, positions))
     return layer_hidden_states(output)
 
 
-def attention_mask(config: Any, hidden: Any, cache: Any, start: int = 0) -> Any:
-    """The mask the model's forward builds for ``hidden`` at positions ``start``.. (None where the attention
-    implementation is causal by itself)."""
+def attention_kind(config: Any, index: int) -> str:
+    """"sliding_attention" or "full_attention": what layer ``index`` attends to, as the model's forward decides it
+    (Qwen2/Qwen3 name each layer's kind in ``layer_types``; Mistral slides every layer when ``sliding_window`` is set)."""
+    kinds = getattr(config, "layer_types", None)
+    if kinds:
+        return kinds[index]
+    return "full_attention" if getattr(config, "sliding_window", None) is None else "sliding_attention"
+
+
+def attention_mask(config: Any, hidden: Any, cache: Any, start: int = 0, kind: str = "full_attention") -> Any:
+    """The mask the model's forward builds for ``hidden`` at positions ``start``.. for layers of ``kind`` (None
+    where the attention implementation is causal by itself)."""
     import torch
-    from transformers.masking_utils import create_causal_mask
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
     positions = (torch.arange(hidden.shape[1]) + start).unsqueeze(0)
-    return create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=None, past_key_values=cache, position_ids=positions)
+    build = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+    return build(config=config, inputs_embeds=hidden, attention_mask=None, past_key_values=cache, position_ids=positions)
 
 
 def kv_cache(model: Any) -> Any:

@@ -23,7 +23,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from precision.backends.transformers_compat import layer_hidden_states, replace_forward, rms_norm_epsilon, set_attn_implementation
+from precision.backends.transformers_compat import (layer_hidden_states, replace_forward, rms_norm_epsilon, set_attn_implementation,
+                                                    set_layer_attn_implementation)
 from precision.errors import BackendError
 
 LEGITIMATE_KINDS = ("permute-k", "split-k", "attn", "norm", "mlp")
@@ -71,12 +72,23 @@ def _check_number(text: str, value: str, kind_of_number: type) -> None:
         raise BackendError(f"variant {text!r}: {value!r} is not finite; give a finite number")
 
 
-def apply_variants(model, variants: tuple[str, ...]) -> None:
-    """Change ``model`` (a transformers Llama-family model) in place."""
+def apply_variants(model, variants: tuple[str, ...], *, salt: int = 0, transient: bool = False) -> None:
+    """Change ``model`` in place: a transformers Llama-family model, or one of its steps (a decoder layer, the final
+    norm, the lm_head; precision.backends.layerwise applies variants step by step). Faults need the whole model.
+    ``salt`` varies the permutations of permute-k between steps varied one at a time. ``transient``: the module is a
+    copy used for a short while (one step over a group of prompts), so split-k may keep an FP32 copy of its weights
+    instead of converting them at every call (on a whole model that copy would double its memory)."""
     for text in variants:
         variant = parse_variant(text)
+        if variant.fault and not hasattr(model, "model"):
+            raise BackendError(f"variant {text!r} is a fault: it applies to a whole model (the hf backend), not to one step")
         try:
-            _APPLY[variant.kind](model, *variant.args)
+            if variant.kind == "permute-k":
+                _permute_k(model, variant.args[0], salt)
+            elif variant.kind == "split-k":
+                _split_k(model, variant.args[0], keep_weights=transient)
+            else:
+                _APPLY[variant.kind](model, *variant.args)
         except (ValueError, IndexError) as exc:
             raise BackendError(f"variant {text!r}: {exc}") from exc
 
@@ -87,10 +99,10 @@ def _linears(module):
     return [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
 
 
-def _permute_k(model, seed: str) -> None:
+def _permute_k(model, seed: str, salt: int = 0) -> None:
     import torch
 
-    generator = torch.Generator().manual_seed(int(seed))
+    generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + salt)
     for linear in _linears(model):
         perm = torch.randperm(linear.in_features, generator=generator)
         with torch.no_grad():
@@ -98,23 +110,39 @@ def _permute_k(model, seed: str) -> None:
         linear.register_forward_pre_hook(lambda _m, args, perm=perm: (args[0].index_select(-1, perm.to(args[0].device)),) + args[1:])
 
 
-def _split_k(model, chunk: str) -> None:
+def _split_k(model, chunk: str, *, keep_weights: bool = False) -> None:
     import torch
 
     size = int(chunk)
     if size < 1:
         raise ValueError("chunk must be >= 1")
 
+    def chunked_weight(self):
+        """The weight in FP32 as [chunks, CHUNK, out]; zero padding makes the last chunk whole (adding exact zeros
+        changes no sum)."""
+        cached = getattr(self, "_split_k_weight", None)
+        if cached is not None:
+            return cached
+        inner, parts = self.in_features, -(-self.in_features // size)
+        w = torch.nn.functional.pad(self.weight.float(), (0, parts * size - inner))
+        w = w.reshape(self.out_features, parts, size).permute(1, 2, 0).contiguous()
+        if keep_weights:
+            self._split_k_weight = w
+        return w
+
     def forward(self, x):
-        w = self.weight
-        total = None
-        for start in range(0, self.in_features, size):
-            # bf16 x bf16 products are exact in FP32, so this is FP32 accumulation of each chunk
-            part = torch.nn.functional.linear(x[..., start:start + size].float(), w[:, start:start + size].float())
-            total = part if total is None else total + part
+        # bf16 x bf16 products are exact in FP32, so each chunk's partial is FP32 accumulation of CHUNK products;
+        # the partials come from one batched product and are added in order.
+        w = chunked_weight(self)
+        parts = w.shape[0]
+        rows = torch.nn.functional.pad(x.reshape(-1, self.in_features).float(), (0, parts * size - self.in_features))
+        partials = torch.bmm(rows.reshape(-1, parts, size).transpose(0, 1), w)
+        total = partials[0].clone()
+        for part in partials[1:]:
+            total += part
         if self.bias is not None:
             total = total + self.bias.float()
-        return total.to(x.dtype)
+        return total.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     for linear in _linears(model):
         replace_forward(linear, forward)
@@ -123,7 +151,12 @@ def _split_k(model, chunk: str) -> None:
 def _attention(model, implementation: str) -> None:
     if implementation != "eager":
         raise ValueError("only attn:eager is a variant (sdpa is the default)")
-    set_attn_implementation(model, "eager")
+    if hasattr(model, "model"):
+        set_attn_implementation(model, "eager")
+        return
+    for module in model.modules():
+        if hasattr(module, "self_attn"):
+            set_layer_attn_implementation(module, "eager")
 
 
 def _fused_norm(model, how: str) -> None:
@@ -151,8 +184,9 @@ def _fused_mlp(model, how: str) -> None:
         gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj((self.act_fn(gate.float()) * up.float()).to(x.dtype))
 
-    for layer in model.model.layers:
-        replace_forward(layer.mlp, forward)
+    for module in model.modules():
+        if all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+            replace_forward(module, forward)
 
 
 def _layer(model, index: str):

@@ -36,6 +36,7 @@ def _run(args) -> int:
         thresholds=values.thresholds(args.config, args.threshold), force=args.force, resume=args.resume, command=args.command_line,
         target_model=values.optional_path(args.target_model), target_variants=tuple(args.target_variant),
         envelope=DEFAULT_ENVELOPE if args.envelope == "default" else (), replay=not args.no_replay, repeats=args.repeats,
+        layer_streamed=args.layer_streamed,
         metric_convention=args.metric_convention,
         show_progress=not args.quiet,
     )

@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="implementation variant or planted fault for a transformers target, e.g. fault:scale-weight:2:1.01 (repeatable)")
     p.add_argument("--envelope", choices=("default", "none"), default="default", help="re-run the reference with implementation variants (default) or not")
     p.add_argument("--no-replay", action="store_true", help="skip the layer replay (local vs inherited error)")
+    p.add_argument("--layer-streamed", action="store_true",
+                   help="hold one layer's weights at a time in the reference, truth, envelope and replay (for a model larger than memory; "
+                        "the same captures bit for bit, slower)")
     p.add_argument("--repeats", type=int, default=3, help="target runs per prompt for the determinism check (default: 3)")
     _add_convention_option(p)
     _add_capture_options(p)
