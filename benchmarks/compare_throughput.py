@@ -5,8 +5,8 @@ What it does (see benchmarks/README.md for the figures measured and how to read 
 1. Builds, once, a synthetic capture PAIR in the real capture format (manifest.json schema_version 1 +
    tensors/NNNN.safetensors, accepted by precision.capture.reader.CaptureReader) under ``--work`` (default
    /tmp/bench). Shape like Nanbeige4-3B: hidden 2560, 32 decoder layers, sites embed, layer.0..31, final_norm,
-   logits, all bf16, every position kept. The vocabulary is ``--vocab`` (default 32000, NOT Nanbeige's 166144,
-   so that the run fits ~10 minutes on 2 cores; pass --vocab 166144 for the real one). Prompts are added until one
+   logits, all bf16, every position kept. The vocabulary is ``--vocab`` (default Nanbeige's 166144, where the
+   logits are two thirds of the bytes; --vocab 32000 for a smaller one). Prompts are added until one
    side holds at least ``--gb`` GiB of tensor bytes. The "actual" side is the expected side times
    (1 + 5e-3 * N(0,1)) per element, rounded to bf16 (relative L2 ~5e-3, like BF16 engine vs engine), same token ids.
    The same tensors are also written as an msprobe (mindstudio-probe) PyTorch dump (dump.json + .pt files) when
@@ -405,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="measurement rounds; medians are reported (default 1)")
     parser.add_argument("--hidden", type=int, default=2560)
     parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--vocab", type=int, default=32000, help="logits width (Nanbeige4-3B has 166144; default 32000 to bound time)")
+    parser.add_argument("--vocab", type=int, default=166144, help="logits width (default Nanbeige4-3B's 166144)")
     parser.add_argument("--positions", type=int, default=2048, help="positions per prompt (all kept)")
     parser.add_argument("--no-msprobe", action="store_true", help="skip the msprobe measurement")
     parser.add_argument("--msprobe-venv", default=None, help="venv holding mindstudio-probe (default WORK/msprobe-venv)")
@@ -502,14 +502,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['measurement']:14s} {r['seconds']:9.2f} {r['gb_per_s']:7.3f} {r['ratio_vs_baseline']:11.3f} "
               f"{_fmt_bytes(r['peak_rss']):>10s} {_fmt_bytes(r['peak_tree_rss']):>10s}")
     print()
-    print(f"ours / baseline speed            : {summary['ours_vs_baseline']:.3f}   (target >= 0.5)")
+    print(f"ours GB/s (one side)             : {by['ours']['gb_per_s']:.3f}   (target >= 1 GB/s)")
+    print(f"ours / baseline speed            : {summary['ours_vs_baseline']:.3f}")
     if summary["ours_verify_vs_baseline"] is not None:
         print(f"ours (verify=True) / baseline    : {summary['ours_verify_vs_baseline']:.3f}")
     else:
         print(f"(ours + sha256) / baseline       : {summary['ours_plus_sha256_vs_baseline']:.3f}   (verify=True estimate; --verify times it whole)")
     if summary["msprobe_over_ours"] is not None:
         with_verify = summary["msprobe_over_ours_verify"]
-        print(f"msprobe time / ours time         : {summary['msprobe_over_ours']:.2f}x (target >= 5x)"
+        print(f"msprobe time / ours time         : {summary['msprobe_over_ours']:.2f}x (target >= 20x)"
               + (f"; ours with verify=True: {with_verify:.2f}x" if with_verify is not None else ""))
     else:
         print(f"msprobe: {msprobe_note}")

@@ -122,7 +122,9 @@ def _kernel_bf16(eb, ab, floor, low, high, out, ulp):
             max_rel = max(max_rel, _float64_bits(rel))
             below_low += rel < low
             below_high += rel < high
-            distance = abs(ma * (1 - 2 * np.int32(ba >> 15)) - me * (1 - 2 * np.int32(be >> 15)))
+            sign_e = np.int32(be >> 15)
+            sign_a = np.int32(ba >> 15)
+            distance = abs(((ma ^ -sign_a) + sign_a) - ((me ^ -sign_e) + sign_e))  # +-magnitude by the sign bit, without a multiply
             same += distance == 0
             one += distance == 1
             two += distance == 2

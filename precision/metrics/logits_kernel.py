@@ -1,22 +1,26 @@
 """The per-position logits metrics (precision.metrics.logits) in one compiled pass per row pair, float64 inside.
 
-Each row pair is read twice while it sits in the cache: pass 1 checks finiteness and finds both sides' top-k and
-the largest |a - e|; pass 2 sums the softmax terms. The KL divergence is rewritten so that no per-element log is
-taken (log p_e(v) - log p_a(v) = (e_v - a_v) - c, with c one constant per row):
+A row pair is read once, branch-free (so LLVM vectorizes it), and the pass sums what every metric needs; the
+top-k search then rereads only the few blocks of the row that can hold the k largest values (see
+_top_k_in_blocks). The KL divergence is rewritten so that no per-element log is taken
+(log p_e(v) - log p_a(v) = (e_v - a_v) - c, with c one constant per row):
 
-    KL = sum_v p_e(v) (e_v - a_v) - c,   c = (m_e - m_a) + log(S_e / S_a),   S = sum_v exp(x_v - m),  m = max_v x_v
+    KL = sum_v p_e(v) (e_v - a_v) - c,   c = (m_e - m_a) + log(S_e / S_a),   S = sum_v exp(x_v - m)
 
-which is the definition (LogitsStats.kl) up to float64 rounding: e_v - a_v is exact for bf16, fp16 and float32
-inputs, and log(S_e / S_a) takes the log of a ratio near 1 rather than subtracting two logs of size ~log V.
+for any shifts m_e, m_a; that is the definition (LogitsStats.kl) up to float64 rounding: e_v - a_v is exact for
+bf16, fp16 and float32 inputs, and log(S_e / S_a) takes the log of a ratio near 1 rather than subtracting two logs
+of size ~log V. Float rows shift by the row maxima and compute exp, as the definition does.
 
-bf16 rows (captures) take exp from a table of exp(x) over all 65536 bf16 bit patterns instead of computing it:
-exp(x_v - m) = exp(x_v) * exp(-m), and the factor exp(-m) cancels from p_e and from S_e / S_a, so the row needs
-no exp at all. That is exact to a rounding or two per term, and is used only when every value of the row lies
-in [-TABLE_RANGE, TABLE_RANGE] (the table's values and their sums then stay normal, far from under- and overflow);
-other rows compute exp(x_v - m) as the definition does.
+bf16 rows (captures) take exp(x_v) from a table over all 65536 bf16 bit patterns, with no shift (m = 0): exact to
+a rounding per term, and no exp computed at all. Used only when every value of the row lies in
+[-TABLE_RANGE, TABLE_RANGE], where the table's values and their sums stay normal numbers, far from under- and
+overflow; other bf16 rows (found from their bits) shift by the maxima and compute exp.
 
-Sums run over blocks of SUM_BLOCK terms first, then over the blocks (as precision.metrics.fused): float64
-summation error of ~1e-16 relative rather than the ~1e-12 a 166144-term running sum can reach.
+The bf16 pass also adds up the element-wise accumulators of precision.metrics.fused, so the logits, most of a
+capture's bytes at a real vocabulary, are read once for both kinds of metrics.
+
+Sums run over blocks of TOP_BLOCK or SUM_BLOCK terms first, then over the blocks (as precision.metrics.fused):
+float64 summation error of ~1e-16 relative rather than the ~1e-12 a 166144-term running sum can reach.
 """
 
 from __future__ import annotations
@@ -38,9 +42,9 @@ TOP_BLOCK = 1024
 TABLE_MAGNITUDE = 0x4416
 """|bf16 bits| of 600.0: rows whose bits' magnitudes (bits & 0x7FFF) are at most this use the exp table."""
 BF16_EXPONENT = 0x7F80
+"""bf16 bits whose exponent field is all ones are Inf or NaN."""
 N_ELEMENT_SUMS = 6
 """Per-row partial sums of the element-wise accumulators: e^2, a^2, e*a, |d|, and the two threshold counts."""
-"""bf16 bits whose exponent field is all ones are Inf or NaN."""
 
 
 def _top_insert(values, ids, count, k, x, v):
@@ -96,8 +100,10 @@ def _rows_bf16(eb, ab, values, exps, k, floor, low, high, kl, top_e, top_a, max_
                 me = np.int32(be & 0x7FFF)
                 ma = np.int32(ba & 0x7FFF)
                 bmag = max(bmag, max(me, ma))
-                ke = me * (1 - 2 * np.int32(be >> 15))  # integers that order like the values (ULPs apart)
-                ka = ma * (1 - 2 * np.int32(ba >> 15))
+                sign_e = np.int32(be >> 15)
+                sign_a = np.int32(ba >> 15)
+                ke = (me ^ -sign_e) + sign_e  # +-magnitude by the sign bit: integers ordered like the values, ULPs apart
+                ka = (ma ^ -sign_a) + sign_a
                 bke = max(bke, ke)
                 bka = max(bka, ka)
                 x = np.float64(_bf16_value(be))
