@@ -22,7 +22,7 @@ from precision.capture.arrays import TensorFile
 from precision.errors import CaptureFormatError
 from precision.metrics import logits_stats, tensor_stats
 from precision.metrics.logits import LogitsStats, logits_and_element_sums_bf16
-from precision.metrics.tensor import TensorStats, _workers, bf16_stats, widen_bf16
+from precision.metrics.tensor import TensorStats, _workers, bf16_stats, widen_bf16, worker_count
 
 FAST_CONVENTION = "precision-check"
 """The convention the bf16 kernels compute (msprobe's relative errors need float32 values: general path)."""
@@ -36,7 +36,7 @@ def in_order(job: Callable, arguments: Iterable[tuple]) -> Iterator:
     """job(*args) for each args on the worker threads, yielded in the order given, with at most
     IN_FLIGHT_PER_WORKER jobs per worker submitted and not yet used."""
     pool = _workers()
-    window = IN_FLIGHT_PER_WORKER * pool._max_workers
+    window = IN_FLIGHT_PER_WORKER * worker_count()
     pending: deque = deque()
     for args in arguments:
         pending.append(pool.submit(job, *args))

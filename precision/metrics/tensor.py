@@ -69,11 +69,16 @@ _pool: ThreadPoolExecutor | None = None
 _WORKER_PREFIX = "precision-metrics"
 
 
+def worker_count() -> int:
+    """Metric worker threads: one per core, at most four."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
 def _workers() -> ThreadPoolExecutor:
-    """Threads for the chunk kernels (the kernel releases the GIL): one per core, at most four."""
+    """Threads for the kernels (they release the GIL; see worker_count)."""
     global _pool
     if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix=_WORKER_PREFIX)
+        _pool = ThreadPoolExecutor(max_workers=worker_count(), thread_name_prefix=_WORKER_PREFIX)
     return _pool
 
 
