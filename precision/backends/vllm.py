@@ -38,6 +38,7 @@ _REFUSED = {
     "enforce_eager": (False, "compiled forwards and CUDA/ACL graph replay skip Python hooks, so nothing would be captured"),
     "enable_prefix_caching": (True, "cached prefix tokens are not recomputed, so their hidden states would be missing"),
 }
+KV_CACHE_SPACE_VARIABLE = "VLLM_CPU_KVCACHE_SPACE"
 _OWNED = ("model", "tokenizer", "skip_tokenizer_init", "worker_extension_cls")
 
 
@@ -107,6 +108,11 @@ class VllmBackend(Backend):
         if owned:
             raise BackendError(f"engine setting(s) {owned} are set by precision-check itself; use --model instead")
         _check_known_engine_args(user)
+        space = os.environ.get(KV_CACHE_SPACE_VARIABLE)
+        if "kv_cache_memory_bytes" in user and space:
+            # vLLM's CPU platform replaces kv_cache_memory_bytes with this variable's GiB, without a word.
+            raise BackendError(f"{KV_CACHE_SPACE_VARIABLE}={space} in the environment overrides the engine setting kv_cache_memory_bytes "
+                               f"on vLLM's CPU build; unset {KV_CACHE_SPACE_VARIABLE} or drop --engine-arg kv_cache_memory_bytes")
         max_len = _positive_int(user.pop("max_model_len", self.options.max_model_len or self.model.max_position_embeddings), "max_model_len")
         batched = _positive_int(user.pop("max_num_batched_tokens", max_len), "max_num_batched_tokens")
         if batched < max_len:
@@ -129,7 +135,10 @@ class VllmBackend(Backend):
 
     # -- lifecycle --------------------------------------------------------------------------------------------
     def _activate_impl(self) -> None:
-        for key, value in {**CPU_ENV_DEFAULTS, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}.items():
+        defaults = {**CPU_ENV_DEFAULTS, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+        if "kv_cache_memory_bytes" in self.options.engine_args:
+            defaults.pop(KV_CACHE_SPACE_VARIABLE)  # the user's size, not the default's, which vLLM would put first
+        for key, value in defaults.items():
             os.environ.setdefault(key, value)
         vllm_compat.shield_llvmlite_from_kernel_scan()
         LLM = vllm_compat.llm_class()

@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from precision.analysis.compare import compare_captures
 from precision.analysis.verdict import Status, judge
-from precision.backends import create_backend
+from precision.backends import BackendOptions, create_backend
+from precision.backends.vllm import KV_CACHE_SPACE_VARIABLE
 from precision.capture.reader import CaptureReader
 from precision.capture.writer import CapturePlan, capture
 from precision.cli import main
@@ -158,8 +159,11 @@ def family_run(request, family_models, short_prompts, tmp_path_factory):
 
     family = request.param
     out = tmp_path_factory.mktemp("family-runs") / family
-    result = run(RunConfig(prompts=short_prompts, out=out, model=family_models[family], target="vllm", max_new_tokens=6, repeats=2,
-                           show_progress=False))
+    with pytest.MonkeyPatch.context() as env:
+        # A KV cache the size of these models' needs (64 MiB, not the default GiB), as a user would set it.
+        env.delenv(KV_CACHE_SPACE_VARIABLE, raising=False)
+        result = run(RunConfig(prompts=short_prompts, out=out, model=family_models[family], target="vllm", max_new_tokens=6, repeats=2,
+                               engine_args={"kv_cache_memory_bytes": 64 << 20}, show_progress=False))
     return family, result
 
 
@@ -177,8 +181,24 @@ def test_vllm_cpu_passes_against_transformers_on_each_family(family_run):
     target = CaptureReader(result.out / "captures" / "target")
     assert target.manifest["backend"]["model_transform"] is None  # head_dim 32 runs as it is: no padded copy
     assert target.manifest["backend"]["model_class"] == TINY_FAMILIES[family][1]  # vLLM's own implementation of the family
+    assert target.manifest["backend"]["settings"]["kv_cache_memory_bytes"] == 64 << 20
     logits = next(site for site in result.comparison["sites"] if site["site"] == "logits")
     assert 0.0 < logits["relative_l2"] < 0.05, logits  # the engines differ, by rounding
+
+
+@requires_vllm
+@pytest.mark.vllm
+def test_a_kv_cache_size_the_environment_would_override_is_refused(family_models, monkeypatch):
+    """vLLM's CPU build lets VLLM_CPU_KVCACHE_SPACE replace kv_cache_memory_bytes silently: the two together are refused
+    before anything runs; the engine setting alone is passed on (the family runs above start vLLM with it)."""
+    model = inspect_model(family_models["llama"])
+    sized = BackendOptions(engine_args={"kv_cache_memory_bytes": 64 << 20})
+    monkeypatch.setenv(KV_CACHE_SPACE_VARIABLE, "1")
+    with pytest.raises(BackendError, match="VLLM_CPU_KVCACHE_SPACE=1 in the environment overrides"):
+        create_backend("vllm", model, sized).validate()
+    create_backend("vllm", model).validate()  # the variable alone is vLLM's CPU default
+    monkeypatch.delenv(KV_CACHE_SPACE_VARIABLE)
+    create_backend("vllm", model, sized).validate()
 
 
 FEATURE_DROPPED = {
