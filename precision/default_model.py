@@ -146,7 +146,8 @@ TINY_FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {"attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True}),  # q/k/v biases are part of Qwen2
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"attention_bias": False, "tie_word_embeddings": False}),  # q/k RMSNorms
-    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 4096, "tie_word_embeddings": False}),
+    # A sliding window shorter than the tests' prompts, so that every consumer of the model must honour it.
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 16, "tie_word_embeddings": False}),
 }
 
 

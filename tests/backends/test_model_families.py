@@ -1,5 +1,5 @@
-"""Model families: Llama, Qwen2 (q/k/v biases), Qwen3 (q/k norms) and Mistral, each on a tiny random checkpoint of
-its architecture built here; unsupported architectures refused, naming what they lack, before any model loads.
+"""Model families: Llama, Qwen2 (q/k/v biases), Qwen3 (q/k norms) and Mistral (here with a 16-token sliding window,
+shorter than the prompts), each on a tiny random checkpoint of its architecture built here; unsupported architectures refused, naming what they lack, before any model loads.
 
 The vLLM runs are the whole job (reference, FP32 truth, 8-member envelope, vLLM CPU target with 2 repeats, compare,
 replay, verdict), one per family, shared by the assertions. Llama's vLLM run is the main job's on stories260K
@@ -56,7 +56,7 @@ def test_each_tiny_checkpoint_is_its_family_with_its_feature(family_models):
         for other_family, feature in features.items():
             assert (f"model.layers.1.{feature}" in names) == (family == other_family), (family, feature)
     config = json.loads((family_models["mistral"] / "config.json").read_text())
-    assert config["sliding_window"] == 4096 and config["model_type"] == "mistral"
+    assert config["sliding_window"] == 16 and config["model_type"] == "mistral"
 
 
 # -- refusals: named, exit 2, before anything runs -------------------------------------------------------------------
@@ -127,6 +127,8 @@ def test_replaying_a_familys_reference_on_itself_is_exact(references, family):
     from precision.pipeline import analysed_comparison
 
     reference = references[family]
+    if family == "mistral":  # the window (16 tokens) is shorter than every sequence: the replay must mask by it
+        assert min(len(r.prompt_ids) for r in reference.prompts) > 16
     analysis = analysed_comparison(reference, reference, None, show_progress=False)["analysis"]
     steps = analysis["local"]["steps"]
     assert [s["site"] for s in steps] == ["layer.0", "layer.1", "final_norm", "logits"]
@@ -201,10 +203,18 @@ def test_a_kv_cache_size_the_environment_would_override_is_refused(family_models
     create_backend("vllm", model, sized).validate()
 
 
+def _without_window(destination):
+    config = json.loads((destination / "config.json").read_text())
+    config["sliding_window"] = None
+    (destination / "config.json").write_text(json.dumps(config))
+
+
 FEATURE_DROPPED = {
-    # An engine that ignored the family's feature computes what the reference computes on these copies.
-    "qwen2": lambda w: [w[n].zero_() for n in w if n.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias"))],
-    "qwen3": lambda w: [w[n].fill_(1.0) for n in w if n.endswith(("q_norm.weight", "k_norm.weight"))],
+    # An engine that ignored the family's feature computes what the reference computes on these copies: weights
+    # changed (a tensor edit) or config.json changed (a directory edit).
+    "qwen2": (lambda w: [w[n].zero_() for n in w if n.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias"))], None),
+    "qwen3": (lambda w: [w[n].fill_(1.0) for n in w if n.endswith(("q_norm.weight", "k_norm.weight"))], None),
+    "mistral": (lambda w: None, _without_window),
 }
 
 
@@ -215,7 +225,11 @@ def test_an_engine_ignoring_the_familys_feature_fails(references, family_models,
     reference = references[family]
     following = CapturePlan.following(reference)
     truth = capture(create_backend("hf:cpu:fp32", inspect_model(family_models[family])), following, tmp_path / "truth", show_progress=False)
-    without = inspect_model(_copy_with(family_models[family], tmp_path / "without", FEATURE_DROPPED[family]))
+    change_weights, change_directory = FEATURE_DROPPED[family]
+    copy = _copy_with(family_models[family], tmp_path / "without", change_weights)
+    if change_directory is not None:
+        change_directory(copy)
+    without = inspect_model(copy)
     ignoring = capture(create_backend("hf:cpu:bf16", without), following, tmp_path / "ignoring", show_progress=False)
     comparison = compare_captures(reference, ignoring, truth=truth)
     verdict = judge(comparison)
@@ -241,41 +255,3 @@ def test_a_qk_norm_model_whose_heads_vllm_cpu_cannot_run_is_refused_before_any_c
     save_file(weights, str(narrow / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(BackendError, match="q/k norms rule out the exact head padding"):
         create_backend("vllm", inspect_model(narrow)).validate()
-
-
-# -- known gaps, each failing the day it is fixed ------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def windowed_reference(short_prompts, tmp_path_factory):
-    """A tiny Mistral whose sliding window (4 tokens) is shorter than the prompts: transformers' forward masks
-    attention to the window."""
-    import transformers
-
-    from precision.default_model import SEED, TINY_SHAPE, build_random_checkpoint
-
-    root = tmp_path_factory.mktemp("windowed")
-    config_name, architecture, settings = TINY_FAMILIES["mistral"]
-    path = build_random_checkpoint(root / "model", getattr(transformers, config_name), architecture, TINY_SHAPE, SEED, "windowed\n",
-                                   hidden_act="silu", **{**settings, "sliding_window": 4})
-    model = inspect_model(path)
-    return capture(create_backend("hf:cpu:bf16", model), plan_from_prompts(short_prompts, model, max_new_tokens=4), root / "ref",
-                   show_progress=False)
-
-
-SLIDING_WINDOW_GAP = ("the layer replay (transformers_compat.run_decoder_layer) and the layer-by-layer backends (layerwise.teacher_forced "
-                      "-> run_layer with mask=None) run every layer with full causal attention, ignoring a sliding window; see the task G report")
-
-
-@pytest.mark.xfail(strict=True, reason=SLIDING_WINDOW_GAP)
-def test_replay_honours_a_sliding_window(windowed_reference):
-    from precision.pipeline import analysed_comparison
-
-    steps = analysed_comparison(windowed_reference, windowed_reference, None, show_progress=False)["analysis"]["local"]["steps"]
-    assert all(s["local"] == 0.0 for s in steps), [(s["site"], s["local"]) for s in steps]
-
-
-@pytest.mark.xfail(strict=True, reason=SLIDING_WINDOW_GAP)
-def test_layer_by_layer_capture_honours_a_sliding_window(windowed_reference, tmp_path):
-    model = inspect_model(windowed_reference.manifest["model"]["path"])
-    layered = capture(create_backend("hf-layers:cpu:bf16", model), CapturePlan.following(windowed_reference), tmp_path / "layers",
-                      show_progress=False)
-    assert not _bit_identical(windowed_reference, layered)
