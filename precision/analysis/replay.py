@@ -178,20 +178,69 @@ class Replayer:
                 raise ValueError(reason)
         steps = replay_steps(reference.num_layers)
         pooled = {name: {out: _Accumulator() for _, out in steps} for name in captures}
-        f64 = lambda t: t.to(torch.float64).numpy()  # noqa: E731
         pairs = {name: list(zip(c.prompts, reference.records([r.id for r in c.prompts]))) for name, c in captures.items()}
         with torch.inference_mode():
             for step_in, step_out in steps:
                 with contextlib.ExitStack() as held:
                     low = held.enter_context(self.steps.step(step_out))
                     high = held.enter_context(self.steps.step(step_out, torch.float32)) if with_truth else None
-                    for name, capture in captures.items():
+                    for name in with_truth:
                         for x_rec, e_rec in pairs[name]:
-                            with capture.open_tensors(x_rec) as xh, reference.open_tensors(e_rec) as eh:
-                                x_in = xh.get_tensor(step_in)
-                                r16 = self._run(low, step_out, x_in.to(self.dtype).unsqueeze(0))[0]
-                                r32 = self._run(high, step_out, x_in.to(torch.float32).unsqueeze(0))[0] if name in with_truth else None
-                                pooled[name][step_out].add(f64(x_in), f64(xh.get_tensor(step_out)), f64(r16), None if r32 is None else f64(r32),
-                                                           f64(eh.get_tensor(step_in)), f64(eh.get_tensor(step_out)),
-                                                           has_update=site_names.layer_index(step_out) is not None)
+                            self._replay_one(captures[name], reference, x_rec, e_rec, step_in, step_out, low, high, pooled[name][step_out])
+                    alone = [(name, x_rec, e_rec) for name in captures if name not in with_truth for x_rec, e_rec in pairs[name]]
+                    for batch in _batches(alone, step_out, reference):
+                        self._replay_batch(captures, reference, batch, step_in, step_out, low, pooled)
         return {name: [pooled[name][out].result(step_in, out, self.floor) for step_in, out in steps] for name in captures}
+
+    def _replay_one(self, capture, reference, x_rec, e_rec, step_in, step_out, low, high, into: "_Accumulator") -> None:
+        """One prompt replayed exactly as the capture ran it (alone), in BF16 and FP32."""
+        import torch
+
+        with capture.open_tensors(x_rec) as xh, reference.open_tensors(e_rec) as eh:
+            x_in = xh.get_tensor(step_in)
+            r16 = self._run(low, step_out, x_in.to(self.dtype).unsqueeze(0))[0]
+            r32 = self._run(high, step_out, x_in.to(torch.float32).unsqueeze(0))[0]
+            into.add(_f64(x_in), _f64(xh.get_tensor(step_out)), _f64(r16), _f64(r32), _f64(eh.get_tensor(step_in)), _f64(eh.get_tensor(step_out)),
+                     has_update=site_names.layer_index(step_out) is not None)
+
+    def _replay_batch(self, captures, reference, batch, step_in, step_out, low, pooled) -> None:
+        """Several prompts (of envelope members) through the BF16 step as one right-padded batch: one read of the
+        step's weights for all of them. The batched step may differ from the step run alone in its last bits:
+        replayed this way, stories260K's reference shows a local error of up to 3.2e-4 at a layer where alone it
+        shows 0, against members' own local errors of about one rounding (2.3e-3), so a member's local error is
+        barely larger for it (the target is replayed alone, exactly)."""
+        from precision.backends.layerwise import pad_rows
+
+        with contextlib.ExitStack() as files:
+            handles = [(files.enter_context(captures[name].open_tensors(x_rec)), files.enter_context(reference.open_tensors(e_rec)))
+                       for name, x_rec, e_rec in batch]
+            inputs = [xh.get_tensor(step_in) for xh, _ in handles]
+            outputs = self._run(low, step_out, pad_rows([x.to(self.dtype) for x in inputs]))
+            for (name, _, _), (xh, eh), x_in, r16 in zip(batch, handles, inputs, outputs):
+                pooled[name][step_out].add(_f64(x_in), _f64(xh.get_tensor(step_out)), _f64(r16[:x_in.shape[0]]), None,
+                                           _f64(eh.get_tensor(step_in)), _f64(eh.get_tensor(step_out)),
+                                           has_update=site_names.layer_index(step_out) is not None)
+
+
+BATCH_OUTPUT_BYTES = 1 << 28
+"""Output bytes of one batched replay call at most (the lm_head's rows are a vocabulary wide)."""
+
+
+def _batches(items: list, step_out: str, reference: CaptureReader) -> list[list]:
+    """``items`` (name, capture record, reference record) cut into batches whose step output fits BATCH_OUTPUT_BYTES."""
+    width = reference.manifest["model"]["vocab_size"] if step_out == site_names.LOGITS else reference.manifest["model"]["hidden_size"]
+    batches, current, rows = [], [], 0
+    for item in items:
+        length = len(item[1].prompt_ids) + len(item[1].continuation_ids)
+        if current and (len(current) + 1) * max(rows, length) * width * 4 > BATCH_OUTPUT_BYTES:
+            batches.append(current)
+            current, rows = [], 0
+        current.append(item)
+        rows = max(rows, length)
+    return batches + ([current] if current else [])
+
+
+def _f64(tensor):
+    import torch
+
+    return tensor.to(torch.float64).numpy()

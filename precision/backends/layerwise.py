@@ -11,7 +11,9 @@ module in a requested dtype, with implementation variants applied to a copy when
 
 The backends here (``hf-layers`` resident, ``hf-streamed`` streamed) capture exactly what the transformers backend
 ``hf`` captures, bit for bit (tested): each prompt runs alone through each layer, with the mask and rotary
-embedding the model's own forward builds, so the order of prompts and layers changes no arithmetic. Generation
+embedding the model's own forward builds, so the order of prompts and layers changes no arithmetic. Runs with
+implementation variants (the envelope's members) are not held to any other run's bits: they run their prompts as
+one padded batch, reading each step's weights once for all of them. Generation
 without a given continuation is greedy with a KV cache per prompt, as transformers' generate() does. When the plan
 gives the continuation (teacher forcing: the truth, the envelope members, a target), ``generated_ids`` are the
 argmax of the logits at each forced position: what greedy decoding picks given the reference's prefix, which equals
@@ -89,7 +91,7 @@ class ModelSteps:
             self.model = load_hf_model(path, dtype_name, torch.device("cpu"), trust_remote_code=trust_remote_code)
             self._tensors = None
         self.decoder = transformers_compat.llama_decoder(self.model, path)
-        self.rotary = self.decoder.rotary_emb
+        self.rotary = transformers_compat.rotary_embedding(self.decoder)
         self.num_layers = len(self.decoder.layers)
         self._names = {id(module): name for name, module in self.model.named_modules()}
         self._tied = bool(getattr(self.model.config, "tie_word_embeddings", False))
@@ -127,12 +129,16 @@ class ModelSteps:
         if owned:
             module = self._materialize(module)
         dtype = dtype or self.dtype
-        if dtype != self.dtype or variants:
+        if dtype != self.dtype:
             module = (module if owned else copy.deepcopy(module)).to(dtype)
-            if variants:
-                from precision.backends.variants import apply_variants
+        elif variants and not owned:
+            # A copy of the module objects sharing the weights: variants replace forwards or give a module new
+            # weight tensors (permute-k), never write into the ones they were given.
+            module = copy.deepcopy(module, memo={id(t): t for t in (*module.parameters(), *module.buffers())})
+        if variants:
+            from precision.backends.variants import apply_variants
 
-                apply_variants(module, tuple(variants), salt=self.sites().index(site), transient=True)
+            apply_variants(module, tuple(variants), salt=self.sites().index(site), transient=True)
         try:
             yield module
         finally:
@@ -154,25 +160,29 @@ class ModelSteps:
 
 
 def teacher_forced(steps: ModelSteps, sequences: list[Sequence[int]], keep: list[list[int]], *, dtype=None,
-                   variants: Sequence[str] = (), layers: set[int] | None = None) -> list[dict]:
+                   variants: Sequence[str] = (), layers: set[int] | None = None, batched: bool = False) -> list[dict]:
     """One forward pass per sequence, step by step over all of them: per sequence, the kept rows (``keep``) of every
     site (layers limited to ``layers`` when given) and the logits of those rows, as the transformers backend
-    captures them."""
+    captures them. ``batched``: the sequences run as one batch, right-padded to the longest (causal attention never
+    lets a position see the padding after it): one read of each step's weights for all of them instead of one per
+    sequence, and products with more rows; the arithmetic of a row may then differ from the unbatched one in its
+    last bits, so only variant runs (the envelope's members) are batched, never a reference or a truth."""
     import torch
 
     kept = [torch.tensor(rows) for rows in keep]
+    groups = [list(range(len(sequences)))] if batched else [[j] for j in range(len(sequences))]
     captured: list[dict] = [{} for _ in sequences]
     with torch.inference_mode():
-        hidden = [steps.embed(ids, dtype) for ids in sequences]
-        _keep(captured, EMBED, hidden, kept)
+        hidden = [pad_rows([steps.embed(sequences[j], dtype)[0] for j in group]) for group in groups]
+        _keep(captured, EMBED, hidden, groups, sequences, kept)
         for index in range(steps.num_layers):
             with steps.step(layer_site(index), dtype, variants) as layer:
                 hidden = [steps.run_layer(layer, h) for h in hidden]
             if layers is None or index in layers:
-                _keep(captured, layer_site(index), hidden, kept)
+                _keep(captured, layer_site(index), hidden, groups, sequences, kept)
         with steps.step(FINAL_NORM, dtype, variants) as norm:
             hidden = [norm(h) for h in hidden]
-        _keep(captured, FINAL_NORM, hidden, kept)
+        _keep(captured, FINAL_NORM, hidden, groups, sequences, kept)
         del hidden
         with steps.step(LOGITS, dtype, variants) as head:
             for record in captured:
@@ -180,9 +190,20 @@ def teacher_forced(steps: ModelSteps, sequences: list[Sequence[int]], keep: list
     return captured
 
 
-def _keep(captured: list[dict], site: str, hidden: list, kept: list) -> None:
-    for record, h, rows in zip(captured, hidden, kept):
-        record[site] = h[0].index_select(0, rows).clone()
+def pad_rows(rows: list):
+    """[positions, width] tensors as one [batch, longest, width] tensor, zero rows after each."""
+    if len(rows) == 1:
+        return rows[0].unsqueeze(0)
+    batch = rows[0].new_zeros((len(rows), max(r.shape[0] for r in rows), rows[0].shape[1]))
+    for k, r in enumerate(rows):
+        batch[k, :r.shape[0]] = r
+    return batch
+
+
+def _keep(captured: list[dict], site: str, hidden: list, groups: list[list[int]], sequences: list, kept: list) -> None:
+    for batch, group in zip(hidden, groups):
+        for k, j in enumerate(group):
+            captured[j][site] = batch[k, :len(sequences[j])].index_select(0, kept[j]).clone()
 
 
 def greedy(steps: ModelSteps, prompts: list[Sequence[int]], max_new_tokens: list[int], stop_ids: Sequence[int]) -> list[list[int]]:
@@ -302,7 +323,8 @@ class LayerwiseBackend(Backend):
             sequences += [(prompt, tuple(generated), False) for (prompt, _), generated in zip(free, tokens)]
         whole = [prompt + continuation for prompt, continuation, _ in sequences]
         results = teacher_forced(self._steps, whole, [self._selection.position_indices(len(s)) for s in whole],
-                                 variants=self.options.variants, layers=set(self._selection.layer_indices(self._steps.num_layers)))
+                                 variants=self.options.variants, layers=set(self._selection.layer_indices(self._steps.num_layers)),
+                                 batched=bool(self.options.variants))
         for (prompt, continuation, forced), sequence, result in zip(sequences, whole, results):
             self._generated[prompt] = list(continuation) if not forced else self._picks(result, len(prompt), len(sequence))
             self._captured[sequence] = result
@@ -341,6 +363,7 @@ class LayerwiseBackend(Backend):
             "variants": list(self.options.variants),
             "generation": "greedy with a KV cache when free; argmax at each forced position when teacher-forced",
             "device": "cpu",
+            "torch_threads": _threads(),
         }
 
 
@@ -349,3 +372,9 @@ class StreamedBackend(LayerwiseBackend):
 
     name = "hf-streamed"
     streamed = True
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()

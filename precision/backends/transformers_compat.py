@@ -113,7 +113,12 @@ def layer_hidden_states(output: Any) -> Any:
 
 def run_decoder_layer(model: Any, index: int, hidden: Any) -> Any:
     """Decoder layer ``index`` of ``model`` on ``hidden`` [1, positions, width] alone, causal, positions from 0."""
-    return run_layer(model.model.layers[index], require("LlamaModel.rotary_emb", model.model, "rotary_emb"), hidden)
+    return run_layer(model.model.layers[index], rotary_embedding(model.model), hidden)
+
+
+def rotary_embedding(decoder: Any) -> Any:
+    """The decoder's rotary embedding module (computes every layer's cos/sin once per forward)."""
+    return require("LlamaModel.rotary_emb", decoder, "rotary_emb")
 
 
 def run_layer(layer: Any, rotary: Any, hidden: Any, *, cache: Any = None, start: int = 0, mask: Any = None) -> Any:

@@ -117,32 +117,27 @@ def _split_k(model, chunk: str, *, keep_weights: bool = False) -> None:
     if size < 1:
         raise ValueError("chunk must be >= 1")
 
-    def chunked_weight(self):
-        """The weight in FP32 as [chunks, CHUNK, out]; zero padding makes the last chunk whole (adding exact zeros
-        changes no sum)."""
+    def fp32_weight(self):
         cached = getattr(self, "_split_k_weight", None)
         if cached is not None:
             return cached
-        inner, parts = self.in_features, -(-self.in_features // size)
-        w = torch.nn.functional.pad(self.weight.float(), (0, parts * size - inner))
-        w = w.reshape(self.out_features, parts, size).permute(1, 2, 0).contiguous()
+        weight = self.weight.float()
         if keep_weights:
-            self._split_k_weight = w
-        return w
+            self._split_k_weight = weight
+        return weight
 
     def forward(self, x):
         # bf16 x bf16 products are exact in FP32, so each chunk's partial is FP32 accumulation of CHUNK products;
-        # the partials come from one batched product and are added in order.
-        w = chunked_weight(self)
-        parts = w.shape[0]
-        rows = torch.nn.functional.pad(x.reshape(-1, self.in_features).float(), (0, parts * size - self.in_features))
-        partials = torch.bmm(rows.reshape(-1, parts, size).transpose(0, 1), w)
-        total = partials[0].clone()
-        for part in partials[1:]:
-            total += part
+        # the partials are added in order.
+        w = fp32_weight(self)
+        rows = x.float()
+        total = None
+        for start in range(0, self.in_features, size):
+            part = torch.nn.functional.linear(rows[..., start:start + size], w[:, start:start + size])
+            total = part if total is None else total.add_(part)
         if self.bias is not None:
             total = total + self.bias.float()
-        return total.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return total.to(x.dtype)
 
     for linear in _linears(model):
         replace_forward(linear, forward)

@@ -67,8 +67,11 @@ def test_streamed_replay_equals_the_resident_one_and_one_pass_serves_many(storie
     resident = Replayer(stories.path)
     alone = resident.replay(reference, reference)
     together = Replayer(stories.path, streamed=True).replay_all(reference, {"a": reference, "b": streamed}, without_truth=("b",))
-    assert together["a"] == alone
-    assert [s["local"] for s in together["b"]] == [s["local"] for s in alone]
+    assert together["a"] == alone, "the target's replay (alone, BF16 and FP32) is the same streamed or resident"
+    # A capture replayed without truth (an envelope member's) runs batched with the others: the same computation,
+    # free in its last bits, so the reference replayed that way shows a small local error where alone it shows 0.
+    assert all(s["local"] == 0.0 for s in alone)
+    assert 0.0 < max(s["local"] for s in together["b"]) < 1e-3
     assert all(s["local_R"] is None for s in together["b"]), "a capture replayed without truth has no local R"
 
 
@@ -96,6 +99,12 @@ def test_variants_apply_to_one_step_and_faults_do_not(stories):
     with steps.step("layer.0", variants=("attn:eager",)) as varied:
         assert varied.self_attn.config._attn_implementation == "eager"
     assert steps.model.model.layers[0].self_attn.config._attn_implementation != "eager", "the model's own layer is untouched"
+    before = {name: p.clone() for name, p in steps.model.named_parameters()}
+    for variant in ("permute-k:3", "split-k:16", "norm:fused", "mlp:fused"):
+        for site in steps.sites()[1:]:
+            with steps.step(site, variants=(variant,)):
+                pass
+    assert all(torch.equal(before[name], p) for name, p in steps.model.named_parameters()), "variants share, never change, the weights"
     with pytest.raises(BackendError, match="whole model"):
         with steps.step("layer.0", variants=("fault:scale-weight:0:2",)):
             pass
