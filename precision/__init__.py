@@ -24,6 +24,7 @@ _EXPORTS = {
     "RunResult": "precision.pipeline",
     "run": "precision.api",
     "capture_backend": "precision.api",
+    "merge_captures": "precision.api",
     "compare": "precision.api",
     "render_report": "precision.api",
     "regress": "precision.api",

@@ -18,7 +18,6 @@ capture's but for what a single capture measures of itself (see ``_merged_manife
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -30,7 +29,7 @@ from typing import Any, Sequence
 
 from precision.capture import manifest as schema
 from precision.capture.reader import CaptureReader, PromptRecord
-from precision.capture.writer import CapturePlan, PlannedPrompt
+from precision.capture.writer import CapturePlan, PlannedPrompt, prompts_sha256, tokenizer_sha256
 from precision.errors import CaptureFormatError, PrecisionError
 from precision.io import os_error_message, write_json_atomic, write_text_atomic
 from precision.model import sha256_file
@@ -93,18 +92,6 @@ def shard_plan(plan: CapturePlan, shard: ShardSpec) -> CapturePlan:
     return plan.subset(list(assign_shards(plan, shard.count)[shard.index - 1]))
 
 
-def prompts_sha256(plan: CapturePlan) -> str:
-    """The ``prompts_sha256`` field of a capture identity (precision.capture.writer.capture_identity) for ``plan``:
-    sha256 of the JSON list [id, prompt token ids, max_new_tokens, teacher-forced continuation or null] per prompt."""
-    listing = [[p.id, list(p.prompt_ids), p.max_new_tokens, None if p.continuation_ids is None else list(p.continuation_ids)]
-               for p in plan.prompts]
-    return hashlib.sha256(json.dumps(listing, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
-
-
-def _tokenizer_sha256(plan: CapturePlan) -> str:
-    return hashlib.sha256(json.dumps(plan.tokenizer, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
-
-
 # -- checks -------------------------------------------------------------------------------------------------------
 def _placements(readers: Sequence[CaptureReader], plan: CapturePlan) -> list[tuple[CaptureReader, PromptRecord]]:
     """Each planned prompt's shard and record, in plan order; refuses overlaps, strangers and gaps."""
@@ -159,7 +146,7 @@ def _check_same_capture(readers: Sequence[CaptureReader], plan: CapturePlan) -> 
     source = "self" if plan.teacher_capture is None else "reference"
     for reader in readers:
         manifest, identity = reader.manifest, reader.manifest["identity"]
-        if manifest["tokenizer"] != plan.tokenizer or identity.get("tokenizer_sha256") != _tokenizer_sha256(plan):
+        if manifest["tokenizer"] != plan.tokenizer or identity.get("tokenizer_sha256") != tokenizer_sha256(plan):
             raise PrecisionError(f"shard {reader.path} was captured with another tokenizer or chat template than the plan's; "
                                  "merge with the model the shards were captured from")
         forcing = manifest["teacher_forcing"]

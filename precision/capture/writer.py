@@ -80,6 +80,18 @@ def _sha256_json(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
 
 
+def prompts_sha256(plan: CapturePlan) -> str:
+    """sha256 of the JSON list [id, prompt token ids, max_new_tokens, teacher-forced continuation or null] per prompt:
+    the ``prompts_sha256`` of a capture identity."""
+    return _sha256_json([[p.id, list(p.prompt_ids), p.max_new_tokens, None if p.continuation_ids is None else list(p.continuation_ids)]
+                         for p in plan.prompts])
+
+
+def tokenizer_sha256(plan: CapturePlan) -> str:
+    """sha256 of the plan's tokenizer record: the ``tokenizer_sha256`` of a capture identity."""
+    return _sha256_json(plan.tokenizer)
+
+
 def capture_identity(backend: Backend, plan: CapturePlan, selection: CaptureSelection, repeats: int = 1) -> dict:
     """Everything that decides what a capture holds. A resumed capture continues only when every field is equal,
     and ``run --resume`` reuses a finished capture only on the same condition (its manifest records this)."""
@@ -91,9 +103,8 @@ def capture_identity(backend: Backend, plan: CapturePlan, selection: CaptureSele
         "trust_remote_code": options.trust_remote_code,
         "model_config_sha256": backend.model.config_sha256,
         "model_weights_sha256": _sha256_json(backend.model.weights_sha256),
-        "tokenizer_sha256": _sha256_json(plan.tokenizer),
-        "prompts_sha256": _sha256_json([[p.id, list(p.prompt_ids), p.max_new_tokens,
-                                         None if p.continuation_ids is None else list(p.continuation_ids)] for p in plan.prompts]),
+        "tokenizer_sha256": tokenizer_sha256(plan),
+        "prompts_sha256": prompts_sha256(plan),
         "selection": selection.to_json(),
         "teacher_manifest_sha256": plan.teacher_manifest_sha256,
         "repeats": repeats,

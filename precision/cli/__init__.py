@@ -57,7 +57,7 @@ def _capture(args) -> int:
 
 
 def _merge_captures(args) -> int:
-    from precision.api import merge_captures  # precision.api is public; the name joins precision._EXPORTS with its owner
+    from precision import merge_captures
 
     reader = merge_captures(args.shards, args.out, prompts=args.prompts, teacher_forcing=args.teacher_forcing,
                             max_new_tokens=args.max_new_tokens, model=args.model, trust_remote_code=args.trust_remote_code, force=args.force,
