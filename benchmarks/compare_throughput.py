@@ -228,12 +228,12 @@ def child_ours(root: Path, verify: bool) -> dict:
     from precision.analysis.compare import compare_captures
     from precision.capture.reader import CaptureReader
 
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     doc = compare_captures(CaptureReader(root / "expected"), CaptureReader(root / "actual"), verify=verify)
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     sites = {s["site"]: s for s in doc["sites"]}
     kl = [p["logits"]["kl_mean"] for p in doc["prompts"]]
-    return {"seconds": seconds, "check": {"relative_l2_layer0": sites["layer.0"]["relative_l2"],
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "check": {"relative_l2_layer0": sites["layer.0"]["relative_l2"],
                                           "relative_l2_logits": sites["logits"]["relative_l2"], "kl_mean": statistics.fmean(kl),
                                           "top1_agreement": statistics.fmean(p["logits"]["top1_agreement"] for p in doc["prompts"])}}
 
@@ -253,9 +253,9 @@ def child_baseline(root: Path, chunk_elements: int = 1 << 22, passes: int = 3) -
     import numpy as np
 
     manifest = json.loads((root / "expected" / "manifest.json").read_text())
-    times = []
+    times, cpu_times = [], []
     for _ in range(passes):
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         d2 = e2 = 0.0
         for record in manifest["prompts"]:
             e_path, a_path = root / "expected" / record["file"], root / "actual" / record["file"]
@@ -275,15 +275,17 @@ def child_baseline(root: Path, chunk_elements: int = 1 << 22, passes: int = 3) -
                     e2 += float(np.dot(e, e))
             del e_map, a_map
         times.append(time.perf_counter() - started)
-    return {"seconds": statistics.median(times), "passes": times, "check": {"relative_l2_all": math.sqrt(d2 / e2)}}
+        cpu_times.append(time.process_time() - cpu_started)
+    return {"seconds": statistics.median(times), "cpu_seconds": statistics.median(cpu_times), "passes": times,
+            "check": {"relative_l2_all": math.sqrt(d2 / e2)}}
 
 
 def child_sha256(root: Path) -> dict:
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for side in ("expected", "actual"):
         for path in sorted((root / side / "tensors").glob("*.safetensors")):
             _sha256(path)
-    return {"seconds": time.perf_counter() - started, "check": {}}
+    return {"seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu_started, "check": {}}
 
 
 def warm(paths: list[Path]) -> float:
@@ -334,7 +336,9 @@ def measure(command: list[str], result_file: Path | None, env: dict | None = Non
     if returncode != 0:
         tail = log.read_text()[-3000:] if log is not None else ""
         raise RuntimeError(f"{command[:4]} exited {returncode}\n{tail}")
-    result = json.loads(result_file.read_text()) if result_file is not None else {"seconds": wall, "check": {}}
+    # a command that reports no CPU time of its own (msprobe): its process's, from wait4 (not its pool's children)
+    result = json.loads(result_file.read_text()) if result_file is not None else {
+        "seconds": wall, "cpu_seconds": usage.ru_utime + usage.ru_stime, "check": {}}
     result.update(wall=wall, peak_rss=usage.ru_maxrss * 1024, peak_tree_rss=peak_tree)
     return result
 
@@ -477,7 +481,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for kind in runs:
         sec = median(kind, "seconds")
-        rows.append({"measurement": kind, "seconds": sec, "gb_per_s": one_side / sec / 1e9,
+        cpu = median(kind, "cpu_seconds")
+        rows.append({"measurement": kind, "seconds": sec, "gb_per_s": one_side / sec / 1e9, "cpu_seconds": cpu,
+                     "gb_per_cpu_s": one_side / cpu / 1e9,
                      "ratio_vs_baseline": base / sec, "peak_rss": median(kind, "peak_rss"), "peak_tree_rss": median(kind, "peak_tree_rss")})
     by = {r["measurement"]: r for r in rows}
     summary = {
@@ -497,12 +503,13 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"code: {summary['code']}")
     print(f"one side: {_fmt_bytes(one_side)} of tensor bytes; medians of {args.repeat} round(s); page cache warm")
-    print(f"{'measurement':14s} {'seconds':>9s} {'GB/s':>7s} {'x baseline':>11s} {'peak RSS':>10s} {'tree RSS':>10s}")
+    print(f"{'measurement':14s} {'seconds':>9s} {'GB/s':>7s} {'x baseline':>11s} {'CPU s':>8s} {'GB/CPU-s':>9s} {'peak RSS':>10s} {'tree RSS':>10s}")
     for r in rows:
         print(f"{r['measurement']:14s} {r['seconds']:9.2f} {r['gb_per_s']:7.3f} {r['ratio_vs_baseline']:11.3f} "
-              f"{_fmt_bytes(r['peak_rss']):>10s} {_fmt_bytes(r['peak_tree_rss']):>10s}")
+              f"{r['cpu_seconds']:8.2f} {r['gb_per_cpu_s']:9.3f} {_fmt_bytes(r['peak_rss']):>10s} {_fmt_bytes(r['peak_tree_rss']):>10s}")
     print()
     print(f"ours GB/s (one side)             : {by['ours']['gb_per_s']:.3f}   (target >= 1 GB/s)")
+    print(f"ours GB per CPU-second           : {by['ours']['gb_per_cpu_s']:.3f}   (x {os.cpu_count()} cores: the speed on an otherwise idle machine)")
     print(f"ours / baseline speed            : {summary['ours_vs_baseline']:.3f}")
     if summary["ours_verify_vs_baseline"] is not None:
         print(f"ours (verify=True) / baseline    : {summary['ours_verify_vs_baseline']:.3f}")

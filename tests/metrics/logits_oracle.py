@@ -1,5 +1,5 @@
 """The test oracle of the per-position logits metrics: precision/metrics/logits.py as it was before the compiled
-row kernel (commit ad513f2), frozen: plain numpy, float64 log-softmax of whole rows, top-k by partition. The
+row kernel (as of commit ae84f38), frozen: plain numpy, float64 log-softmax of whole rows, top-k by partition. The
 package's kernel (precision.metrics.logits_kernel) is held to it in tests/metrics/test_bf16_paths.py. Nothing in
 precision/ imports this module."""
 
