@@ -18,6 +18,7 @@ import numpy as np
 
 from precision import names
 from precision.analysis.alignment import check_comparable
+from precision.analysis.compare_jobs import in_order, logits_block_job, site_job
 from precision.analysis.near_tie import classify_flips
 from precision.capture import sites as site_names
 from precision.capture.arrays import TensorFile
@@ -26,7 +27,6 @@ from precision.contract.comparison import COMPARISON_FORMAT, COMPARISON_VERSION
 from precision.environment import utc_now
 from precision.errors import PrecisionError
 from precision.metrics import CONVENTIONS, DEFINITIONS, token_agreement
-from precision.analysis.compare_jobs import in_order, logits_block_job, site_job
 from precision.metrics.logits import concat
 from precision.metrics.tensor import ULP_BUCKETS, StreamingStats
 
@@ -164,14 +164,14 @@ def _compare_logits(eh: TensorFile, ah: TensorFile, th: TensorFile | None, posit
     parts = []
     blocks = [(eh, ah, site_names.LOGITS, start, min(start + rows_per_block, shape[0]), convention, th is not None)
               for start in range(0, shape[0], rows_per_block)]
-    for (sums, part, e, a), block in zip(in_order(logits_block_job, blocks), blocks):
+    for (sums, part, e, a), (_, _, _, start, stop, _, _) in zip(in_order(logits_block_job, blocks), blocks):
         if sums is not None:
-            pair.add_sums(sums, e.size if e is not None else (block[4] - block[3]) * shape[1])
+            pair.add_sums(sums, (stop - start) * shape[1])
         else:
             pair.add(e, a)
         parts.append(part)
         if truth_streams is not None:
-            t = th.rows(site_names.LOGITS, block[3], block[4])
+            t = th.rows(site_names.LOGITS, start, stop)
             truth_streams[0].add(t, e)
             truth_streams[1].add(t, a)
     stats = concat(parts)

@@ -1,7 +1,7 @@
 """The per-site work of a comparison (precision.analysis.compare), as jobs for the metric worker threads.
 
 A bf16 capture's tensors are compared as stored: their bits are mapped from the file and handed to the bf16
-kernels (precision.metrics.fused.bf16_accumulate, precision.metrics.logits.logits_stats_bf16), with no float
+kernels (precision.metrics.fused.bf16_accumulate, precision.metrics.logits.logits_and_element_sums_bf16), with no float
 copy of either side. Other dtypes, pairs holding NaN or Inf, and msprobe's convention take the general path
 (values widened to float32 or float64). Both paths give the same numbers to float64 rounding (tests/metrics).
 Jobs run on the metric workers (one per core; the kernels release the GIL, and so do file reads), a bounded
@@ -58,7 +58,8 @@ def bf16_bits(handle: TensorFile, name: str, start: int, stop: int) -> np.ndarra
     resident memory holds the tensors in flight, not the file. The header was checked when ``handle`` was
     opened (the byte range lies inside the file); the file's size is checked again here, because touching a
     mapped page past the end of a file that shrank since would kill the process (SIGBUS) instead of raising."""
-    dtype_name, shape, offset, _ = handle._tensors[name]  # the checked header entry (see the module docstring)
+    # the header entry the reader checked when it opened the file (SafetensorsFile has no public byte range yet)
+    _, shape, offset, _ = handle._tensors[name]
     row = math.prod(shape[1:]) if shape else 1
     stop = min(stop, shape[0]) if shape else 1
     first = handle._base + offset + start * row * 2
