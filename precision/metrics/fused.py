@@ -161,6 +161,9 @@ def _largest_kernel(e, a, out):
 _compiled = None
 _compiled_largest = None
 _compiled_bf16 = None
+FINITE_FASTMATH = {"nnan", "ninf", "nsz", "reassoc", "contract"}
+"""LLVM's fast-math flags for the bf16 kernels: no NaN or Inf (they are found from the bits and those sums are
+discarded), sums reassociated (vectorized). Not "arcp" or "afn": a division or exp must round as the definition's."""
 COMPILE_LOCK = threading.RLock()
 """Held while a kernel is compiled or loaded: the worker threads may ask for one at the same moment, and numba
 refuses to compile a function twice."""
@@ -197,7 +200,7 @@ def bf16_accumulate(eb: np.ndarray, ab: np.ndarray, floor: float, thresholds: tu
                 # fastmath in full: the sums of a pair with a non-finite element are discarded (see _kernel_bf16);
                 # numpy's error model: a division by zero (which the floor rules out) would otherwise be a branch
                 # that stops vectorization
-                _compiled_bf16 = numba.njit(cache=True, nogil=True, fastmath=True, error_model="numpy")(_kernel_bf16)
+                _compiled_bf16 = numba.njit(cache=True, nogil=True, fastmath=FINITE_FASTMATH, error_model="numpy")(_kernel_bf16)
     out = np.zeros(N_ACCUMULATORS, dtype=np.float64)
     ulp = np.zeros(N_ULP_BUCKETS, dtype=np.int64)
     if _compiled_bf16(eb, ab, float(floor), float(low), float(high), out, ulp):

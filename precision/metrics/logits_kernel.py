@@ -31,7 +31,7 @@ import numpy as np
 
 from precision.errors import PrecisionError
 from precision.metrics.bits import intrinsics
-from precision.metrics.fused import COMPILE_LOCK, N_ACCUMULATORS, N_ULP_BUCKETS
+from precision.metrics.fused import COMPILE_LOCK, FINITE_FASTMATH, N_ACCUMULATORS, N_ULP_BUCKETS
 
 SUM_BLOCK = 2048
 TABLE_RANGE = 600.0
@@ -359,5 +359,5 @@ def _compile_kernels() -> None:
     options = {"cache": True, "nogil": True, "fastmath": {"reassoc", "contract"}, "error_model": "numpy"}
     # every float of the bf16 kernel's sums is finite when it is used (non-finite rows are found from the bits
     # and discarded), so it may assume so
-    _compiled["_rows_bf16"] = numba.njit(cache=True, nogil=True, fastmath=True, error_model="numpy")(_rows_bf16)
+    _compiled["_rows_bf16"] = numba.njit(cache=True, nogil=True, fastmath=FINITE_FASTMATH, error_model="numpy")(_rows_bf16)
     _compiled["_rows_float"] = numba.njit(**options)(_rows_float)
