@@ -79,22 +79,31 @@ class ModelSteps:
     def __init__(self, path: str, dtype_name: str = "bfloat16", *, streamed: bool = False, trust_remote_code: bool = False) -> None:
         import torch
 
-        from precision.backends.hf import load_hf_model
-
         self.path = path
         self.dtype = getattr(torch, dtype_name)
         self.streamed = streamed
-        if streamed:
-            self.model = transformers_compat.model_skeleton(path, self.dtype, trust_remote_code=trust_remote_code)
-            self._tensors = CheckpointTensors(path)
-        else:
-            self.model = load_hf_model(path, dtype_name, torch.device("cpu"), trust_remote_code=trust_remote_code)
-            self._tensors = None
+        self.model = transformers_compat.model_skeleton(path, self.dtype, trust_remote_code=trust_remote_code)
+        self._tensors = CheckpointTensors(path)
         self.decoder = transformers_compat.llama_decoder(self.model, path)
         self.rotary = transformers_compat.rotary_embedding(self.decoder)
         self.num_layers = len(self.decoder.layers)
         self._names = {id(module): name for name, module in self.model.named_modules()}
         self._tied = bool(getattr(self.model.config, "tie_word_embeddings", False))
+        self._embedding_name = self._names[id(self.decoder.embed_tokens)] + ".weight"
+        if not streamed:
+            self._load_every_step()
+
+    def _load_every_step(self) -> None:
+        """Give every step its weights, one tensor read at a time: memory is the model in its dtype (loading through
+        transformers holds the checkpoint's mapped pages beside the converted model: 23 GB, not 16, for a 3.9B
+        model's FP32 truth), with the values transformers would load (a checkpoint's dtype converts exactly or
+        rounds to nearest even, either way)."""
+        self.decoder.embed_tokens = self._materialize(self.decoder.embed_tokens)
+        for index, layer in enumerate(self.decoder.layers):
+            self.decoder.layers[index] = self._materialize(layer)
+        self.decoder.norm = self._materialize(self.decoder.norm)
+        self.model.lm_head = self._materialize(self.model.lm_head)
+        self._tensors = None
 
     def sites(self) -> list[str]:
         """The output site of every step, in model order."""
@@ -112,12 +121,17 @@ class ModelSteps:
         return self.decoder.layers[layer_index(site)]
 
     def _materialize(self, module):
-        """A copy of the weightless ``module`` with its weights read from the checkpoint."""
+        """A copy of the weightless ``module`` with its weights read from the checkpoint (each tensor converted to
+        the model's dtype and taken as the parameter itself: no second copy)."""
         prefix = self._names[id(module)] + "."
-        fresh = copy.deepcopy(module).to_empty(device="cpu")
-        embed_name = self._names[id(self.decoder.embed_tokens)] + ".weight"
-        state = {local: self._tensors.get(prefix + local, embed_name if self._tied else None) for local in fresh.state_dict()}
-        fresh.load_state_dict(state, strict=True)
+        fresh = copy.deepcopy(module)
+        wanted = fresh.state_dict()
+        state = {local: self._tensors.get(prefix + local, self._embedding_name if self._tied else None).to(meta.dtype)
+                 for local, meta in wanted.items()}
+        fresh.load_state_dict(state, strict=True, assign=True)
+        if any(t.is_meta for t in (*fresh.parameters(), *fresh.buffers())):
+            raise ModelError(f"{prefix[:-1]} holds tensors the checkpoint does not (computed buffers); the layer-by-layer mode "
+                             "cannot build it: run without --layer-streamed")
         return fresh
 
     @contextlib.contextmanager
@@ -150,7 +164,7 @@ class ModelSteps:
         import torch
 
         if self._tensors is not None:
-            rows = self._tensors.rows(self._names[id(self.decoder.embed_tokens)] + ".weight", token_ids).to(self.dtype)
+            rows = self._tensors.rows(self._embedding_name, token_ids).to(self.dtype)
         else:
             rows = self.decoder.embed_tokens(torch.tensor(list(token_ids)))
         return rows.unsqueeze(0).to(dtype or self.dtype)

@@ -348,6 +348,9 @@ VLLM_COMPAT = "precision/backends/vllm_compat.py"
 TRANSFORMERS_COMPAT = "precision/backends/transformers_compat.py"
 ENGINE_PACKAGES = {"vllm": VLLM_COMPAT, "vllm_ascend": VLLM_COMPAT, "llvmlite": VLLM_COMPAT}
 """Top-level packages only the named module may import at all."""
+PUBLIC_SUBMODULES = {"llvmlite.ir": ("precision/metrics/bits.py",)}
+"""Public submodules of those packages that other named modules may import: llvmlite's IR builder, in which numba
+intrinsics are written (the compiled compare kernels), is public API; llvmlite's binding is what vllm_compat shields."""
 COMPAT_OWNED = {**{n: VLLM_COMPAT for n in vllm_compat.VERSION_DEPENDENT_NAMES},
                 **{n: TRANSFORMERS_COMPAT for n in transformers_compat.VERSION_DEPENDENT_NAMES}}
 MODEL_CALLING = ("precision/backends/", "precision/analysis/")
@@ -365,14 +368,15 @@ def compat_violations(relative: str, source: str) -> list[str]:
     ``<compat module>.<function>``."""
     problems = []
     for node in ast.walk(ast.parse(source)):
-        modules = []
+        modules, names = [], []
         if isinstance(node, ast.Import):
-            modules = [alias.name for alias in node.names]
+            modules = names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            modules = [node.module]
+            modules, names = [node.module], [f"{node.module}.{alias.name}" for alias in node.names]
         for module in modules:
             top = module.split(".")[0]
-            if top in ENGINE_PACKAGES and relative != ENGINE_PACKAGES[top]:
+            public = all(relative in PUBLIC_SUBMODULES.get(name, ()) for name in names)
+            if top in ENGINE_PACKAGES and relative != ENGINE_PACKAGES[top] and not public:
                 problems.append(f"line {node.lineno}: imports {module} (only {ENGINE_PACKAGES[top]} may)")
             if top == "transformers" and relative != TRANSFORMERS_COMPAT and ("." in module or relative.startswith(MODEL_CALLING)):
                 problems.append(f"line {node.lineno}: imports {module} (only {TRANSFORMERS_COMPAT} may)")
