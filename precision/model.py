@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -11,6 +12,8 @@ from pathlib import Path
 from precision.errors import ModelError
 from precision.model_families import check_family, check_family_tensors
 from precision.safetensors_io import SafetensorsFile
+
+log = logging.getLogger(__name__)
 
 _HASH_CHUNK = 8 * 1024 * 1024
 
@@ -21,6 +24,34 @@ def sha256_file(path: Path) -> str:
         while chunk := handle.read(_HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def weights_sha256(path: Path) -> str:
+    """sha256 of a weight file, remembered by the file's identity (device, inode, size, modification and status-change
+    times in ns) in $PRECISION_CHECK_HOME/weights-sha256.json: any write to the file, or replacing it, changes that
+    identity (the status-change time cannot be set back), so a changed file is hashed again. A 7.9 GB checkpoint
+    takes ~10 s to hash on the CI machine, at the start of every run of it."""
+    from precision.default_model import cache_root
+    from precision.io import write_json_atomic
+
+    info = path.stat()
+    key = f"{info.st_dev}:{info.st_ino}:{info.st_size}:{info.st_mtime_ns}:{info.st_ctime_ns}:{path.resolve()}"
+    store = cache_root() / "weights-sha256.json"
+    try:
+        known = json.loads(store.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if not isinstance(known, dict):
+        known = {}
+    if isinstance(known.get(key), str):
+        return known[key]
+    digest = sha256_file(path)
+    try:
+        store.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(store, {**{k: v for k, v in known.items() if not k.endswith(f":{path.resolve()}")}, key: digest})
+    except OSError as exc:
+        log.info("the weight hash of %s is not remembered (%s)", path, exc)
+    return digest
 
 
 @dataclass(frozen=True)
@@ -142,5 +173,5 @@ def inspect_model(path: str | Path, *, hash_weights: bool = True) -> ModelInfo:
         max_position_embeddings=max_positions,
         stop_token_ids=tuple(dict.fromkeys(stop_ids)),
         config_sha256=sha256_file(config_path),
-        weights_sha256={p.name: sha256_file(p) for p in weights} if hash_weights else {},
+        weights_sha256={p.name: weights_sha256(p) for p in weights} if hash_weights else {},
     )

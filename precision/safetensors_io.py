@@ -101,6 +101,11 @@ class SafetensorsFile:
             raise self._refuse(f"the tensors cover {end:,} bytes of a {data_bytes:,}-byte data section (the file is cut short or has extra bytes)")
 
     # -- what the header says -----------------------------------------------------------------------------------
+    def byte_range(self, name: str) -> tuple[int, int]:
+        """(offset in the file, byte count) of tensor ``name``'s data, as the checked header gives it."""
+        _, _, start, stop = self._tensors[name]
+        return self._base + start, stop - start
+
     def names(self) -> set[str]:
         return set(self._tensors)
 

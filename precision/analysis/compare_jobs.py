@@ -58,11 +58,11 @@ def bf16_bits(handle: TensorFile, name: str, start: int, stop: int) -> np.ndarra
     resident memory holds the tensors in flight, not the file. The header was checked when ``handle`` was
     opened (the byte range lies inside the file); the file's size is checked again here, because touching a
     mapped page past the end of a file that shrank since would kill the process (SIGBUS) instead of raising."""
-    # the header entry the reader checked when it opened the file (SafetensorsFile has no public byte range yet)
-    _, shape, offset, _ = handle._tensors[name]
+    shape = handle.shape(name)
+    offset, _ = handle.byte_range(name)
     row = math.prod(shape[1:]) if shape else 1
     stop = min(stop, shape[0]) if shape else 1
-    first = handle._base + offset + start * row * 2
+    first = offset + start * row * 2
     count = max(stop - start, 0) * row
     if count == 0:
         return np.zeros(0, dtype=np.uint16)
