@@ -156,6 +156,8 @@ class ModelSteps:
         try:
             yield module
         finally:
+            if module is not self._module(site):
+                _release(module)
             del module
 
     def embed(self, token_ids: Sequence[int], dtype=None):
@@ -392,3 +394,12 @@ def _threads() -> int:
     import torch
 
     return torch.get_num_threads()
+
+
+def _release(module) -> None:
+    """Break the reference cycles a variant makes (a forward bound to its own module), so that a step's copy, its
+    weights and any FP32 copy of them are freed when the step ends, not whenever the garbage collector next runs
+    (a layer-streamed run would otherwise hold every step it has run)."""
+    for part in module.modules():
+        part.__dict__.pop("forward", None)
+        part.__dict__.pop("_split_k_weight", None)

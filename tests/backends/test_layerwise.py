@@ -62,6 +62,25 @@ def test_streamed_steps_hold_no_weights_between_steps(stories):
     assert all(p.device.type == "meta" for p in steps.model.parameters()), "a streamed model keeps no weights of its own"
 
 
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_varied_step_is_freed_when_it_ends(stories, streamed):
+    """Without the garbage collector: a layer-streamed run holds one step, not every step it has run."""
+    import gc
+    import weakref
+
+    steps = ModelSteps(stories.path, streamed=streamed)
+    gc.disable()
+    try:
+        with steps.step("layer.0", variants=("attn:eager", "norm:fused", "mlp:fused", "split-k:16", "permute-k:1")) as layer:
+            steps.run_layer(layer, torch.ones(1, 3, steps.model.config.hidden_size, dtype=torch.bfloat16))
+            alive = weakref.ref(layer)
+            weight = weakref.ref(layer.mlp.down_proj._split_k_weight) if hasattr(layer.mlp.down_proj, "_split_k_weight") else None
+        del layer
+        assert alive() is None and (weight is None or weight() is None)
+    finally:
+        gc.enable()
+
+
 def test_streamed_replay_equals_the_resident_one_and_one_pass_serves_many(stories, captured):
     reference, streamed, _, _ = captured
     resident = Replayer(stories.path)
