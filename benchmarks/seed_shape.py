@@ -7,7 +7,8 @@ Each mode runs `precision-check run` once in a child process (3 short prompts of
     streamed   the same with --layer-streamed, in a memory cgroup capped below the FP32 model's size (cgroup v1
                memory.limit_in_bytes; page cache counts towards it and is reclaimed under the cap)
 
-Stage times come from the captures' manifests (runtime_seconds: from the backend's start, model loading included, to
+The streamed mode empties the page cache first (root), so that the checkpoint pages it reads count against its
+cap. Stage times come from the captures' manifests (runtime_seconds: from the backend's start, model loading included, to
 the last prompt written); "explanation" is the rest of the run's wall time (envelope members' captures are listed on
 their own). The baseline is reference + truth + target capture time of the same run; the issue's target is
 run total <= 2x baseline. Peak memory is the largest resident set of any process of the run (wait4 ru_maxrss, file-
@@ -54,6 +55,26 @@ def _capped(name: str, cap_bytes: int | None):
     return enter, group
 
 
+def _drop_page_cache() -> bool:
+    """Empty the page cache (root only), so that the checkpoint pages the capped run reads are charged to its cgroup:
+    pages another run left cached are charged to that run's cgroup and would not count against the cap."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+    except OSError:
+        return False
+    return True
+
+
+def _oom_kills(group: Path | None) -> int:
+    """The cgroup's count of processes killed for memory so far (memory.oom_control's oom_kill; 0 without one)."""
+    control = group / "memory.oom_control" if group is not None else None
+    if control is None or not control.exists():
+        return 0
+    fields = dict(line.split() for line in control.read_text().splitlines() if len(line.split()) == 2)
+    return int(fields.get("oom_kill", 0))
+
+
 def run_mode(mode: str, model: Path, prompts: Path, work: Path, target: str, cap_bytes: int | None) -> dict:
     out = work / f"run-{mode}"
     command = [str(REPO / ".venv" / "bin" / "precision-check"), "-q", "run", "--prompts", str(prompts), "--model", str(model),
@@ -61,6 +82,8 @@ def run_mode(mode: str, model: Path, prompts: Path, work: Path, target: str, cap
     if mode == "streamed":
         command.append("--layer-streamed")
     enter, group = _capped(f"precision-seed-{mode}", cap_bytes)
+    kills_before = _oom_kills(group)
+    dropped = _drop_page_cache() if group is not None else None
     started = time.perf_counter()
     log = work / f"run-{mode}.log"
     with open(log, "w") as sink:
@@ -74,7 +97,8 @@ def run_mode(mode: str, model: Path, prompts: Path, work: Path, target: str, cap
     if group is not None:
         result["cap_gb"] = round(cap_bytes / 1e9, 2)
         result["cgroup_peak_gb"] = round(int((group / "memory.max_usage_in_bytes").read_text()) / 1e9, 2)
-        result["cgroup_oom_events"] = (group / "memory.oom_control").read_text().split()[-1] if (group / "memory.oom_control").exists() else None
+        result["cgroup_oom_kills"] = _oom_kills(group) - kills_before
+        result["page_cache_dropped_first"] = dropped
     if code not in (0, 1):
         result["output_tail"] = output[-3000:]
         return result
