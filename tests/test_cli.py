@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from precision.analysis.envelope import DEFAULT_MEMBERS as DEFAULT_ENVELOPE, member_name
 from precision.cli import main
 from tests.conftest import REPO, requires_vllm, write_prompts
 
@@ -138,7 +139,7 @@ def test_main_job_on_stories260k_with_vllm_as_default_target(stories_path, tmp_p
     # every layer explained: local errors within the implementation envelope, R near 1
     assert [f["rule"] for f in summary["verdict"]["findings"]] == ["explained"]
     analysis = json.loads((out / "comparison.json").read_text())["analysis"]
-    assert analysis["local"]["available"] and len(analysis["envelope"]["members"]) == 8
+    assert analysis["local"]["available"] and analysis["envelope"]["members"] == [member_name(m) for m in DEFAULT_ENVELOPE]
     assert all(step["local_R"] < 1.5 for step in analysis["local"]["steps"])
     logits = next(s for s in summary["sites"] if s["site"] == "logits")
     assert 0.5 < logits["R"] < 1.5

@@ -192,11 +192,7 @@ def _merged_manifest(readers: Sequence[CaptureReader], plan: CapturePlan, record
         "tokenizer": plan.tokenizer,
         "environment": _merged_environment(readers),
         "selection": first["selection"],
-        "teacher_forcing": {
-            "source": "self" if plan.teacher_capture is None else "reference",
-            "reference_capture": plan.teacher_capture,
-            "reference_manifest_sha256": plan.teacher_manifest_sha256,
-        },
+        "teacher_forcing": plan.teacher_forcing_record(),
         "prompts": [r.to_json() for r in records],
         "skipped": list(plan.skipped),
         "runtime_seconds": round(sum(float(r.manifest["runtime_seconds"]) for r in readers), 3),

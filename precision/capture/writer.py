@@ -56,6 +56,14 @@ class CapturePlan:
         return CapturePlan(prompts=tuple(p for p in self.prompts if p.id in wanted), tokenizer=self.tokenizer, skipped=self.skipped,
                            teacher_capture=self.teacher_capture, teacher_manifest_sha256=self.teacher_manifest_sha256)
 
+    def teacher_forcing_record(self) -> dict:
+        """The manifest's ``teacher_forcing``: where the continuations a capture of this plan follows come from."""
+        return {
+            "source": "self" if self.teacher_capture is None else "reference",
+            "reference_capture": self.teacher_capture,
+            "reference_manifest_sha256": self.teacher_manifest_sha256,
+        }
+
     @property
     def max_tokens_needed(self) -> int:
         return max(len(p.prompt_ids) + (len(p.continuation_ids) if p.continuation_ids is not None else p.max_new_tokens) for p in self.prompts)
@@ -208,11 +216,7 @@ def _capture_into(backend: Backend, plan: CapturePlan, out_dir: Path, selection:
         "tokenizer": plan.tokenizer,
         "environment": environment_record(),
         "selection": selection.to_json(),
-        "teacher_forcing": {
-            "source": "self" if plan.teacher_capture is None else "reference",
-            "reference_capture": plan.teacher_capture,
-            "reference_manifest_sha256": plan.teacher_manifest_sha256,
-        },
+        "teacher_forcing": plan.teacher_forcing_record(),
         "prompts": [r.to_json() for r in records],
         "skipped": list(plan.skipped),
         "runtime_seconds": round(time.perf_counter() - started, 3),

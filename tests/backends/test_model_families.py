@@ -15,6 +15,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from precision.analysis.compare import compare_captures
+from precision.analysis.envelope import DEFAULT_MEMBERS as DEFAULT_ENVELOPE, member_name
 from precision.analysis.verdict import Status, judge
 from precision.backends import BackendOptions, create_backend
 from precision.backends.vllm import KV_CACHE_SPACE_VARIABLE
@@ -178,7 +179,7 @@ def test_vllm_cpu_passes_against_transformers_on_each_family(family_run):
     assert [f.rule for f in result.verdict.findings] == ["explained"], findings
     analysis = result.comparison["analysis"]
     assert analysis["local"]["available"] and len(analysis["local"]["steps"]) == 4
-    assert len(analysis["envelope"]["members"]) == 8
+    assert analysis["envelope"]["members"] == [member_name(m) for m in DEFAULT_ENVELOPE]
     assert all(step["local_R"] < 1.5 for step in analysis["local"]["steps"])
     target = CaptureReader(result.out / "captures" / "target")
     assert target.manifest["backend"]["model_transform"] is None  # head_dim 32 runs as it is: no padded copy
