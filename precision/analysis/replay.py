@@ -247,17 +247,13 @@ BATCH_OUTPUT_BYTES = 1 << 28
 
 
 def _batches(items: list, step_out: str, reference: CaptureReader) -> list[list]:
-    """``items`` (name, capture record, reference record) cut into batches whose step output fits BATCH_OUTPUT_BYTES."""
+    """``items`` (name, capture record, reference record) cut into batches of similar lengths (precision.backends.
+    layerwise.length_groups) whose step output fits BATCH_OUTPUT_BYTES."""
+    from precision.backends.layerwise import length_groups
+
     width = reference.manifest["model"]["vocab_size"] if step_out == site_names.LOGITS else reference.manifest["model"]["hidden_size"]
-    batches, current, rows = [], [], 0
-    for item in items:
-        length = len(item[1].prompt_ids) + len(item[1].continuation_ids)
-        if current and (len(current) + 1) * max(rows, length) * width * 4 > BATCH_OUTPUT_BYTES:
-            batches.append(current)
-            current, rows = [], 0
-        current.append(item)
-        rows = max(rows, length)
-    return batches + ([current] if current else [])
+    lengths = [len(item[1].prompt_ids) + len(item[1].continuation_ids) for item in items]
+    return [[items[j] for j in group] for group in length_groups(lengths, BATCH_OUTPUT_BYTES // (width * 4))]
 
 
 def _f64(tensor):

@@ -186,7 +186,7 @@ def teacher_forced(steps: ModelSteps, sequences: list[Sequence[int]], keep: list
     import torch
 
     kept = [torch.tensor(rows) for rows in keep]
-    groups = [list(range(len(sequences)))] if batched else [[j] for j in range(len(sequences))]
+    groups = length_groups([len(s) for s in sequences]) if batched else [[j] for j in range(len(sequences))]
     captured: list[dict] = [{} for _ in sequences]
     with torch.inference_mode():
         hidden = [pad_rows([steps.embed(sequences[j], dtype)[0] for j in group]) for group in groups]
@@ -204,6 +204,27 @@ def teacher_forced(steps: ModelSteps, sequences: list[Sequence[int]], keep: list
             for record in captured:
                 record[LOGITS] = head(record[FINAL_NORM])
     return captured
+
+
+PADDING_SHARE = 0.25
+"""A batch pads its sequences to its longest by at most this share of its real tokens: attention costs the square of
+the padded length, so one long prompt in a batch of short ones would multiply the batch's cost."""
+
+
+def length_groups(lengths: list[int], row_budget: int | None = None) -> list[list[int]]:
+    """Indices of ``lengths`` grouped for padded batches, shortest first: within a group the padding stays under
+    PADDING_SHARE of the real tokens, and the padded rows under ``row_budget`` when given."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda j: lengths[j]):
+        longest = lengths[index]  # sorted: the newcomer is the longest
+        real = sum(lengths[j] for j in current) + longest
+        padded = longest * (len(current) + 1)
+        if current and (padded - real > PADDING_SHARE * real or (row_budget is not None and padded > row_budget)):
+            groups.append(current)
+            current = []
+        current.append(index)
+    return groups + ([current] if current else [])
 
 
 def pad_rows(rows: list):
