@@ -338,7 +338,9 @@ def test_installed_transformers_passes_every_check(caplog):
 def test_installed_vllm_passes_every_check(caplog):
     with caplog.at_level(logging.WARNING, logger=compat.__name__):
         checked = vllm_compat.check_all()
-    assert not caplog.records
+    # precision's own warnings only: importing vLLM logs torch's and vLLM's (e.g. "Triton not available" when the
+    # test runs alone), which say nothing about the compat checks.
+    assert not [r for r in caplog.records if r.name.startswith("precision")]
     assert "LlamaForCausalLM.compute_logits(hidden_states)" in checked
     assert "vllm.v1.attention.backends.cpu_attn.CPUAttentionBackend.get_supported_head_sizes" in checked
 
