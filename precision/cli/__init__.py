@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     args.command_line = "precision-check " + " ".join(shlex.quote(a) for a in argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return _COMMANDS[args.command](args)
+        handler = getattr(args, "handler", None) or _COMMANDS[args.command]
+        return handler(args)
     except PrecisionError as exc:
         print(f"precision-check: error: {_one_line(str(exc))}", file=sys.stderr)
         return EXIT_BAD_INPUT

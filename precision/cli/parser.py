@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 """pass or warn; a verdict or regression failed; bad input or configuration; an internal error (a bug)."""
+
+COMMAND_MODULES: tuple[str, ...] = ()
+"""Commands that live in a module of their own: each has ``add_command(subparsers)``, which adds its parser and
+sets ``handler`` (a function of the parsed arguments returning an exit code) as the parser's default. The modules
+import nothing heavy at module level, so ``--help`` stays fast."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -139,4 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default: beside comparison.json)")
     p.add_argument("--config", help="TOML file with a [thresholds] table")
     p.add_argument("--threshold", action="append", metavar="NAME=VALUE", help="override one verdict threshold (over --config); repeatable")
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_command(sub)
     return parser
