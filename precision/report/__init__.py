@@ -13,7 +13,7 @@ from precision.report.markdown import markdown_text
 from precision.report.view import build_view, load_decoder
 
 SUMMARY_SCHEMA_VERSION = 1
-TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "reports" / "templates"
+TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 
 
 def _environment(template_dir: Path, *, markdown: bool = False):
