@@ -13,7 +13,10 @@ from pathlib import Path
 
 from precision.errors import PrecisionError
 
-DEFAULT_SELFTEST_PROMPTS = Path(__file__).resolve().parents[1] / "golden" / "default.jsonl"
+PROMPT_SETS = Path(__file__).resolve().parent / "prompt_sets"
+"""The shipped prompt sets (package data; the repository's golden/ is a link to this directory): the default
+``prompts`` of ``run`` and of ``precision-check run`` without --prompts."""
+DEFAULT_SELFTEST_PROMPTS = PROMPT_SETS / "default.jsonl"
 COMPARISON_FORMAT = "precision-check-comparison"
 
 

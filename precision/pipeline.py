@@ -74,6 +74,10 @@ class RunConfig:
     """"msprobe" computes the element-wise metrics exactly as msprobe's compare does (precision.metrics.msprobe)."""
     layer_streamed: bool = False
     """The reference, truth, envelope and replay hold one step's weights at a time (a model larger than memory)."""
+    serving: dict = field(default_factory=dict)
+    """[serving.NAME] tables of the run configuration file, unchanged (for the serving-parity stage)."""
+    config_file: dict | None = None
+    """{"path", "sha256"} of the run configuration file the settings came from (recorded in run.json), or None."""
     force: bool = False
     resume: bool = False
     show_progress: bool = True
@@ -124,12 +128,13 @@ def _run_record(config: RunConfig, source: ReferenceSource, model: ModelInfo, ta
         "target": target_spec, "target_variants": list(config.target_variants),
         "max_new_tokens": config.max_new_tokens, "selection": config.selection.to_json(), "engine_args": config.engine_args,
         "replay": config.replay, "layer_streamed": config.layer_streamed, "repeats": config.repeats, "metric_convention": config.metric_convention, "command": config.command,
+        "config_file": config.config_file,
     }
 
 
-_NOT_SETTINGS = {"command", "format", "schema_version"}
+_NOT_SETTINGS = {"command", "format", "schema_version", "config_file"}
 """run.json keys that say nothing about what was run: a resumed run may differ in them (one started by an older
-version has no format)."""
+version has no format; the settings a config file gave are compared one by one, so an edited comment is no change)."""
 
 
 def _check_resumed_run(out: Path, record: dict) -> None:

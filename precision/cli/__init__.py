@@ -25,22 +25,15 @@ log = logging.getLogger("precision")
 
 
 def _run(args) -> int:
-    from precision import DEFAULT_ENVELOPE, RunConfig, run
+    from precision import run
+    from precision.run_file import build_run_config, merge_settings, read_run_file
 
-    out = Path(args.out) if args.out else Path("runs") / datetime.now(timezone.utc).strftime("run-%Y%m%d-%H%M%S")
-    config = RunConfig(
-        prompts=Path(args.prompts), out=out, model=values.optional_path(args.model),
-        reference=args.reference, target=args.target, truth=None if args.truth.lower() == "none" else args.truth,
-        max_new_tokens=args.max_new_tokens, selection=values.selection(args),
-        engine_args=values.engine_args(args.engine_arg, args.additional_config), trust_remote_code=args.trust_remote_code,
-        thresholds=values.thresholds(args.config, args.threshold), force=args.force, resume=args.resume, command=args.command_line,
-        target_model=values.optional_path(args.target_model), target_variants=tuple(args.target_variant),
-        envelope=DEFAULT_ENVELOPE if args.envelope == "default" else (), replay=not args.no_replay, repeats=args.repeats,
-        layer_streamed=args.layer_streamed,
-        metric_convention=args.metric_convention,
-        show_progress=not args.quiet,
-    )
-    result = run(config, junit=args.junit)
+    file = read_run_file(args.config) if args.config else None
+    settings = merge_settings(file.run if file else {}, values.given_run_settings(args))
+    thresholds = {**(file.thresholds if file else {}), **values.overrides(args.threshold, "--threshold")}
+    config = build_run_config(settings, thresholds=thresholds, serving=file.serving if file else {}, config_file=file, force=args.force,
+                              resume=args.resume, show_progress=not args.quiet, command=args.command_line)
+    result = run(config, junit=settings.get("junit"))
     return _finish(result.verdict, result.files)
 
 

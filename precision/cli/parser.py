@@ -22,8 +22,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_capture_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--positions", default="all", help="positions to keep: all, last, or every:K (default: all)")
-    p.add_argument("--layers", default="all", help="decoder layers to keep: all or a list like 0,15,31 (default: all)")
+    p.add_argument("--positions", help="positions to keep: all, last, or every:K (default: all)")
+    p.add_argument("--layers", help="decoder layers to keep: all or a list like 0,15,31 (default: all)")
     p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE", help="option passed to the engine (vLLM LLM(...)); repeatable; values are JSON when they parse")
     p.add_argument("--additional-config", metavar="JSON", help="vllm-ascend additional_config, as a JSON object")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run (off unless asked)")
@@ -37,8 +37,8 @@ def _selftest_sweeps() -> tuple[str, ...]:
     return tuple(SELFTEST_SWEEPS)
 
 
-def _add_convention_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--metric-convention", choices=("precision-check", "msprobe"), default="precision-check",
+def _add_convention_option(p: argparse.ArgumentParser, default: str | None = "precision-check") -> None:
+    p.add_argument("--metric-convention", choices=("precision-check", "msprobe"), default=default,
                    help="element-wise metric definitions: this tool's (default; relative errors with a 1e-6 denominator floor) or "
                         "msprobe's exact ones (Cosine, EucDist, MaxAbsErr, MaxRelativeErr, One/Five Thousandth(s) Err Ratio)")
 
@@ -48,27 +48,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
+    # Run options default to None (not given): a value given here overrides --config's [run] table, one not given does not.
     p = sub.add_parser("run", help="capture reference, FP32 truth and target; compare; report")
-    p.add_argument("--prompts", required=True, help="a .jsonl prompt file or a directory of them (e.g. golden/)")
+    p.add_argument("--prompts", help="a .jsonl prompt file or a directory of them (default: the shipped prompt sets, golden/ in a checkout)")
     p.add_argument("--model", help="Hugging Face model directory (default: the built-in synthetic Llama)")
-    p.add_argument("--reference", default="hf:cpu:bf16", help="reference backend spec (default: hf:cpu:bf16), or a golden store made by 'golden create'")
+    p.add_argument("--reference", help="reference backend spec (default: hf:cpu:bf16), or a golden store made by 'golden create'")
     p.add_argument("--target", help="target backend spec (default: vllm when installed, else hf:cpu:fp16)")
-    p.add_argument("--truth", default="hf:cpu:fp32", help="FP32 truth backend spec, or 'none' (default: hf:cpu:fp32)")
+    p.add_argument("--truth", help="FP32 truth backend spec, or 'none' (default: hf:cpu:fp32)")
     p.add_argument("--out", help="run directory (default: runs/run-<UTC time>)")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="greedy continuation length per prompt unless the prompt sets its own (default: 32)")
-    p.add_argument("--config", help="TOML file with a [thresholds] table overriding the verdict rules")
+    p.add_argument("--max-new-tokens", type=int, help="greedy continuation length per prompt unless the prompt sets its own (default: 32)")
+    p.add_argument("--config", metavar="RUN_TOML", help="run configuration file: a [run] table holding any of these options (the flags given "
+                                                        "override it), [thresholds], [serving.NAME]; see precision/run_file.py")
     p.add_argument("--threshold", action="append", metavar="NAME=VALUE", help="override one verdict threshold (over --config); repeatable")
     p.add_argument("--junit", metavar="FILE", help="also write JUnit XML (each prompt x check a test case) for CI systems")
     p.add_argument("--target-model", help="a different checkpoint for the target (a converted or quantized model of the same architecture)")
     p.add_argument("--target-variant", action="append", default=[], metavar="VARIANT",
                    help="implementation variant or planted fault for a transformers target, e.g. fault:scale-weight:2:1.01 (repeatable)")
-    p.add_argument("--envelope", choices=("default", "none"), default="default", help="re-run the reference with implementation variants (default) or not")
+    p.add_argument("--envelope", choices=("default", "none"), help="re-run the reference with implementation variants (default) or not")
     p.add_argument("--no-replay", action="store_true", help="skip the layer replay (local vs inherited error)")
     p.add_argument("--layer-streamed", action="store_true",
                    help="hold one layer's weights at a time in the reference, truth, envelope and replay (for a model larger than memory; "
                         "the same captures bit for bit, slower)")
-    p.add_argument("--repeats", type=int, default=3, help="target runs per prompt for the determinism check (default: 3)")
-    _add_convention_option(p)
+    p.add_argument("--repeats", type=int, help="target runs per prompt for the determinism check (default: 3)")
+    _add_convention_option(p, default=None)
     _add_capture_options(p)
 
     p = sub.add_parser("selftest", help="plant faults in a copy of the reference and check the analysis catches them")

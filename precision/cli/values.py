@@ -40,7 +40,25 @@ def engine_args(pairs: list[str], additional_config: str | None) -> dict:
 def selection(args):
     from precision import CaptureSelection
 
-    return CaptureSelection.parse(args.positions, args.layers)
+    return CaptureSelection.parse(args.positions or "all", args.layers or "all")
+
+
+def given_run_settings(args) -> dict:
+    """The options of ``run`` the user actually gave, keyed as the [run] table of a run configuration file
+    (precision.run_file.RUN_KEYS): these override the file's; an option not given leaves the file's value."""
+    settings = {key: getattr(args, key) for key in ("prompts", "model", "out", "reference", "target", "truth", "max_new_tokens",
+                                                    "positions", "layers", "target_model", "envelope", "repeats", "metric_convention",
+                                                    "junit") if getattr(args, key) is not None}
+    for flag, key, value in (("trust_remote_code", "trust_remote_code", True), ("layer_streamed", "layer_streamed", True),
+                             ("no_replay", "replay", False)):
+        if getattr(args, flag):
+            settings[key] = value
+    if args.target_variant:
+        settings["target_variants"] = list(args.target_variant)
+    engine = engine_args(args.engine_arg, args.additional_config)
+    if engine:
+        settings["engine_args"] = engine
+    return settings
 
 
 def config_table(path: str | None, table: str) -> dict:
