@@ -206,15 +206,70 @@ def decoder_modules(model: Any) -> tuple[Any, Any, Any]:
     return tuple(require(f"{type(model).__name__}.model.{name}", decoder, name) for name in ("embed_tokens", "layers", "norm"))
 
 
-def layer_residual_stream(output: Any) -> Any:
+def layer_residual_stream(output: Any, module: Any = None) -> Any:
     """The residual stream after a vLLM decoder layer, as a NEW tensor.
 
     vLLM's decoder layers return (hidden_states, residual) with the residual add deferred into the next
-    layer's fused add+RMSNorm; their sum is the stream. It is computed as a new tensor because fused kernels
-    overwrite both buffers in place afterwards."""
-    if not (isinstance(output, (tuple, list)) and len(output) == 2):
-        raise missing_api("decoder layers returning (hidden_states, residual)", f"a layer returned {type(output).__name__}")
-    return output[0] + output[1]
+    layer's fused add+RMSNorm: their sum is the stream. It is computed as a new tensor because fused kernels
+    overwrite both buffers in place afterwards. The output is checked first (``layer_output_pair``): a layer
+    returning anything else would make the sum some other tensor, or fail with a message that names nothing."""
+    hidden, residual = layer_output_pair(output, module)
+    return hidden + residual
+
+
+def layer_output_pair(output: Any, module: Any = None) -> tuple[Any, Any]:
+    """(hidden_states, residual) of a decoder layer's output: a tuple or list of at least two tensors of one
+    shape (vllm-ascend v0.9.1's Qwen3 layer adds a third element, its padding), the residual not None (layer 0
+    receives the embedding as its residual, so no layer of the supported families returns None there)."""
+    import torch
+
+    owner = type(module).__name__ if module is not None else "a decoder layer"
+    api = "decoder layers returning (hidden_states, residual)"
+    if not (isinstance(output, (tuple, list)) and len(output) >= 2):
+        raise missing_api(api, f"{owner} returned {_describe(output)}")
+    hidden, residual = output[0], output[1]
+    if not (isinstance(hidden, torch.Tensor) and isinstance(residual, torch.Tensor)):
+        raise missing_api(api, f"{owner} returned ({_describe(hidden)}, {_describe(residual)}, ...): both must be tensors"
+                          + (" (residual None: the residual add was not deferred)" if residual is None else ""))
+    if hidden.shape != residual.shape:
+        raise missing_api(api, f"{owner} returned hidden_states of shape {list(hidden.shape)} and a residual of shape "
+                          f"{list(residual.shape)}: their sum would not be the residual stream")
+    return hidden, residual
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {len(value)} ({', '.join(_describe(v) for v in value[:3])})"
+    shape = getattr(value, "shape", None)
+    return f"a tensor of shape {list(shape)}" if shape is not None else ("None" if value is None else type(value).__name__)
+
+
+def residual_consumers(model: Any) -> list[Any]:
+    """For each decoder layer i, the module that next receives its residual stream: layer i+1's
+    ``input_layernorm``, and the final norm after the last layer; both fused add+RMSNorms called as
+    ``norm(hidden_states, residual)`` that return (normed, hidden_states + residual) (``norm_received_stream``)."""
+    _, layers, norm = decoder_modules(model)
+    return [*(require(f"{type(layer).__name__}.input_layernorm", layer, "input_layernorm") for layer in list(layers)[1:]), norm]
+
+
+def norm_received_stream(output: Any, module: Any) -> Any:
+    """The residual stream a fused add+RMSNorm computed from its inputs: element 1 of what
+    ``norm(hidden_states, residual)`` returns. vLLM's CPU build (its native implementation) returns a new tensor;
+    its CUDA kernel and vllm-ascend's return an input buffer overwritten in place, later overwritten again,
+    so the caller must copy it before the forward goes on."""
+    import torch
+
+    if not (isinstance(output, (tuple, list)) and len(output) >= 2 and isinstance(output[1], torch.Tensor)):
+        raise missing_api("RMSNorm(hidden_states, residual) returning (normed, hidden_states + residual)",
+                          f"{type(module).__name__} returned {_describe(output)}")
+    return output[1]
+
+
+def vocabulary_size(model: Any) -> int:
+    """The full vocabulary of the model's logits (every rank's, not a tensor-parallel shard): the width that
+    sizes a logits chunk, the same on every rank."""
+    config = require(f"{type(model).__name__}.config", model, "config")
+    return int(require(f"{type(model).__name__}.config.vocab_size", config, "vocab_size"))
 
 
 def final_norm_output(output: Any) -> Any:

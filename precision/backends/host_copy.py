@@ -1,0 +1,118 @@
+"""Captured tensors leave the accelerator inside the forward hook; logits are computed in chunks of bounded size.
+
+An engine on an accelerator (vllm-ascend, CUDA) gives most of the device memory to its KV cache, so a capture
+must not keep its tensors there: each hook copies its rows to host memory at once (asynchronously, into pinned
+memory where the platform allows it) and the worker waits for all copies once, after the forward. Logits need
+the model's head on the device: the captured final-norm rows go back in chunks of at most ``LOGITS_CHUNK_BYTES``
+of float32 logits, never rows x vocabulary at once.
+
+Pure torch (no vLLM): the worker (precision.backends.vllm_worker) passes vLLM's ``compute_logits`` in.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+LOGITS_CHUNK_BYTES = 256 * 2**20
+"""Upper bound on one chunk's logits on the device, counted as rows x vocabulary x 4 bytes (float32, the widest
+dtype logits come in). Read at every call, so a test can lower it to force chunks of a few rows."""
+
+
+def logits_chunk_rows(vocabulary: int, budget_bytes: int | None = None) -> int:
+    """Rows per logits chunk: the most rows whose float32 logits fit the budget, at least one."""
+    budget = LOGITS_CHUNK_BYTES if budget_bytes is None else budget_bytes
+    return max(1, int(budget) // (4 * max(1, int(vocabulary))))
+
+
+class HostCopies:
+    """Host-memory copies of tensors, made inside forward hooks; ``synchronize`` once before reading them.
+
+    On the CPU a captured tensor is already in host memory and is a new tensor (the hook selects rows with
+    index_select), so it is kept as is: the bytes are those the hook selected, nothing is copied twice. On an
+    accelerator the copy is enqueued on the current stream (non_blocking) into a pinned buffer, so the device
+    copy can be freed as soon as the stream has run it; where pinned memory cannot be allocated, a pageable
+    buffer is used (the copy then waits, which is correct, only slower)."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] = {}  # device type -> a device with copies in flight
+        self._pin: bool | None = None  # None: not tried yet on this platform
+
+    def keep(self, tensor: Any) -> Any:
+        """A host tensor with ``tensor``'s values (valid after ``synchronize``); ``tensor`` must be a tensor the
+        caller owns (a fresh selection), since on the CPU it is returned itself."""
+        if on_host(tensor):
+            return tensor
+        host = self._host_buffer(tensor)
+        host.copy_(tensor, non_blocking=True)
+        self._pending[tensor.device.type] = tensor.device
+        return host
+
+    def _host_buffer(self, tensor: Any) -> Any:
+        import torch
+
+        if self._pin is not False:
+            try:
+                buffer = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+                self._pin = True
+                return buffer
+            except RuntimeError as exc:  # no pinned host allocator on this platform/build
+                log.info("pinned host memory unavailable (%s): captured tensors are copied to pageable memory", exc)
+                self._pin = False
+        return torch.empty(tensor.shape, dtype=tensor.dtype)
+
+    @property
+    def pending_devices(self) -> list[str]:
+        return sorted(self._pending)
+
+    def synchronize(self) -> None:
+        """Wait for every copy enqueued since the last call: one synchronisation per device type used."""
+        pending, self._pending = self._pending, {}
+        for device_type, device in pending.items():
+            device_module(device_type).synchronize(device)
+
+
+def on_host(tensor: Any) -> bool:
+    """Whether ``tensor`` already lies in host memory."""
+    return tensor.device.type == "cpu"
+
+
+def device_module(device_type: str) -> Any:
+    """torch's module for a device type (torch.cuda, torch.npu once torch_npu is imported, ...)."""
+    import torch
+
+    getter = getattr(torch, "get_device_module", None)
+    module = getter(device_type) if getter is not None else getattr(torch, device_type, None)
+    if module is None or not hasattr(module, "synchronize"):
+        raise RuntimeError(f"torch has no device module with synchronize() for device type {device_type!r}")
+    return module
+
+
+def chunked_logits(compute: Callable[[Any], Any], rows: Any, device: Any, vocabulary: int) -> tuple[Any, int]:
+    """Logits of the host tensor ``rows`` (final-norm rows) as a host tensor, computed ``logits_chunk_rows``
+    rows at a time on ``device``; and the number of ``compute`` calls made.
+
+    The number of calls depends only on the row count and the vocabulary, never on what ``compute`` returns:
+    under tensor parallelism every rank calls it the same number of times (it gathers the vocabulary shards,
+    a collective), and a rank that gets None (not the gathering rank) still makes every call. Returns (None,
+    calls) on such a rank."""
+    step = logits_chunk_rows(vocabulary)
+    total = int(rows.shape[0])
+    result, calls = None, 0
+    for start in range(0, max(total, 1), step):
+        chunk = compute(rows[start:start + step].to(device))
+        calls += 1
+        if chunk is None:
+            continue
+        if result is None:
+            result = _host_like(chunk, total)
+        result[start:start + step].copy_(chunk)  # a device-to-host copy waits for the chunk: bounded memory
+    return result, calls
+
+
+def _host_like(chunk: Any, total_rows: int) -> Any:
+    import torch
+
+    return torch.empty((total_rows, *chunk.shape[1:]), dtype=chunk.dtype)
