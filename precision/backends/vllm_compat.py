@@ -327,3 +327,43 @@ def check_all() -> list[str]:
         cpu_head_sizes()
         checked.append("vllm.v1.attention.backends.cpu_attn.CPUAttentionBackend.get_supported_head_sizes")
     return checked
+
+
+# -- serving-configuration parity (precision.serving) ---------------------------------------------------------
+def step_request_rows(worker: Any) -> list[tuple[str, list[int] | None, int, int]]:
+    """The requests of the forward step running now, in the order their rows are laid out in the step's
+    flattened [num_tokens, hidden] tensors: (request id, prompt token ids, first row, end row).
+
+    vLLM's model runner fills ``query_start_loc`` (cumulative rows per request, in ``input_batch.req_ids``
+    order) before the forward and keeps ``requests[id].prompt_token_ids``; both are read while the forward runs,
+    from inside a forward hook. Co-batched requests and chunked prefill make a step hold several requests, or a
+    part of one."""
+    runner = require("Worker.model_runner", worker, "model_runner")
+    batch = require("GPUModelRunner.input_batch", runner, "input_batch")
+    req_ids = list(require("InputBatch.req_ids", batch, "req_ids"))
+    starts = require("GPUModelRunner.query_start_loc.np", require("GPUModelRunner.query_start_loc", runner, "query_start_loc"), "np")
+    states = require("GPUModelRunner.requests", runner, "requests")
+    rows = []
+    for index, req_id in enumerate(req_ids):
+        if req_id is None:
+            continue
+        state = states.get(req_id)
+        prompt = None if state is None else require("CachedRequestState.prompt_token_ids", state, "prompt_token_ids")
+        rows.append((req_id, prompt, int(starts[index]), int(starts[index + 1])))
+    return rows
+
+
+def generate_many(llm: Any, sequences: list[list[int]], params: list[Any]) -> list[tuple[list[int], int | None]]:
+    """Several prompts (token ids) submitted together, so the scheduler may batch them into the same steps;
+    per prompt, (new token ids, the number of its prompt tokens served from the prefix cache, None if unknown)."""
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in sequences], params, use_tqdm=False)
+    return [(list(out.outputs[0].token_ids), getattr(out, "num_cached_tokens", None)) for out in outputs]
+
+
+def compilation_counters() -> dict[str, int]:
+    """vLLM's process-wide compilation counters (``vllm.compilation.counter.compilation_counter``): how many
+    graphs torch.compile saw and how many backend compilations ran. Read in the worker's process."""
+    counter = import_attr("vllm.compilation.counter", "compilation_counter")
+    if not dataclasses.is_dataclass(counter):
+        raise missing_api("vllm.compilation.counter.compilation_counter as a dataclass")
+    return {f.name: int(getattr(counter, f.name)) for f in dataclasses.fields(counter)}

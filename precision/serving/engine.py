@@ -1,0 +1,248 @@
+"""A vLLM engine in a serving configuration, captured on the same teacher-forced sequences as the eager baseline.
+
+The capture backend (precision.backends.vllm) refuses every setting that breaks "one eager step holds exactly one
+prompt". This backend accepts them, because they are what users deploy, and captures at the best level of detail
+the configuration allows (see precision.serving.worker):
+
+    layers   the decoder layers' Python hooks fire (eager: chunked prefill, prefix cache, co-batching, TP): every
+             site, rows assembled by request and position over however many steps the engine took;
+    logits   the model body runs as a compiled graph (enforce_eager=false: torch.compile; its layers' hooks never
+             fire): the final-norm state of every position from the outer model's output and the full-vocabulary
+             logits from compute_logits, which runs in Python after the graph.
+
+A configuration without either is refused with the reason (vLLM's prompt_logprobs top-K would be the next level;
+not implemented, see the parity report's notes).
+
+Workloads (how each teacher-forced sequence is served):
+    alone       the sequence is the only request;
+    cobatch     submitted in one call with ``companions`` other requests of varied lengths (other prompts of the
+                plan, cut to different lengths, each decoding a few tokens), so the scheduler batches them into
+                the same steps; only the sequence's own rows are kept;
+    warm-prefix the sequence is served twice with the prefix cache on: the second time its full blocks come from
+                the cache (the engine reports how many tokens hit), and only the rest is computed; the capture
+                holds the computed rows of the warm request and, at the cached positions, the rows of the cold
+                request that filled the cache (recorded per prompt as positions_from_earlier_requests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from precision.backends import vllm_compat
+from precision.backends.base import Backend, BackendOptions, BackendSpec
+from precision.backends.vllm import KV_CACHE_SPACE_VARIABLE, VllmBackend
+from precision.backends.vllm_compat import device_type
+from precision.backends.vllm_platform import CPU_ENV_DEFAULTS, platform_record
+from precision.capture.sites import CaptureSelection
+from precision.errors import BackendError, PrecisionError
+from precision.model import ModelInfo
+
+log = logging.getLogger(__name__)
+
+SERVING_WORKER_EXTENSION = "precision.serving.worker.ServingWorkerExtension"
+WORKLOADS = ("alone", "cobatch", "warm-prefix")
+WORKLOAD_KEY = "workload"
+"""A configuration's own key (not an engine argument) naming its workload; default "alone"."""
+COMPANIONS_KEY = "companions"
+"""A configuration's own key: how many other requests a co-batched sequence is served with (default 7)."""
+COMPANION_NEW_TOKENS = 4
+"""Tokens each co-batched companion generates: its decode steps share steps with the sequence under test."""
+MULTIPROCESS_KEYS = ("tensor_parallel_size", "pipeline_parallel_size")
+MULTIPROCESS_VARIABLE = "VLLM_ENABLE_V1_MULTIPROCESSING"
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingConfig:
+    """A named serving configuration: engine arguments applied over the eager baseline, and the workload."""
+
+    name: str
+    engine_args: dict[str, Any]
+    workload: str = "alone"
+    companions: int = 7
+
+    def __post_init__(self) -> None:
+        if self.workload not in WORKLOADS:
+            raise PrecisionError(f"serving configuration {self.name!r}: workload={self.workload!r} is not one of {', '.join(WORKLOADS)}")
+        if self.companions < 1:
+            raise PrecisionError(f"serving configuration {self.name!r}: companions={self.companions} must be at least 1")
+
+    @classmethod
+    def from_mapping(cls, name: str, values: dict[str, Any]) -> "ServingConfig":
+        values = dict(values)
+        workload = values.pop(WORKLOAD_KEY, "alone")
+        companions = values.pop(COMPANIONS_KEY, 7)
+        if workload == "cobatch" and "max_num_seqs" not in values:
+            values["max_num_seqs"] = companions + 1  # the baseline's max_num_seqs=1 would serve them one by one
+        if workload == "warm-prefix" and "enable_prefix_caching" not in values:
+            values["enable_prefix_caching"] = True
+        if not isinstance(workload, str) or isinstance(companions, bool) or not isinstance(companions, int):
+            raise PrecisionError(f"serving configuration {name!r}: workload must be a string and companions an integer")
+        return cls(name=name, engine_args=values, workload=workload, companions=companions)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "engine_args": self.engine_args, "workload": self.workload,
+                **({"companions": self.companions} if self.workload == "cobatch" else {})}
+
+    @property
+    def needs_multiprocess(self) -> bool:
+        return any(int(self.engine_args.get(key, 1) or 1) > 1 for key in MULTIPROCESS_KEYS)
+
+
+class ServingBackend(Backend):
+    """vLLM with the capture-safe baseline settings, then a serving configuration's engine arguments over them.
+
+    The baseline settings and the head padding come from the capture backend (precision.backends.vllm), used as
+    a helper: the engine itself is started here, with this package's worker extension."""
+
+    name = "vllm"
+
+    def __init__(self, model: ModelInfo, serving: ServingConfig, options: BackendOptions | None = None,
+                 companions: Sequence[Sequence[int]] = ()) -> None:
+        super().__init__(BackendSpec("vllm"), model, options or BackendOptions())
+        self.serving = serving
+        self.companions = [list(c) for c in companions]
+        self.evidence: list[dict[str, Any]] = []
+        self._baseline = VllmBackend(self.spec, model, self.options)
+        self._env_set: dict[str, str] = {}
+
+    def validate(self) -> None:
+        self._baseline.validate()
+        known = vllm_compat.engine_arg_names()
+        unknown = sorted(set(self.serving.engine_args) - known) if known is not None else []
+        if unknown:
+            raise BackendError(f"serving configuration {self.serving.name!r}: unknown vLLM engine setting(s) {unknown}; "
+                               "see vLLM's EngineArgs for the names")
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        return {**self._baseline.engine_kwargs(), **self.serving.engine_args}
+
+    def _environment_defaults(self, kwargs: dict[str, Any]) -> dict[str, str]:
+        if self._device != "cpu":
+            return {}
+        defaults = {**CPU_ENV_DEFAULTS, MULTIPROCESS_VARIABLE: "1" if self.serving.needs_multiprocess else "0"}
+        if "kv_cache_memory_bytes" in kwargs:
+            defaults.pop(KV_CACHE_SPACE_VARIABLE)
+        if self.serving.needs_multiprocess and os.environ.get(MULTIPROCESS_VARIABLE) == "0":
+            # Several workers are processes: the in-process engine cannot hold them.
+            return {**{k: v for k, v in defaults.items() if k not in os.environ}, MULTIPROCESS_VARIABLE: "1"}
+        return {k: v for k, v in defaults.items() if k not in os.environ}
+
+    def _activate_impl(self) -> None:
+        from precision.backends.head_padding import pad_heads
+        from precision.default_model import cache_root
+
+        vllm_compat.shield_llvmlite_from_kernel_scan()
+        LLM = vllm_compat.llm_class()
+        self._device = device_type()
+        self._kwargs = self.engine_kwargs()
+        head_dim, new_dim = self._baseline._head_dim_padding(self._device)
+        self._model_path, self._transform = self.model.path, None
+        if new_dim is not None:
+            self._model_path = str(pad_heads(self.model, new_dim, cache_root() / "models"))
+            self._transform = {"kind": "head-dim-padding", "from": head_dim, "to": new_dim, "path": self._model_path}
+        self._saved_env = {key: os.environ.get(key) for key in self._environment_defaults(self._kwargs)}
+        self._env_set = self._environment_defaults(self._kwargs)
+        os.environ.update(self._env_set)
+        log.info("starting vLLM (serving configuration %s) with %s", self.serving.name, self._kwargs)
+        try:
+            self._llm = LLM(model=self._model_path, tokenizer=self._model_path, worker_extension_cls=SERVING_WORKER_EXTENSION, **self._kwargs)
+        except Exception as exc:  # vLLM raises ValueError, TypeError or RuntimeError for settings it refuses
+            self._restore_environment()
+            first = (str(exc).strip().splitlines() or ["(no message)"])[0][:300]
+            raise BackendError(f"vLLM refused serving configuration {self.serving.name!r} ({self._kwargs}): "
+                               f"{type(exc).__name__}: {first}") from exc
+        vllm_compat.check_engine(self._llm)
+        info = vllm_compat.rpc(self._llm, "parity_install_hooks")
+        self._num_layers = info[0]["num_layers"]
+        self._model_class = info[0]["model_class"]
+        if self._num_layers != self.model.num_layers:
+            raise BackendError(f"vLLM's model has {self._num_layers} decoder layers, config.json says {self.model.num_layers}")
+
+    def _restore_environment(self) -> None:
+        for key, value in getattr(self, "_saved_env", {}).items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        self._saved_env, self._env_set = {}, {}
+
+    def _deactivate_impl(self) -> None:
+        llm = getattr(self, "_llm", None)
+        self._llm = None
+        if llm is not None:
+            try:
+                vllm_compat.rpc(llm, "parity_remove_hooks")
+                vllm_compat.shutdown(llm)
+            except Exception as exc:  # shutting down must not hide the error that brought us here
+                log.debug("vLLM shutdown: %s", exc)
+            del llm
+            gc.collect()
+        self._restore_environment()
+
+    def _generate_impl(self, token_ids: list[int], max_new_tokens: int) -> Sequence[int]:
+        params = vllm_compat.greedy_params(max_tokens=max_new_tokens, ignore_eos=True,
+                                           stop_token_ids=list(self.model.stop_token_ids), seed=self.options.seed)
+        return vllm_compat.generate_token_ids(self._llm, token_ids, params)
+
+    def _companion_sequences(self, token_ids: list[int]) -> list[list[int]]:
+        """``companions`` requests of varied lengths that are not prefixes of the sequence under test: the other
+        sequences of the plan cut to 1/4 .. 4/4 of their length, in turn."""
+        pool = [c for c in self.companions if c and c != token_ids[:len(c)]] or [[t for t in reversed(token_ids)]]
+        chosen = []
+        for index in range(self.serving.companions):
+            base = pool[index % len(pool)]
+            length = max(1, len(base) * (1 + index % 4) // 4)
+            cut = base[:length]
+            if cut == token_ids[:len(cut)]:
+                cut = cut + [cut[-1]]
+            chosen.append(cut)
+        return chosen
+
+    def _capture_impl(self, token_ids: list[int], selection: CaptureSelection, path: Path) -> None:
+        keep = selection.position_indices(len(token_ids))
+        layers = None if selection.layers is None else selection.layer_indices(self._num_layers)
+        one = vllm_compat.greedy_params(max_tokens=1)
+        served: dict[str, Any] = {}
+        vllm_compat.rpc(self._llm, "parity_arm", token_ids, str(path))
+        try:
+            if self.serving.workload == "cobatch":
+                others = self._companion_sequences(token_ids)
+                params = [one] + [vllm_compat.greedy_params(max_tokens=COMPANION_NEW_TOKENS)] * len(others)
+                outputs = vllm_compat.generate_many(self._llm, [token_ids, *others], params)
+                served["companion_lengths"] = [len(o) for o in others]
+            elif self.serving.workload == "warm-prefix":
+                outputs = vllm_compat.generate_many(self._llm, [token_ids], [one])
+                outputs += vllm_compat.generate_many(self._llm, [token_ids], [one])
+            else:
+                outputs = vllm_compat.generate_many(self._llm, [token_ids], [one])
+            served["cached_tokens"] = outputs[-1][1]
+        finally:
+            results = vllm_compat.rpc(self._llm, "parity_collect", keep, layers)
+        rank0 = next((r for r in results if r["rank"] == 0), results[0])
+        if rank0["errors"]:
+            raise BackendError(" ".join(rank0["errors"]))
+        if rank0["level"] is None or rank0["path"] is None:
+            raise BackendError(f"serving configuration {self.serving.name!r}: neither the decoder layers' hooks nor the outer model's "
+                               f"forward saw every position of the sequence (hook calls {rank0['calls']}, positions missing "
+                               f"{rank0['missing_positions']}); nothing comparable was captured")
+        self.evidence.append({**{k: rank0[k] for k in ("level", "calls", "requests", "positions_from_earlier_requests", "compilation_counters")},
+                              **served, "sequence_length": len(token_ids)})
+
+    def levels(self) -> set[str]:
+        return {e["level"] for e in self.evidence}
+
+    def _describe_impl(self) -> dict[str, Any]:
+        return {
+            "engine": "vllm",
+            "dtype": self.spec.torch_dtype_name,
+            "settings": {**self._kwargs, "worker_extension_cls": SERVING_WORKER_EXTENSION},
+            "model_transform": self._transform,
+            "model_class": self._model_class,
+            **platform_record(self._device),
+            "serving": {**self.serving.to_json(), "evidence": self.evidence},
+        }
