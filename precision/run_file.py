@@ -92,8 +92,21 @@ def read_run_file(path: str | Path) -> RunFile:
     for name, table in serving.items():
         if not isinstance(table, dict):
             raise PrecisionError(f"{path}: serving.{name} must be a table ([serving.{name}] with its settings)")
+    _check_settings_table(data, "thresholds", path)
+    _check_settings_table(data, "regress", path)
     return RunFile(path=path, sha256=hashlib.sha256(raw).hexdigest(), run=_checked_run_table(data.get("run", {}), path),
                    thresholds=data.get("thresholds", {}), regress=data.get("regress", {}), serving=serving)
+
+
+def _check_settings_table(data: dict, table: str, path: Path) -> None:
+    """[thresholds] and [regress] are checked when the file is read, so that the message names the file."""
+    from precision.analysis.regress import RegressTolerance
+    from precision.analysis.verdict import Thresholds
+
+    try:
+        {"thresholds": Thresholds, "regress": RegressTolerance}[table].from_mapping(data.get(table, {}))
+    except PrecisionError as exc:
+        raise PrecisionError(f"{path}: {exc}") from exc
 
 
 def _checked_run_table(table: dict, path: Path) -> dict:
