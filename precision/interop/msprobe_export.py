@@ -1,0 +1,274 @@
+"""msprobe_compare.csv: a comparison in the layout of msprobe's compare result, so scripts and spreadsheets made for
+msprobe read ours.
+
+Columns: MSPROBE_COLUMNS, msprobe's own names and order (mindstudio-probe 26.2.0: CompareConst.COMPARE_RESULT_HEADER
+in msprobe/core/common/const.py, then NPU_Stack_Info and Data_name as acc_compare.make_result_df appends them in
+tensor mode, which is the file `msprobe compare` writes for tensor dumps). NPU is the target (actual), Bench the
+reference (expected). One row per (prompt, site), in comparison order:
+- NPU Name / Bench Name: "<prompt id>.<site>" (site: embed, layer.<i>, final_norm, logits).
+- Dtype and shape: the captured tensor's ("torch.bfloat16", "[positions, width]").
+- Cosine, EucDist, MaxAbsErr, MaxRelativeErr, One / Five Thousandth(s) Err Ratio: msprobe's definitions
+  (precision.metrics.msprobe), computed from the two captures' tensors whatever convention comparison.json used.
+  "unsupported" where msprobe reports no number (an all-zero side, mismatched NaN/Inf).
+- NPU / Bench max, min, mean, l2norm: over every element of the tensor, in float64 (msprobe takes them from its
+  dump.json statistics, computed by torch in the tensor's own dtype, so its mean and l2norm can differ in the
+  last digits); NaN or Inf anywhere propagates as it does in msprobe.
+- Requires_grad columns: False, False, True (a capture holds no autograd state).
+- Result: this tool's verdict judged at the row's site (site_results): "error" (a FAIL there), "warning" (a WARN),
+  "pass". msprobe's own Result column applies msprobe's thresholds; ours applies precision-check's rules. msprobe
+  26.2.0 has no "Accuracy Reached or Not" column in this layout (older releases did); Result is where its
+  spreadsheets read the judgement.
+- Err_message: a JSON list of "<level>: <rule>: <sentence>" for every finding at the row, "[]" for a pass.
+- NPU_Stack_Info: "N/A". Data_name: the two tensor files, as msprobe lists its two .pt files.
+Where the captures are not on this machine, the metric columns come from comparison.json when it was computed in
+the msprobe convention and are "N/A" otherwise, and the statistics are "N/A"; Err_message says so.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from precision import names
+
+CSV_NAME = "msprobe_compare.csv"
+MSPROBE_COLUMNS = (
+    "NPU Name", "Bench Name", "NPU Dtype", "Bench Dtype", "NPU Tensor Shape", "Bench Tensor Shape", "NPU Requires_grad",
+    "Bench Requires_grad", "Cosine", "EucDist", "MaxAbsErr", "MaxRelativeErr", "One Thousandth Err Ratio",
+    "Five Thousandths Err Ratio", "NPU max", "NPU min", "NPU mean", "NPU l2norm", "Bench max", "Bench min", "Bench mean",
+    "Bench l2norm", "Requires_grad Consistent", "Result", "Err_message", "NPU_Stack_Info", "Data_name",
+)
+"""msprobe 26.2.0's compare result columns (see the module docstring for where they come from)."""
+METRIC_COLUMNS = {"Cosine": names.COSINE, "EucDist": names.EUCLIDEAN_DISTANCE, "MaxAbsErr": names.MAX_ABS,
+                  "MaxRelativeErr": names.MAX_RELATIVE, "One Thousandth Err Ratio": names.ONE_THOUSANDTH_ERR_RATIO,
+                  "Five Thousandths Err Ratio": names.FIVE_THOUSANDTHS_ERR_RATIO}
+RESULT_LEVELS = {"FAIL": "error", "WARN": "warning", "PASS": "pass"}
+"""Our statuses as msprobe's Result levels."""
+_BLOCK_ELEMENTS = 4 << 20  # rows are read in blocks of about this many elements, as compare reads the logits
+
+
+def site_results(comparison: dict, verdict) -> dict[tuple[str, str], tuple[str, list[str]]]:
+    """(prompt id, site) -> (worst status, the messages of the findings there), by the verdict's rules applied per site
+    with the verdict's thresholds:
+    FAIL: the target is non-finite where the reference is finite, or both are with different values; relative L2 >
+    rel_l2_fail; at the logits, R > r_logits_fail or a teacher-forced top-1 flip beyond the near-tie bound; a
+    run-level FAIL finding (local R, local gain, local envelope) at the site.
+    WARN: the reference alone is non-finite; at a hidden site, R > r_layer_warn; without FP32 truth, relative L2 >
+    rel_l2_warn; a run-level WARN finding (envelope) at the site.
+    The worst row of a prompt is that prompt's verdict (the prompt rules FAIL or WARN exactly when one of its sites
+    does); run-level findings that name no site (nondeterminism) belong to no row."""
+    th = verdict.thresholds
+    run_level: dict[str, list[tuple[str, str]]] = {}
+    for finding in verdict.findings:
+        if finding.site is not None and finding.status.value != "PASS":
+            run_level.setdefault(finding.site, []).append((finding.status.value, f"{finding.rule}: {finding.message}"))
+    results = {}
+    for prompt in comparison["prompts"]:
+        has_truth = any(entry.get("truth") for entry in prompt["sites"] if entry["site"] == names.LOGITS)
+        for entry in prompt["sites"]:
+            found = list(run_level.get(entry["site"], []))
+            found += _site_findings(prompt, entry, th, has_truth)
+            status = max((s for s, _ in found), key=("PASS", "WARN", "FAIL").index, default="PASS")
+            results[(prompt["id"], entry["site"])] = (status, [f"{RESULT_LEVELS[s]}: {text}" for s, text in found])
+    return results
+
+
+def _site_findings(prompt: dict, entry: dict, th, has_truth: bool) -> list[tuple[str, str]]:
+    site, metrics, truth = entry["site"], entry["metrics"], entry.get("truth")
+    found = []
+    nf = metrics[names.NON_FINITE]
+    if "actual_only" in nf:
+        target_bad = bool(nf["actual_only"] or nf["mismatched"])
+    else:  # comparisons written before the per-element counts: more target NaN (or Inf) than reference NaN (or Inf)
+        target_bad = nf["actual_nan"] > nf["expected_nan"] or nf["actual_inf"] > nf["expected_inf"]
+    if target_bad:
+        found.append(("FAIL", f"non-finite: the target has NaN/Inf at {site} where the reference has none or other ones"))
+    elif nf["expected_nan"] + nf["expected_inf"]:
+        found.append(("WARN", f"non-finite-ref: the reference has NaN/Inf at {site}"))
+    err = metrics[names.RELATIVE_L2]
+    if math.isfinite(err) and err > th.rel_l2_fail:
+        found.append(("FAIL", f"gross-error: relative L2 error {err:.2e} at {site} exceeds {th.rel_l2_fail}"))
+    elif math.isfinite(err) and err > th.rel_l2_warn and not has_truth:
+        found.append(("WARN", f"large-error: relative L2 error {err:.2e} at {site} exceeds {th.rel_l2_warn} (no FP32 truth)"))
+    if truth is not None:
+        limit, status, rule = (th.r_logits_fail, "FAIL", "r-logits") if site == names.LOGITS else (th.r_layer_warn, "WARN", "r-layer")
+        if truth["R"] > limit:
+            found.append((status, f"{rule}: at {site} the target is {truth['R']:.2f}x as far from FP32 truth as the reference; the limit is {limit}"))
+    if site == names.LOGITS:
+        real = [f for f in (prompt.get(names.LOGITS) or {}).get("flips", []) if not f.get("near_tie")]
+        if real:
+            found.append(("FAIL", f"real-flip: {len(real)} teacher-forced top-1 flip(s) beyond the near-tie bound, first at position "
+                                  f"{real[0]['position']}"))
+    return found
+
+
+def msprobe_rows(comparison: dict, verdict) -> list[dict[str, str]]:
+    """The CSV's rows as {column: text} (see the module docstring)."""
+    from precision.capture.reader import CaptureReader
+    from precision.errors import PrecisionError
+
+    results = site_results(comparison, verdict)
+    readers, unavailable = {}, None
+    for role in ("expected", "actual"):
+        try:
+            readers[role] = CaptureReader(comparison[role]["path"])
+        except PrecisionError as exc:
+            unavailable = f"the {role} capture is not readable here ({exc}); metrics from comparison.json"
+    rows = []
+    for prompt in comparison["prompts"]:
+        handles = None
+        if unavailable is None:
+            records = {role: next((r for r in reader.prompts if r.id == prompt["id"]), None) for role, reader in readers.items()}
+            if None in records.values():
+                unavailable = f"prompt {prompt['id']!r} is not in the captures at their recorded paths; metrics from comparison.json"
+            else:
+                handles = {role: (readers[role].arrays(records[role], verify=False), records[role]) for role in readers}
+        for entry in prompt["sites"]:
+            status, messages = results[(prompt["id"], entry["site"])]
+            rows.append(_row(comparison, prompt["id"], entry, status, messages, handles, unavailable))
+    return rows
+
+
+def _row(comparison: dict, prompt_id: str, entry: dict, status: str, messages: list[str], handles, unavailable) -> dict[str, str]:
+    site = entry["site"]
+    name = f"{prompt_id}.{site}"
+    row = {"NPU Name": name, "Bench Name": name, "NPU Requires_grad": "False", "Bench Requires_grad": "False",
+           "Requires_grad Consistent": "True", "Result": RESULT_LEVELS[status], "NPU_Stack_Info": "N/A"}
+    if handles is not None:
+        (e_file, e_rec), (a_file, a_rec) = handles["expected"], handles["actual"]
+        metrics, e_stats, a_stats = tensor_pair_figures(e_file, a_file, site)
+        row.update({"NPU Dtype": _torch_dtype(a_file.dtype_name(site)), "Bench Dtype": _torch_dtype(e_file.dtype_name(site)),
+                    "NPU Tensor Shape": str(list(a_file.shape(site))), "Bench Tensor Shape": str(list(e_file.shape(site))),
+                    "Data_name": str([str(a_file.path), str(e_file.path)])})
+        for column, key in METRIC_COLUMNS.items():
+            row[column] = _number(metrics[key], "unsupported")
+        for side, stats in (("NPU", a_stats), ("Bench", e_stats)):
+            for label, value in zip(("max", "min", "mean", "l2norm"), stats):
+                row[f"{side} {label}"] = _number(value, "nan")
+    else:
+        dtypes = {role: comparison[role].get("dtype") for role in ("expected", "actual")}
+        from_comparison = comparison.get("metric_convention") == "msprobe"
+        row.update({"NPU Dtype": f"torch.{dtypes['actual']}", "Bench Dtype": f"torch.{dtypes['expected']}",
+                    "NPU Tensor Shape": "N/A", "Bench Tensor Shape": "N/A", "Data_name": "N/A"})
+        for column, key in METRIC_COLUMNS.items():
+            row[column] = _number(entry["metrics"][key], "unsupported") if from_comparison else "N/A"
+        for side in ("NPU", "Bench"):
+            for label in ("max", "min", "mean", "l2norm"):
+                row[f"{side} {label}"] = "N/A"
+        messages = messages + [f"note: {unavailable if from_comparison else unavailable.replace('metrics from comparison.json', 'msprobe metrics unavailable (comparison.json holds the precision-check convention)')}"]
+    row["Err_message"] = json.dumps(messages, ensure_ascii=False)
+    return row
+
+
+def tensor_pair_figures(e_file, a_file, site: str):
+    """msprobe's metrics of one site (precision.metrics.msprobe, streamed over row blocks) and each side's float64
+    (max, min, mean, l2norm) over every element."""
+    from precision.metrics.tensor import StreamingStats
+
+    shape = tuple(e_file.shape(site))
+    if tuple(a_file.shape(site)) != shape:
+        raise ValueError(f"{site}: shapes {shape} and {tuple(a_file.shape(site))} differ")
+    rows_per_block = max(1, _BLOCK_ELEMENTS // max(int(np.prod(shape[1:], dtype=np.int64)), 1))
+    stream = StreamingStats(shape, "msprobe")
+    sides = [_Statistics(), _Statistics()]
+    for start in range(0, shape[0], rows_per_block):
+        stop = min(start + rows_per_block, shape[0])
+        e, a = e_file.rows(site, start, stop), a_file.rows(site, start, stop)
+        stream.add(e, a)
+        sides[0].add(e)
+        sides[1].add(a)
+    result = stream.result()
+    metrics = {key: getattr(result, key) for key in METRIC_COLUMNS.values()}
+    return metrics, sides[0].result(), sides[1].result()
+
+
+class _Statistics:
+    """max, min, mean and l2 norm of every element, in float64; NaN and Inf propagate as in torch's statistics."""
+
+    def __init__(self) -> None:
+        self.max, self.min, self.sum, self.squares, self.count = -math.inf, math.inf, 0.0, 0.0, 0
+
+    def add(self, block: np.ndarray) -> None:
+        values = block.astype(np.float64, copy=False).reshape(-1)
+        if values.size == 0:
+            return
+        self.max = float(np.maximum(self.max, values.max()))  # np.maximum keeps a NaN from either side
+        self.min = float(np.minimum(self.min, values.min()))
+        self.sum += float(values.sum())
+        self.squares += float(np.dot(values, values))
+        self.count += values.size
+
+    def result(self) -> tuple[float, float, float, float]:
+        if not self.count:
+            return (math.nan,) * 4
+        return self.max, self.min, self.sum / self.count, math.sqrt(self.squares)
+
+
+def _torch_dtype(safetensors_dtype: str) -> str:
+    return {"BF16": "torch.bfloat16", "F16": "torch.float16", "F32": "torch.float32", "F64": "torch.float64"}.get(
+        safetensors_dtype, safetensors_dtype)
+
+
+def _number(value, nan_text: str) -> str:
+    if value is None:
+        return "N/A"
+    value = float(value)
+    if math.isnan(value):
+        return nan_text
+    return repr(value) if math.isfinite(value) else ("inf" if value > 0 else "-inf")
+
+
+def msprobe_csv_text(comparison: dict, verdict) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=MSPROBE_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(msprobe_rows(comparison, verdict))
+    return buffer.getvalue()
+
+
+def write_msprobe_csv(out_dir: str | Path, comparison: dict, verdict) -> Path:
+    """Write ``out_dir/msprobe_compare.csv`` and list it in the directory's marker, so --force knows it as ours."""
+    from precision.io import write_text_atomic
+
+    out_dir = Path(out_dir)
+    path = out_dir / CSV_NAME
+    write_text_atomic(path, msprobe_csv_text(comparison, verdict))
+    _register(out_dir)
+    return path
+
+
+def _register(out_dir: Path) -> None:
+    from precision.outputs import OutputDir, read_marker
+
+    marker = read_marker(out_dir)
+    if marker is not None and CSV_NAME not in marker.get("entries", []):
+        OutputDir(out_dir, marker["kind"]).register([CSV_NAME])
+
+
+def export_comparison(comparison: str | Path, *, out: str | Path | None = None, thresholds=None) -> Path:
+    """Judge a comparison.json (or the directory holding it) and write msprobe_compare.csv beside it or into ``out``."""
+    from precision.analysis.verdict import judge
+    from precision.contract import ContractError
+    from precision.errors import PrecisionError
+    from precision.io import read_result_json
+    from precision.outputs import claim_for_update
+
+    path = Path(comparison)
+    path = path / "comparison.json" if path.is_dir() else path
+    try:
+        document = read_result_json(path)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise PrecisionError(f"cannot read comparison {path}: {exc}; pass the comparison.json written by 'precision-check compare' or run") from exc
+    except ContractError as exc:
+        raise PrecisionError(f"{path} is damaged or of another version ({exc}); recreate it with 'precision-check compare'") from exc
+    if not isinstance(document, dict) or document.get("format") != "precision-check-comparison":
+        raise PrecisionError(f"{path} is not a precision-check comparison.json")
+    out_dir = Path(out) if out else path.parent
+    with claim_for_update(out_dir, ("run", "comparison", "selftest-case"), new_kind="comparison", inputs=[]):
+        return write_msprobe_csv(out_dir, document, judge(document, thresholds))
+
