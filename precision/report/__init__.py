@@ -72,7 +72,7 @@ def _load_manifests(comparison: dict) -> dict[str, dict]:
 
 def write_report(out_dir: str | Path, comparison: dict, verdict: Verdict, *, command: str | None = None,
                  template_dir: Path = TEMPLATE_DIR) -> dict[str, Path]:
-    """Write report.html, summary.md and summary.json into ``out_dir``; returns their paths."""
+    """Write report.html, summary.md, summary.json and msprobe_compare.csv into ``out_dir``; returns their paths."""
     out_dir = Path(out_dir)
     manifests = _load_manifests(comparison)
     model_path = manifests.get("expected", {}).get("model", {}).get("path")
@@ -83,6 +83,9 @@ def write_report(out_dir: str | Path, comparison: dict, verdict: Verdict, *, com
     write_text_atomic(paths["report.html"], env.get_template("report.html.j2").render(**view))
     write_text_atomic(paths["summary.md"], markdown_env.get_template("summary.md.j2").render(**view))
     write_json_atomic(paths["summary.json"], summary_json(comparison, verdict))
+    from precision.interop.msprobe_export import CSV_NAME, write_msprobe_csv  # msprobe's compare result layout, for its tooling
+
+    paths[CSV_NAME] = write_msprobe_csv(out_dir, comparison, verdict)
     return paths
 
 
