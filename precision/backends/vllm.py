@@ -25,6 +25,7 @@ from typing import Any, Sequence
 from precision.backends import vllm_compat
 from precision.backends.base import Backend
 from precision.backends.vllm_compat import cpu_head_sizes, device_type
+from precision.backends.vllm_performance import PlainPassPerformance
 from precision.backends.vllm_platform import CPU_ENV_DEFAULTS, platform_record
 from precision.capture.sites import CaptureSelection
 from precision.errors import BackendError
@@ -61,7 +62,7 @@ def _check_known_engine_args(user: dict[str, Any]) -> None:
         raise BackendError(f"unknown vLLM engine setting(s): {hints}; see vLLM's EngineArgs for the names")
 
 
-class VllmBackend(Backend):
+class VllmBackend(PlainPassPerformance, Backend):
     name = "vllm"
 
     def validate(self) -> None:
