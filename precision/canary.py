@@ -41,7 +41,7 @@ from precision.analysis.near_tie import FAMILY_ALPHA, family_z, mantissa_bits, u
 from precision.capture.reader import CaptureReader, PromptRecord
 from precision.errors import PrecisionError
 from precision.golden import load_store, verify_store
-from precision.names import LOGITS, POSITIONS
+from precision.names import LOGITS, NEAR_TIE, POSITIONS
 
 DEFAULT_TOP_K = 20
 """prompt_logprobs asked for: vLLM's default --max-logprobs is 20, so a production server accepts it."""
@@ -200,7 +200,7 @@ class PromptResult:
 
     @property
     def real_flips(self) -> list[dict]:
-        return [f for f in self.flips if not f["near_tie"]]
+        return [f for f in self.flips if not f[NEAR_TIE]]
 
 
 def _envelope_sigmas(prompt: StoredPrompt, row: int, i: int, j: int) -> float | None:
@@ -243,7 +243,7 @@ def judge(prompts: list[StoredPrompt], answers: list[list[dict[int, tuple[float,
         flip["envelope_sigma"] = sigma if sigma is not None else largest
         flip["envelope_sigma_source"] = "this position" if sigma is not None else "largest of the envelope's positions"
         flip["bound"] = flip["rounding_allowance"] + z * math.sqrt(2.0) * flip["envelope_sigma"]
-        flip["near_tie"] = bool(flip["margin"] <= flip["bound"])
+        flip[NEAR_TIE] = bool(flip["margin"] <= flip["bound"])
     return results
 
 

@@ -105,7 +105,7 @@ def measure_plain_pass(llm: Any, prompts: Sequence[tuple[Sequence[int], int]], *
         timings = [_measure_prompt(llm, list(ids), max(int(new), 1), seed) for ids, new in prompts]
     finally:
         vllm_compat.rpc(llm, "precision_install_hooks")
-    return {"pass": PASS_DESCRIPTION, "repeats": REPEATS, "definitions": dict(DEFINITIONS), "prompts": timings}
+    return {"method": PASS_DESCRIPTION, "repeats": REPEATS, "definitions": dict(DEFINITIONS), "prompts": timings}
 
 
 class PlainPassPerformance:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from precision.contract.codec import described, optional_key
+from precision.contract.performance import PerformanceRecord
 
 CAPTURE_FORMAT = "precision-check-capture"
 CAPTURE_VERSION = 1
@@ -22,6 +23,7 @@ class BackendRecord:
     engine: str
     dtype: str
     device: str | None = optional_key()
+    performance: PerformanceRecord = optional_key("The vLLM target's speed on a plain pass (precision.backends.vllm_performance); absent for other backends.")
     extra: dict[str, Any] = field(default_factory=dict)
 
 
