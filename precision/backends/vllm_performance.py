@@ -27,14 +27,13 @@ rates are pooled: sum of tokens over sum of seconds.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import statistics
 import time
 from typing import Any, Sequence
 
 from precision.backends import vllm_compat
+from precision.contract.performance import prompt_digest
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +54,6 @@ DEFINITIONS: dict[str, str] = {
 
 PASS_DESCRIPTION = ("plain pass before the hooked capture, capture hooks removed, one request at a time, under the capture's engine "
                     "settings (eager, no prefix caching, one sequence per step)")
-
-
-def prompt_digest(token_ids: Sequence[int]) -> str:
-    """sha256 of the JSON list of a prompt's token ids: joins a timing with the manifest's prompt record."""
-    return hashlib.sha256(json.dumps([int(t) for t in token_ids]).encode()).hexdigest()
 
 
 def _generate(llm: Any, token_ids: list[int], max_tokens: int, seed: int) -> tuple[float, Any]:

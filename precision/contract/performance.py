@@ -3,9 +3,18 @@ description, under ``performance``. Performance, not precision: no verdict reads
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
+from typing import Sequence
 
 from precision.contract.codec import described
+
+
+def prompt_digest(token_ids: Sequence[int]) -> str:
+    """sha256 of the JSON list of a prompt's token ids: the key that joins a timing (PromptTiming.prompt_sha256) with
+    the manifest's prompt record, which holds the prompt's id and category."""
+    return hashlib.sha256(json.dumps([int(t) for t in token_ids]).encode()).hexdigest()
 
 
 @dataclass(frozen=True, kw_only=True)

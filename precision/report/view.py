@@ -15,6 +15,7 @@ from precision import names
 from precision.analysis.theory import BF16_U, FP32_U, ONE_ROUNDING, ROUNDINGS_PER_LAYER
 from precision.analysis.verdict import Status, Verdict
 from precision.report.explanation import NO_ENVELOPE, R_SAME_BAND, explain, layers_phrase, r_wording
+from precision.report.performance import performance_view
 from precision.report.svg import Band, Series, bar_chart, line_chart
 
 Decoder = Callable[[list[int]], str]
@@ -292,6 +293,7 @@ def build_view(comparison: dict, verdict: Verdict, *, decode: Decoder | None = N
         "definitions": comparison["definitions"],
         "report_definitions": _report_definitions(has_truth),
         "non_finite_rows": _non_finite_rows(comparison),
+        "performance": performance_view(manifests),
         "first_non_finite": analysis.get("first_non_finite"),
         "extra_site_columns": _extra_site_columns(sites),
         "ulp_buckets": ulp_buckets(sites),
