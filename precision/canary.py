@@ -253,7 +253,7 @@ def run_canary(url: str, store: str | Path, *, model: str | None = None, top_k: 
     url = check_url(url)
     if top_k < 1:
         raise PrecisionError(f"--top-k {top_k}: must be at least 1 (the server's --max-logprobs caps it; vLLM's default is 20)")
+    name = served_model(url, model, timeout)  # the server first: a wrong URL is the commonest mistake, and the cheapest to find
     prompts = load_expectations(store)
-    name = served_model(url, model, timeout)
     answers = [prompt_logprobs(url, name, p.token_ids, top_k, timeout) for p in prompts]
     return judge(prompts, answers)

@@ -31,7 +31,7 @@ def handle(args) -> int:
               f"{len(result.real_flips)} real; largest |logprob error| of the forced tokens {result.max_forced_logprob_error:.3e} nats")
     for result, flip in real:
         print(f"FAIL {result.id} position {flip['position']}: the server ranks token {flip['actual_token']} first, the reference "
-              f"token {flip['expected_token']} by a margin of {flip['margin']:.4g} nats, beyond the near-tie bound {flip['bound']:.4g} "
+              f"token {flip['expected_token']}, which the reference prefers by {flip['margin']:.4g} nats, beyond the near-tie bound {flip['bound']:.4g} "
               f"(rounding {flip['rounding_allowance']:.3g} + z {flip['z']:.2f} x sqrt(2) x envelope sigma {flip['envelope_sigma']:.3g})")
     worst = max((f["margin"] / f["bound"] for _, f in flips if f["bound"] > 0), default=0.0)
     status = "FAIL" if real else "PASS"
