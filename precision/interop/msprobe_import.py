@@ -26,7 +26,7 @@ from precision.capture.writer import CapturePlan, PlannedPrompt
 from precision.environment import utc_now
 from precision.errors import PrecisionError
 from precision.interop.msprobe_dump import DumpError, find_dumps
-from precision.interop.msprobe_sites import RESIDUAL_CONVENTIONS, ForwardPass, PassTensors, forward_passes, pass_tensors
+from precision.interop.msprobe_sites import RESIDUAL_CONVENTIONS, ForwardPass, PassTensors, PassTokens, forward_passes, pass_tensors, pass_tokens
 from precision.io import write_json_atomic
 from precision.model import sha256_file
 from precision.names import EMBED, FINAL_NORM, LOGITS, POSITIONS, layer_site
@@ -64,6 +64,8 @@ def import_msprobe(dump_dir: str | Path, model: str | Path, out: str | Path, *, 
         raise DumpError(f"{dump_dir} holds {len(passes)} forward pass(es) ({', '.join(fp.label for fp in passes[:6])}), the "
                         f"{'reference capture' if teacher_forcing else 'prompt set'} has {len(plan.prompts)} prompt(s); "
                         "pass the capture or prompt set the dumped run was fed, in the same order")
+    # Every pass is aligned from dump.json and the small id tensors before anything is written.
+    planned = [_align(fp, pass_tokens(fp), plan.prompts[i] if plan else None, len(passes)) for i, fp in enumerate(passes)]
     out = Path(out)
     with claim_output_dir(out, "capture", force=force, complete_marker=schema.MANIFEST, inputs=[dump_dir, info.path, teacher_forcing],
                           can_resume=False):
@@ -71,7 +73,9 @@ def import_msprobe(dump_dir: str | Path, model: str | Path, out: str | Path, *, 
         records, sites_seen, notes, residuals, dtypes = [], set(), [], set(), set()
         for index, fp in enumerate(passes):
             read = pass_tensors(fp)
-            planned = _align(fp, read, plan.prompts[index] if plan else None, len(passes))
+            expected = len(planned[index].prompt_ids) + len(planned[index].continuation_ids or ())
+            if any(t.shape[0] != expected for t in read.tensors.values()):
+                raise DumpError(f"forward pass {fp.label}: its sites hold different numbers of positions; the dump is damaged, dump again")
             dtype = _check_sizes(fp, read, info)
             dtypes.add(dtype)
             if len(dtypes) > 1:
@@ -79,7 +83,7 @@ def import_msprobe(dump_dir: str | Path, model: str | Path, out: str | Path, *, 
             notes += [f"{fp.label}: {n}" for n in read.notes] + _cast_logits(read, dtype, fp.label)
             residuals.add(read.residual)
             sites_seen.add(tuple(sorted(read.tensors)))
-            records.append(_write_pass(out, index, planned, read))
+            records.append(_write_pass(out, index, planned[index], read))
         if len(sites_seen) > 1:
             raise DumpError(f"{dump_dir}: the forward passes hold different sites ({[list(s) for s in sites_seen][:2]}); "
                             "dump every pass with the same configuration")
@@ -103,9 +107,9 @@ def _plan(info, teacher_forcing, prompts, trust_remote_code: bool) -> CapturePla
     return None
 
 
-def _align(fp: ForwardPass, read: PassTensors, planned: PlannedPrompt | None, count: int) -> PlannedPrompt:
+def _align(fp: ForwardPass, read: PassTokens, planned: PlannedPrompt | None, count: int) -> PlannedPrompt:
     """The prompt pass ``fp`` ran on, checked against what the dump itself says."""
-    tokens = next(iter(read.tensors.values())).shape[0]
+    tokens = read.tokens
     where = f"forward pass {fp.label} ({tokens} tokens)"
     if read.positions is not None and read.positions != tuple(range(tokens)):
         raise DumpError(f"{where} ran at positions {read.positions[0]}..{read.positions[-1]}, not 0..{tokens - 1}: a decode step of a "

@@ -91,13 +91,39 @@ def as_rows(tensor, where: str):
 
 
 @dataclass
+class PassTokens:
+    """What a pass ran on, read before its hidden states: the embedding's input ids and the layers' positions."""
+
+    tokens: int
+    """Positions in the pass (rows of its hidden states, from dump.json's shapes)."""
+    token_ids: tuple[int, ...] | None
+    positions: tuple[int, ...] | None
+    """The decoder layers' position_ids, when the dump holds them."""
+
+
+def pass_tokens(fp: ForwardPass) -> PassTokens:
+    first = fp.layers[min(fp.layers)]
+    outputs = first.output_tensors()
+    if not outputs:
+        raise DumpError(f"{fp.dump.path} ({fp.label}): {first.key} has no dumped output tensor; dump again with \"data_mode\": [\"all\"]")
+    shape = outputs[0].get("shape") or []
+    tokens = shape[-2] if len(shape) >= 2 else 0
+    token_ids = positions = None
+    if fp.embed is not None:
+        inputs = fp.embed.input_tensors()
+        if inputs and "int" in str(inputs[0].get("dtype", "")):
+            token_ids = tuple(int(t) for t in fp.dump.load(inputs[0]).reshape(-1).tolist())
+    record = first.kwarg_tensor("position_ids")
+    if record is not None:
+        positions = tuple(int(p) for p in fp.dump.load(record).reshape(-1).tolist())
+    return PassTokens(tokens, token_ids, positions)
+
+
+@dataclass
 class PassTensors:
     """The capture sites of one forward pass, each [tokens, width], and what was done to get them."""
 
     tensors: dict
-    token_ids: tuple[int, ...] | None
-    positions: tuple[int, ...] | None
-    """The decoder layers' position_ids, when the dump holds them."""
     residual: str | None
     notes: list[str]
 
@@ -106,14 +132,10 @@ def pass_tensors(fp: ForwardPass) -> PassTensors:
     """Read one pass's site tensors from the dump (see the module docstring)."""
     tensors, notes, conventions = {}, [], set()
     where = f"{fp.dump.path} ({fp.label})"
-    token_ids = positions = None
     if fp.embed is not None:
         outputs = fp.embed.output_tensors()
         if outputs:
             tensors[EMBED] = as_rows(fp.dump.load(outputs[0]), f"{where} {fp.embed.key}")
-        inputs = fp.embed.input_tensors()
-        if inputs and "int" in str(inputs[0].get("dtype", "")):
-            token_ids = tuple(int(t) for t in fp.dump.load(inputs[0]).reshape(-1).tolist())
     for index, call in sorted(fp.layers.items()):
         outputs = call.output_tensors()
         if not outputs:
@@ -123,10 +145,6 @@ def pass_tensors(fp: ForwardPass) -> PassTensors:
         conventions.add(RESIDUAL_OUTPUT if second is None else RESIDUAL_SUM)
         stream = first if second is None else first + second
         tensors[layer_site(index)] = as_rows(stream, f"{where} {call.key}")
-        if positions is None:
-            record = call.kwarg_tensor("position_ids")
-            if record is not None:
-                positions = tuple(int(p) for p in fp.dump.load(record).reshape(-1).tolist())
     if len(conventions) > 1:
         raise DumpError(f"{where}: some decoder layers return one tensor and others (hidden, residual); the residual stream "
                         "cannot be read consistently from this dump")
@@ -147,4 +165,4 @@ def pass_tensors(fp: ForwardPass) -> PassTensors:
             else:
                 notes.append(f"logits: {fp.logits.key} covers {logits.shape[0]} of {tokens} positions (an engine computes "
                              "logits only where it samples); not imported")
-    return PassTensors(tensors, token_ids, positions, conventions.pop() if conventions else None, notes)
+    return PassTensors(tensors, conventions.pop() if conventions else None, notes)
