@@ -230,7 +230,7 @@ class ServingBackend(Backend):
             raise BackendError(f"serving configuration {self.serving.name!r}: neither the decoder layers' hooks nor the outer model's "
                                f"forward saw every position of the sequence (hook calls {rank0['calls']}, positions missing "
                                f"{rank0['missing_positions']}); nothing comparable was captured")
-        self.evidence.append({**{k: rank0[k] for k in ("level", "calls", "requests", "positions_from_earlier_requests", "compilation_counters")},
+        self.evidence.append({**{k: rank0[k] for k in ("level", "calls", "requests", "steps", "positions_from_earlier_requests", "compilation_counters")},
                               **served, "sequence_length": len(token_ids)})
 
     def levels(self) -> set[str]:

@@ -45,6 +45,7 @@ from precision.planning import plan_from_prompts
 from precision.prompts import DEFAULT_MAX_NEW_TOKENS
 from precision.reference_side import DEFAULT_REFERENCE, DEFAULT_TRUTH, CapturedReference, CaptureSettings, capture_role, resolve_model
 from precision.serving.engine import ServingBackend, ServingConfig
+from precision.serving.invariance import site_invariance
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +185,7 @@ class _Context:
         destination = self.out / "configurations" / serving.name
         _write_comparison(destination, comparison, verdict)
         row = _row(serving, served, comparison, verdict, level)
+        row["invariance"] = site_invariance(self.view(BASELINE, self.baseline, LOGITS_SITES if level == "logits" else None), served)
         if self.config.bisect and verdict.status is Status.FAIL:
             row["bisection"] = self.bisect(serving, comparison, verdict)
         return row
@@ -265,6 +267,8 @@ def _evidence_summary(served: CaptureReader, level: str) -> dict:
     return {"why": why, "hook_calls": calls, "backend_compilations": compiled, "graphs_seen": graphs,
             "positions_from_cache": sum(cached), "cached_tokens_reported": [e.get("cached_tokens") for e in evidence],
             "requests_per_sequence": [len(e["requests"]) for e in evidence],
+            "steps_per_sequence": [len(e.get("steps", [])) for e in evidence],
+            "largest_shared_step": max((step["requests"] for e in evidence for step in e.get("steps", [])), default=None),
             "companion_lengths": evidence[0].get("companion_lengths") if evidence else None}
 
 

@@ -58,6 +58,7 @@ class ServingWorkerExtension:
         self._parity_pending: list[tuple[str, Any]] = []
         self._parity_errors: list[str] = []
         self._parity_requests: list[str] = []
+        self._parity_steps: list[list[list]] = []
 
     def _parity_matching(self) -> list[tuple[str, int, int, int]]:
         """(request id, prompt length, first row, end row) of this step's requests whose prompt is a prefix of
@@ -108,6 +109,9 @@ class ServingWorkerExtension:
             self._parity_errors.append("the outer model's forward was called without positions, or returned no tensor")
             return
         try:
+            if self._parity_matching():
+                # The step's composition: rows of every request in it, the sequence's own marked with its id.
+                self._parity_steps.append([[req_id, end - start] for req_id, _prompt, start, end in vllm_compat.step_request_rows(self)])
             self._parity_store(OUTER, output, positions)
             for name, tensor in self._parity_pending:
                 self._parity_store(name, tensor, positions)
@@ -152,6 +156,8 @@ class ServingWorkerExtension:
         result = {
             "rank": vllm_compat.worker_rank(self), "level": level, "path": None, "errors": list(self._parity_errors),
             "calls": dict(self._parity_calls), "requests": list(self._parity_requests),
+            "steps": [{"requests": len(step), "rows": sum(n for _, n in step),
+                       "own_rows": sum(n for r, n in step if r in self._parity_requests)} for step in self._parity_steps],
             "positions_from_earlier_requests": sorted(p for p, r in source.items() if r != final_request),
             "missing_positions": {name: length - len(store) for name, store in rows.items() if len(store) != length},
             "compilation_counters": {"now": after, "during_capture": {k: after[k] - self._parity_counters_before.get(k, 0) for k in after}},
