@@ -103,6 +103,26 @@ def _settings_text(settings: Mapping[str, Any]) -> str:
     return ", ".join(f"{key}={value!r}" for key, value in settings.items())
 
 
+def vllm_setting_dependencies(baseline: Mapping[str, Any], failing: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
+    """The dependency map for vLLM engine settings, from the values at hand (vLLM 0.32's own checks):
+
+    - ``max_num_batched_tokens`` below ``max_model_len`` is refused by vLLM's SchedulerConfig unless chunked prefill
+      is on: when the configuration sets ``enable_chunked_prefill`` too, the budget needs it;
+    - ``tensor_parallel_size`` > 1 on the CPU build runs its ranks as processes: when the configuration names a
+      ``distributed_executor_backend``, the parallel size needs it.
+    Only settings the configuration itself sets are named (a dependency on an unset one is an error for
+    ``bisect_settings``, not something to invent)."""
+    merged = {**baseline, **failing}
+    needs: dict[str, tuple[str, ...]] = {}
+    budget, max_len = merged.get("max_num_batched_tokens"), merged.get("max_model_len")
+    if "max_num_batched_tokens" in failing and "enable_chunked_prefill" in failing and failing["enable_chunked_prefill"]:
+        if isinstance(budget, int) and isinstance(max_len, int) and budget < max_len:
+            needs["max_num_batched_tokens"] = ("enable_chunked_prefill",)
+    if "distributed_executor_backend" in failing and isinstance(failing.get("tensor_parallel_size"), int) and failing["tensor_parallel_size"] > 1:
+        needs["tensor_parallel_size"] = ("distributed_executor_backend",)
+    return needs
+
+
 def ddmin_trial_bound(changes: int) -> int:
     """ddmin's worst-case number of trials over ``changes`` settings: n^2 + 3n (Zeller & Hildebrandt 2002, sec. 5),
     plus the two checks made before it (the full configuration and the baseline)."""

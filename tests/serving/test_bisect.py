@@ -7,7 +7,7 @@ import itertools
 import pytest
 
 from precision.errors import PrecisionError
-from precision.serving.bisect import (BisectionError, Outcome, bisect_settings, ddmin_trial_bound,
+from precision.serving.bisect import (BisectionError, Outcome, bisect_settings, ddmin_trial_bound, vllm_setting_dependencies,
                                       single_culprit_trial_bound)
 
 BASELINE = {"enforce_eager": True, "enable_prefix_caching": False, "max_num_seqs": 1, "enable_chunked_prefill": False,
@@ -130,3 +130,17 @@ def test_every_single_culprit_and_every_pair_is_found_within_ddmins_bounds(size)
         found = set(result.culprit)
         assert found in ({names[0], names[1]}, {names[-1]})
         assert all(not oracle({k: 1 for k in found - {drop}}) for drop in found)
+
+
+def test_vllm_dependencies_follow_vllms_own_checks():
+    baseline = {"max_model_len": 512, "max_num_batched_tokens": 512, "tensor_parallel_size": 1}
+    chunked = {"enable_chunked_prefill": True, "max_num_batched_tokens": 16, "enforce_eager": False}
+    assert vllm_setting_dependencies(baseline, chunked) == {"max_num_batched_tokens": ("enable_chunked_prefill",)}
+    # A budget that still holds max_model_len needs no chunked prefill, and one without the switch names nothing.
+    assert vllm_setting_dependencies(baseline, {**chunked, "max_num_batched_tokens": 1024}) == {}
+    assert vllm_setting_dependencies(baseline, {"max_num_batched_tokens": 16}) == {}
+    tp = {"tensor_parallel_size": 2, "distributed_executor_backend": "mp"}
+    assert vllm_setting_dependencies(baseline, tp) == {"tensor_parallel_size": ("distributed_executor_backend",)}
+    result = bisect_settings(baseline, {**chunked, **tp}, Oracle({"tensor_parallel_size"}),
+                             dependencies=vllm_setting_dependencies(baseline, {**chunked, **tp}))
+    assert result.culprit == {"tensor_parallel_size": 2} and result.required == {"distributed_executor_backend": "mp"}
