@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -51,7 +52,8 @@ class Server:
         command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--served-model-name", name,
                    "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "bfloat16", "--max-model-len", "2048", "--enforce-eager"]
         self.handle = open(log, "wb")
-        self.process = subprocess.Popen(command, stdout=self.handle, stderr=subprocess.STDOUT, env=env)
+        # A session of its own: stop() ends the server's whole process group, an engine-core child included.
+        self.process = subprocess.Popen(command, stdout=self.handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
     def wait(self, deadline: float) -> None:
         while time.monotonic() < deadline:
@@ -63,12 +65,16 @@ class Server:
         pytest.fail(f"vllm serve did not answer /health within {SERVER_START_TIMEOUT_S} s; log: {self.log}")
 
     def stop(self) -> None:
-        self.process.terminate()
         try:
+            os.killpg(self.process.pid, signal.SIGTERM)
             self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+        try:  # whatever of the group outlived the server (an engine core that ignored SIGTERM)
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait()
         self.handle.close()
 
 
@@ -84,8 +90,9 @@ def builtin_store(builtin_path, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def served(builtin_path, tmp_path_factory):
-    """Two servers started together: the built-in model, and its copy with layer 1's down_proj weight x 1.5."""
+def served(builtin_path, tmp_path_factory, request):
+    """Two servers started together: the built-in model, and its copy with layer 1's down_proj weight x 1.5; the
+    golden store is made while they start."""
     from precision.cli import main
 
     root = tmp_path_factory.mktemp("served")
@@ -94,6 +101,7 @@ def served(builtin_path, tmp_path_factory):
     servers = {"healthy": Server(builtin_path, "builtin", root / "healthy.log", root / "cache"),
                "fault": Server(fault, "builtin-fault", root / "fault.log", root / "cache")}
     try:
+        request.getfixturevalue("builtin_store")
         deadline = time.monotonic() + SERVER_START_TIMEOUT_S
         for server in servers.values():
             server.wait(deadline)
