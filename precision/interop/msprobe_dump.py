@@ -86,11 +86,8 @@ class RankDump:
     def directory(self) -> Path:
         return self.path.parent
 
-    def load(self, record: dict):
-        """The tensor a dump.json record names, as torch: ``.pt`` through torch.load(weights_only=True) (no pickle
-        code runs), ``.npy`` through numpy.load(allow_pickle=False)."""
-        import torch
-
+    def tensor_file(self, record: dict) -> Path:
+        """The file a dump.json tensor record names, which must exist."""
         name = record["data_name"]
         if not _SAFE_FILE.match(name):  # a name from a file we did not write: never a path out of the directory
             raise DumpError(f"{self.path}: tensor file name {name!r} is not a plain .pt or .npy file name; the dump is damaged, dump again")
@@ -98,6 +95,15 @@ class RankDump:
         if not file.is_file():
             raise DumpError(f"{file} is missing (dump.json lists it); copy the whole dump directory, dump_tensor_data/ included, "
                             "or dump again with task \"tensor\"")
+        return file
+
+    def load(self, record: dict):
+        """The tensor a dump.json record names, as torch: ``.pt`` through torch.load(weights_only=True) (no pickle
+        code runs), ``.npy`` through numpy.load(allow_pickle=False)."""
+        import torch
+
+        file = self.tensor_file(record)
+        name = file.name
         try:
             if name.endswith(".npy"):
                 import numpy as np

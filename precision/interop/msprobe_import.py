@@ -26,7 +26,7 @@ from precision.capture.writer import CapturePlan, PlannedPrompt
 from precision.environment import utc_now
 from precision.errors import PrecisionError
 from precision.interop.msprobe_dump import DumpError, find_dumps
-from precision.interop.msprobe_sites import RESIDUAL_CONVENTIONS, ForwardPass, PassTensors, PassTokens, forward_passes, pass_tensors, pass_tokens
+from precision.interop.msprobe_sites import RESIDUAL_CONVENTIONS, ForwardPass, PassTensors, PassTokens, check_files, forward_passes, pass_tensors, pass_tokens
 from precision.io import write_json_atomic
 from precision.model import sha256_file
 from precision.names import EMBED, FINAL_NORM, LOGITS, POSITIONS, layer_site
@@ -66,6 +66,8 @@ def import_msprobe(dump_dir: str | Path, model: str | Path, out: str | Path, *, 
                         "pass the capture or prompt set the dumped run was fed, in the same order")
     # Every pass is aligned from dump.json and the small id tensors before anything is written.
     planned = [_align(fp, pass_tokens(fp), plan.prompts[i] if plan else None, len(passes)) for i, fp in enumerate(passes)]
+    for fp in passes:
+        check_files(fp)
     out = Path(out)
     with claim_output_dir(out, "capture", force=force, complete_marker=schema.MANIFEST, inputs=[dump_dir, info.path, teacher_forcing],
                           can_resume=False):

@@ -78,6 +78,14 @@ def forward_passes(dump: RankDump) -> list[ForwardPass]:
     return [passes[k] for k in sorted(passes)]
 
 
+def check_files(fp: ForwardPass) -> None:
+    """Every tensor file the pass's sites need is there (checked before anything is written)."""
+    calls = [fp.embed, *fp.layers.values(), fp.final_norm, fp.logits]
+    for call in [c for c in calls if c is not None]:
+        for record in call.output_tensors()[:2]:
+            fp.dump.tensor_file(record)
+
+
 def as_rows(tensor, where: str):
     """A [1, tokens, width] or [tokens, width] tensor as [tokens, width]."""
     if tensor.dim() == 3 and tensor.shape[0] == 1:
