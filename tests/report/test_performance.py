@@ -1,0 +1,90 @@
+"""The vLLM target's performance record (precision.backends.vllm_performance) on real vLLM CPU captures of
+stories260K, and its "Performance (not precision)" section in report.html and summary.md, with and without it."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+
+from precision.backends.vllm_performance import DEFINITIONS, SOURCE_METRICS, SOURCE_WALL_CLOCK
+from precision.cli import main
+from precision.contract.performance import prompt_digest
+from precision.report.performance import NOT_MEASURED
+from tests.conftest import requires_vllm
+
+
+def _vllm_capture(stories, stories_reference, out, engine_args=None):
+    from precision.backends import BackendOptions, create_backend
+    from precision.capture.writer import CapturePlan, capture
+
+    backend = create_backend("vllm", stories, BackendOptions(engine_args=engine_args or {}))
+    return capture(backend, CapturePlan.following(stories_reference), out, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def vllm_target(stories, stories_reference, tmp_path_factory):
+    return _vllm_capture(stories, stories_reference, tmp_path_factory.mktemp("perf") / "vllm")
+
+
+def _report(reference, target, out) -> tuple[str, str]:
+    assert main(["-q", "compare", str(reference), str(target), "--out", str(out)]) == 0
+    assert main(["-q", "report", str(out)]) in (0, 1)  # the verdict is not what these tests judge
+    return (out / "summary.md").read_text(encoding="utf-8"), (out / "report.html").read_text(encoding="utf-8")
+
+
+@requires_vllm
+@pytest.mark.vllm
+def test_vllm_capture_records_its_performance_with_definitions(vllm_target, stories_reference):
+    record = vllm_target.manifest["backend"]["performance"]  # the reader checked it against the typed contract
+    assert record["definitions"] == DEFINITIONS and "hooks removed" in record["method"]
+    assert len(record["prompts"]) == len(vllm_target.prompts) == len(stories_reference.prompts)
+    for timing, prompt in zip(record["prompts"], vllm_target.prompts):
+        assert timing["prompt_sha256"] == prompt_digest(prompt.prompt_ids)
+        assert timing["prompt_tokens"] == len(prompt.prompt_ids) and timing["new_tokens"] == len(prompt.continuation_ids)
+        # vLLM's offline LLM keeps no request metrics unless asked (disable_log_stats defaults to True there).
+        assert timing["source"] == SOURCE_WALL_CLOCK
+        assert 0 < timing["ttft_s"] < 600
+        assert timing["prefill_tokens_per_s"] == pytest.approx(timing["prompt_tokens"] / timing["ttft_s"])
+        assert math.isfinite(timing["decode_tokens_per_s"]) and timing["decode_tokens_per_s"] > 0
+    # The plain pass left the capture hooks in place: every layer was still captured afterwards.
+    assert all(f"layer.{i}" in prompt.sites for prompt in vllm_target.prompts for i in range(vllm_target.num_layers))
+
+
+@requires_vllm
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_vllm_request_metrics_are_used_where_the_engine_keeps_them(stories, stories_reference, tmp_path):
+    target = _vllm_capture(stories, stories_reference, tmp_path / "vllm", {"disable_log_stats": False})
+    timings = target.manifest["backend"]["performance"]["prompts"]
+    assert {t["source"] for t in timings} == {SOURCE_METRICS}
+    for timing, prompt in zip(timings, target.prompts):
+        assert timing["new_tokens"] == len(prompt.continuation_ids)
+        assert 0 < timing["ttft_s"] < 600 and timing["prefill_tokens_per_s"] > 0 and timing["decode_tokens_per_s"] > 0
+
+
+@requires_vllm
+@pytest.mark.vllm
+def test_report_shows_the_performance_table_from_the_target_manifest(vllm_target, stories_reference, tmp_path):
+    summary, html = _report(stories_reference.path, vllm_target.path, tmp_path / "cmp")
+    timings = vllm_target.manifest["backend"]["performance"]["prompts"]
+    median_ttft = f"{1000 * statistics.median(t['ttft_s'] for t in timings):.1f}"
+    pooled_prefill = f"{sum(t['prompt_tokens'] for t in timings) / sum(t['ttft_s'] for t in timings):.1f}"
+    for text in (summary, html):
+        assert "Performance (not precision)" in text and NOT_MEASURED not in text
+        assert median_ttft in text and pooled_prefill in text
+        assert "bfloat16" in text and "enforce" in text  # labelled with the engine settings
+    all_row = next(line for line in summary.splitlines() if line.startswith("| all prompts |"))
+    assert f"| {len(timings)} |" in all_row and median_ttft in all_row and pooled_prefill in all_row
+    for category in {p.category for p in vllm_target.prompts}:
+        assert any(line.startswith(f"| {category} |") for line in summary.splitlines())
+    assert "time to first token" in summary and "(n - 1) / (t\\_n - t\\_1)" in summary
+    assert html.index("Performance (not precision)") > html.index("Verdict")
+
+
+def test_report_says_performance_was_not_measured_for_a_transformers_target(capture_pair, tmp_path):
+    summary, html = _report(capture_pair["ref"], capture_pair["tgt"], tmp_path / "cmp")
+    for text in (summary, html):
+        assert "Performance (not precision)" in text and f"{NOT_MEASURED} (hf:cpu:fp16)" in text
+        assert "TTFT (ms" not in text
