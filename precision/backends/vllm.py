@@ -10,6 +10,19 @@ one eager forward step; the backend sets them and refuses user options that woul
     enable_prefix_caching=False cached prefix tokens would not be recomputed
     max_num_batched_tokens >= max_model_len   no chunked prefill: one step sees the whole prompt
     max_num_seqs=1, one prompt per call, temperature 0, fixed seed, no speculative decoding
+and refuses, before anything starts, the vllm-ascend and vLLM settings that break a capture silently
+(precision.backends.ascend_settings). At start it asks the worker for its preflight (precision.backends.
+vllm_preflight): a worker whose model would run as a graph is refused, and the worker's record (classes, graph
+switches, Ascend fingerprint, environment as the worker sees it) goes into the manifest.
+
+Engine isolation. The engine runs in this process on vLLM's CPU build (VLLM_ENABLE_V1_MULTIPROCESSING=0, set only
+when the platform is CPU, with the VLLM_CPU_* defaults): on a 2-core machine vLLM's multiprocess engine starts
+several times slower (the shared vllm-facts notes: 3 s in-process, 17 s multiprocess, tiny model), and a run starts
+engines one after another. Between engines in one process the previous one is torn down provably at
+deactivation: the engine core shut down, vllm-ascend's clear_ascend_config() (v0.11 would otherwise hand the next
+engine the previous global Ascend config) and vLLM's cleanup_dist_env_and_memory() (parallel groups, distributed
+environment, vLLM's environment-variable cache), each where it exists (which ones ran is logged); the environment
+defaults this backend set are removed again.
 """
 
 from __future__ import annotations
@@ -19,10 +32,13 @@ import gc
 import json
 import logging
 import os
+import tempfile
+import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
-from precision.backends import vllm_compat
+from precision.backends import vllm_compat, vllm_preflight
+from precision.backends.ascend_settings import refuse_capture_breaking_settings
 from precision.backends.base import Backend
 from precision.backends.vllm_compat import cpu_head_sizes, device_type
 from precision.backends.vllm_performance import PlainPassPerformance
@@ -34,13 +50,30 @@ from precision.names import EMBED, FINAL_NORM, layer_site
 
 log = logging.getLogger(__name__)
 
-WORKER_EXTENSION = "precision.backends.vllm_worker.CaptureWorkerExtension"
+WORKER_EXTENSION = "precision.backends.vllm_preflight.PrecisionWorkerExtension"
 _REFUSED = {
     "enforce_eager": (False, "compiled forwards and CUDA/ACL graph replay skip Python hooks, so nothing would be captured"),
     "enable_prefix_caching": (True, "cached prefix tokens are not recomputed, so their hidden states would be missing"),
 }
 KV_CACHE_SPACE_VARIABLE = "VLLM_CPU_KVCACHE_SPACE"
 _OWNED = ("model", "tokenizer", "skip_tokenizer_init", "worker_extension_cls")
+IN_PROCESS_VARIABLE = "VLLM_ENABLE_V1_MULTIPROCESSING"
+
+
+def startup_failure(exc: BaseException, settings: dict[str, Any]) -> BackendError:
+    """A one-line error for an engine that failed to start, whatever it raised (vllm-ascend raises RuntimeError for
+    invalid combinations), naming the settings; the traceback goes to a file the line names."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    first = lines[0][:300] if lines else "(no message)"
+    saved = ""
+    try:
+        with tempfile.NamedTemporaryFile("w", prefix="precision-check-engine-start-", suffix=".txt", delete=False) as handle:
+            handle.write("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+        saved = f"; traceback in {handle.name}"
+    except OSError:
+        pass
+    return BackendError(f"vLLM could not start the engine with the settings {settings}: {type(exc).__name__}: {first}{saved}; "
+                        "check those settings (docs/ascend.md lists the ones a capture refuses or needs)")
 
 
 def _positive_int(value: Any, key: str) -> int:
@@ -67,6 +100,7 @@ class VllmBackend(PlainPassPerformance, Backend):
 
     def validate(self) -> None:
         """Check the engine settings and that the model can run, without starting the engine."""
+        refuse_capture_breaking_settings(self.options.engine_args, os.environ)
         if self.options.engine_args or self.options.variants:
             self.engine_kwargs()
         family = FAMILIES.get(self.model.architecture)
@@ -100,6 +134,7 @@ class VllmBackend(PlainPassPerformance, Backend):
         if self.options.variants:
             raise BackendError("implementation variants and planted faults apply to the transformers backend only")
         user = dict(self.options.engine_args)
+        refuse_capture_breaking_settings(user, os.environ)
         for key, (bad_value, why) in _REFUSED.items():
             if key in user and bool(user[key]) == bad_value:
                 raise BackendError(f"engine setting {key}={user[key]!r} cannot be captured: {why}; remove it")
@@ -135,12 +170,18 @@ class VllmBackend(PlainPassPerformance, Backend):
         return kwargs
 
     # -- lifecycle --------------------------------------------------------------------------------------------
-    def _activate_impl(self) -> None:
-        defaults = {**CPU_ENV_DEFAULTS, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    def _platform_defaults(self, device: str) -> dict[str, str]:
+        """Environment defaults for the engine on ``device``: the CPU build's thread and KV-cache settings and the
+        in-process engine, on CPU only (an NPU or CUDA engine keeps its own defaults and its manifest shows none
+        of ours). Only variables not already set are returned."""
+        if device != "cpu":
+            return {}
+        defaults = {**CPU_ENV_DEFAULTS, IN_PROCESS_VARIABLE: "0"}
         if "kv_cache_memory_bytes" in self.options.engine_args:
             defaults.pop(KV_CACHE_SPACE_VARIABLE)  # the user's size, not the default's, which vLLM would put first
-        for key, value in defaults.items():
-            os.environ.setdefault(key, value)
+        return {key: value for key, value in defaults.items() if key not in os.environ}
+
+    def _activate_impl(self) -> None:
         vllm_compat.shield_llvmlite_from_kernel_scan()
         LLM = vllm_compat.llm_class()
         self._device = device_type()
@@ -148,12 +189,30 @@ class VllmBackend(PlainPassPerformance, Backend):
             raise BackendError(f"backend spec {self.spec} asks for device {self.spec.device!r}, but this vLLM build runs on {self._device!r}")
         self._kwargs = self.engine_kwargs()
         self._model_path, self._transform = self._loadable_model()
+        self._env_set = self._platform_defaults(self._device)
+        os.environ.update(self._env_set)
+        self._teardown: dict[str, bool] = {}
         log.info("starting vLLM on %s with %s", self._device, self._kwargs)
         try:
             self._llm = LLM(model=self._model_path, tokenizer=self._model_path, worker_extension_cls=WORKER_EXTENSION, **self._kwargs)
-        except (ValueError, TypeError) as exc:
-            raise BackendError(f"vLLM refused the engine settings {self._kwargs}: {exc}") from exc
+        except BackendError:
+            self._restore_environment()
+            raise
+        except Exception as exc:  # any type: vllm-ascend raises RuntimeError for invalid combinations
+            self._restore_environment()
+            raise startup_failure(exc, self._kwargs) from exc
+        try:
+            self._start_checks()
+        except BaseException:
+            self._deactivate_impl()  # the engine is up: shut it down before the error leaves
+            raise
+
+    def _start_checks(self) -> None:
+        """The preflight (refusing graph modes) and the hooks, on the running engine."""
         vllm_compat.check_engine(self._llm)
+        records = vllm_compat.rpc(self._llm, "precision_preflight")
+        vllm_preflight.refuse_graph_modes(records)
+        self._preflight = next((r for r in records if r.get("rank") == 0), records[0])
         info = vllm_compat.rpc(self._llm, "precision_install_hooks")
         self._num_layers = info[0]["num_layers"]
         self._model_class = info[0]["model_class"]  # which of vLLM's model implementations ran this checkpoint
@@ -186,6 +245,18 @@ class VllmBackend(PlainPassPerformance, Backend):
             log.debug("vLLM shutdown: %s", exc)
         del llm
         gc.collect()
+        self._teardown = {"cleanup_dist_env_and_memory": vllm_preflight.cleanup_distributed()}
+        if self._device == "npu":
+            self._teardown["clear_ascend_config"] = vllm_preflight.clear_ascend_config()
+        log.info("vLLM engine torn down: %s", self._teardown)
+        self._restore_environment()
+
+    def _restore_environment(self) -> None:
+        """Remove the environment defaults this backend set (and nobody changed since)."""
+        for key, value in getattr(self, "_env_set", {}).items():
+            if os.environ.get(key) == value:
+                del os.environ[key]
+        self._env_set = {}
 
     # -- work -------------------------------------------------------------------------------------------------
     def _generate_impl(self, token_ids: list[int], max_new_tokens: int) -> Sequence[int]:
@@ -193,6 +264,21 @@ class VllmBackend(PlainPassPerformance, Backend):
         params = vllm_compat.greedy_params(max_tokens=max_new_tokens, ignore_eos=True,
                                            stop_token_ids=list(self.model.stop_token_ids), seed=self.options.seed)
         return vllm_compat.generate_token_ids(self._llm, token_ids, params)
+
+    def prompt_logprobs(self, token_ids: list[int], top_k: int) -> list[dict[int, tuple[float, int]] | None]:
+        """vLLM's own logprobs of every prompt position (its top ``top_k`` tokens plus the prompt's token there), as
+        {token: (logprob, rank)}, from a plain one-token generate with the hooks disarmed; None at position 0."""
+        self._require_active()
+        params = vllm_compat.greedy_params(max_tokens=1, prompt_logprobs=top_k)
+        output = self._llm.generate([{"prompt_token_ids": list(token_ids)}], params, use_tqdm=False)[0]
+        return [None if entries is None else {int(t): (float(v.logprob), int(v.rank)) for t, v in entries.items()}
+                for entries in output.prompt_logprobs]
+
+    @property
+    def preflight(self) -> dict[str, Any]:
+        """The worker's preflight record (rank 0) of the running engine."""
+        self._require_active()
+        return self._preflight
 
     def _capture_impl(self, token_ids: list[int], selection: CaptureSelection, path: Path) -> None:
         positions = selection.position_indices(len(token_ids))
@@ -224,4 +310,6 @@ class VllmBackend(PlainPassPerformance, Backend):
             "model_transform": self._transform,
             "model_class": self._model_class,
             **platform_record(self._device),
+            "environment_defaults": dict(self._env_set),
+            "worker": self._preflight,
         }

