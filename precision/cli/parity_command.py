@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
-import re
 
 from precision.errors import PrecisionError
-
-_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 def add_command(subparsers) -> None:
@@ -34,56 +30,21 @@ def add_command(subparsers) -> None:
     p.set_defaults(handler=handle)
 
 
-def _value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def parse_serving(spec: str) -> tuple[str, dict]:
-    """``NAME:key=value,key=value`` -> (name, settings). A JSON value may not contain a comma."""
-    name, sep, body = spec.partition(":")
-    if not sep or not _NAME.match(name):
-        raise PrecisionError(f"--serving {spec!r}: write it as NAME:key=value,key=value, e.g. --serving chunked:max_num_batched_tokens=16,"
-                             "enable_chunked_prefill=true (NAME of letters, digits, '-', '_')")
-    settings = {}
-    for pair in filter(None, (part.strip() for part in body.split(","))):
-        key, eq, value = pair.partition("=")
-        if not eq or not key.strip():
-            raise PrecisionError(f"--serving {spec!r}: {pair!r} is not key=value")
-        settings[key.strip()] = _value(value.strip())
-    return name, settings
-
-
-def serving_configurations(specs: list[str], config_path: str | None):
-    from precision.cli.values import config_table
-    from precision.serving.engine import ServingConfig
-
-    tables = config_table(config_path, "serving")
-    if not isinstance(tables, dict) or any(not isinstance(v, dict) for v in tables.values()):
-        raise PrecisionError(f"{config_path}: [serving] must hold tables [serving.NAME] of engine settings")
-    configs = [ServingConfig.from_mapping(name, values) for name, values in tables.items()]
-    configs += [ServingConfig.from_mapping(*parse_serving(spec)) for spec in specs]
-    return tuple(configs)
-
-
 def handle(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from precision.analysis.envelope import DEFAULT_MEMBERS
+    from precision import DEFAULT_ENVELOPE
     from precision.cli.parser import EXIT_FAILED, EXIT_OK
     from precision.cli.values import thresholds
-    from precision.prompts import DEFAULT_MAX_NEW_TOKENS
-    from precision.serving.parity import ParityConfig, run_parity
+    from precision.serving.parity import ParityConfig, run_parity, serving_configurations
 
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise PrecisionError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
     config = ParityConfig(
         prompts=Path(args.prompts), out=Path(args.out), serving=serving_configurations(args.serving, args.config),
         model=Path(args.model) if args.model else None,
-        max_new_tokens=args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, truth=not args.no_truth,
-        envelope=DEFAULT_MEMBERS if args.envelope == "default" else (), bisect=not args.no_bisect,
+        max_new_tokens=args.max_new_tokens, truth=not args.no_truth,
+        envelope=DEFAULT_ENVELOPE if args.envelope == "default" else (), bisect=not args.no_bisect,
         thresholds=thresholds(args.config, args.threshold), force=args.force, show_progress=False,
         command=getattr(args, "command_line", None),
     )

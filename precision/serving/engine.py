@@ -144,10 +144,14 @@ class ServingBackend(Backend):
         self._model_path, self._transform = self.model.path, None
         if new_dim is not None:
             self._model_path = str(pad_heads(self.model, new_dim, cache_root() / "models"))
-            self._transform = {"kind": "head-dim-padding", "from": head_dim, "to": new_dim, "path": self._model_path}
+            self._transform = {"kind": "head-dim-padding", "from": head_dim, "to": new_dim, "path": self._model_path,
+                               "why": f"vLLM CPU attention supports head sizes {list(vllm_compat.cpu_head_sizes())}"}
         self._saved_env = {key: os.environ.get(key) for key in self._environment_defaults(self._kwargs)}
         self._env_set = self._environment_defaults(self._kwargs)
         os.environ.update(self._env_set)
+        # vLLM's compilation counters are process-wide: an in-process engine's own compilations are the difference
+        # from before its start (a multiprocess engine's workers start at zero).
+        self._counters_before = {} if self.serving.needs_multiprocess else vllm_compat.compilation_counters()
         log.info("starting vLLM (serving configuration %s) with %s", self.serving.name, self._kwargs)
         try:
             self._llm = LLM(model=self._model_path, tokenizer=self._model_path, worker_extension_cls=SERVING_WORKER_EXTENSION, **self._kwargs)
@@ -230,6 +234,8 @@ class ServingBackend(Backend):
             raise BackendError(f"serving configuration {self.serving.name!r}: neither the decoder layers' hooks nor the outer model's "
                                f"forward saw every position of the sequence (hook calls {rank0['calls']}, positions missing "
                                f"{rank0['missing_positions']}); nothing comparable was captured")
+        now = rank0["compilation_counters"]["now"]
+        served["engine_compilations"] = {k: v - self._counters_before.get(k, 0) for k, v in now.items()}
         self.evidence.append({**{k: rank0[k] for k in ("level", "calls", "requests", "steps", "positions_from_earlier_requests", "compilation_counters")},
                               **served, "sequence_length": len(token_ids)})
 
@@ -239,7 +245,7 @@ class ServingBackend(Backend):
     def _describe_impl(self) -> dict[str, Any]:
         return {
             "engine": "vllm",
-            "dtype": self.spec.torch_dtype_name,
+            "dtype": str(self._kwargs.get("dtype", self.spec.torch_dtype_name)),  # a configuration may serve another dtype
             "settings": {**self._kwargs, "worker_extension_cls": SERVING_WORKER_EXTENSION},
             "model_transform": self._transform,
             "model_class": self._model_class,

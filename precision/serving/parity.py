@@ -5,8 +5,11 @@ teacher-forced sequences, judged by the same rules as the cross-engine compariso
       run.json                         the parity settings (kind "run": outputs.py's rules for --force)
       captures/reference, truth, envelope/<member>   the CPU side (transformers BF16, FP32 truth, variants)
       captures/baseline                vLLM eager, one request at a time, whole prompt in one step: the capture backend
-      captures/serving/<name>          each configuration (precision.serving.engine), at its level of detail
-      configurations/<name>/           comparison.json, report.html, summary.md/json of baseline vs configuration
+      captures/serving-<name>          each configuration (precision.serving.engine), at its level of detail
+      captures/view-<role>-<sites>     a capture restricted to the sites a compiled configuration holds
+      captures/bisect-<name>-trial<N>  the bisection's trials
+      configuration-<name>/            comparison.json, report.html, summary.md/json of baseline vs configuration
+    (every directory carries its own marker: precision.outputs removes each by its own kind's rules)
       summary.json, summary.md, report.html   the parity document and its "serving configurations" report
 
 The scale (decided here, stated in the report): a configuration is compared with the eager baseline as the
@@ -44,6 +47,7 @@ from precision.outputs import claim_output_dir
 from precision.planning import plan_from_prompts
 from precision.prompts import DEFAULT_MAX_NEW_TOKENS
 from precision.reference_side import DEFAULT_REFERENCE, DEFAULT_TRUTH, CapturedReference, CaptureSettings, capture_role, resolve_model
+from precision.serving.config import serving_configurations  # noqa: F401  (re-exported for the CLI)
 from precision.serving.engine import ServingBackend, ServingConfig
 from precision.serving.invariance import site_invariance
 
@@ -63,7 +67,8 @@ class ParityConfig:
     out: Path
     serving: tuple[ServingConfig, ...]
     model: Path | None = None
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    max_new_tokens: int | None = None
+    """Tokens the reference generates per prompt; None: the prompt set's own (or the default)."""
     truth: bool = True
     envelope: tuple[tuple[str, ...], ...] = DEFAULT_MEMBERS
     bisect: bool = True
@@ -99,33 +104,62 @@ def run_parity(config: ParityConfig) -> ParityResult:
     _validate(config)
     started = time.perf_counter()
     model = resolve_model(config.model)
-    plan = plan_from_prompts(config.prompts, model, max_new_tokens=config.max_new_tokens)
+    plan = plan_from_prompts(config.prompts, model, max_new_tokens=config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
     options = BackendOptions(max_model_len=min(plan.max_tokens_needed + 1, model.max_position_embeddings or 1 << 30))
     for serving in config.serving:
         ServingBackend(model, serving, options).validate()  # unknown engine settings fail before anything runs
     settings = CaptureSettings(selection=CaptureSelection(), trust_remote_code=False, resume=False, show_progress=config.show_progress)
     out = Path(config.out)
-    record = {"format": PARITY_FORMAT, "schema_version": PARITY_SCHEMA_VERSION, "prompts": str(config.prompts), "model": model.path,
-              "max_new_tokens": config.max_new_tokens, "truth": config.truth, "serving": [s.to_json() for s in config.serving],
-              "bisect": config.bisect, "command": config.command}
+    record = _record(config, model)
     with claim_output_dir(out, "run", force=config.force, complete_marker="summary.json", inputs=[model.path, config.prompts]):
         write_json_atomic(out / "run.json", record)
         side = CapturedReference(DEFAULT_REFERENCE, DEFAULT_TRUTH if config.truth else None, config.envelope, DEFAULT_MAX_TOKENS)
         cpu = side.open(model, plan, out, settings)
         baseline = capture_role(BASELINE, "vllm", model, cpu.following, out, settings, options=options)
-        context = _Context(config, model, options, cpu, baseline, out)
-        rows = [context.check(serving) for serving in config.serving]
-        document = {
-            "format": PARITY_FORMAT, "schema_version": PARITY_SCHEMA_VERSION, "model": model.path, "prompts": str(config.prompts),
-            "baseline": {"capture": str(baseline.path), "settings": baseline.manifest["backend"].get("settings")},
-            "scale": SCALE_TEXT, "status": worst(Status(r["verdict"]) for r in rows).value,
-            "configurations": rows, "wall_seconds": round(time.perf_counter() - started, 1),
-        }
-        from precision.serving.report import write_parity_report
-
-        write_parity_report(out, document)
-        write_json_atomic(out / "summary.json", document)
+        document = parity_document(config, model, options, cpu, baseline, out, started)
     return ParityResult(out=out, status=Status(document["status"]), document=document)
+
+
+def parity_document(config: ParityConfig, model, options: BackendOptions, cpu, baseline: CaptureReader, out: Path,
+                    started: float | None = None) -> dict:
+    """Every configuration of ``config`` captured, compared with ``baseline`` and judged (bisected when it fails);
+    the parity document, written with its report into ``out`` (summary.json last)."""
+    from precision.serving.report import write_parity_report
+
+    started = time.perf_counter() if started is None else started
+    context = _Context(config, model, options, cpu, baseline, out)
+    rows = [context.check(serving) for serving in config.serving]
+    document = {
+        "format": PARITY_FORMAT, "schema_version": PARITY_SCHEMA_VERSION, "model": model.path, "prompts": str(config.prompts),
+        "baseline": {"capture": str(baseline.path), "settings": baseline.manifest["backend"].get("settings")},
+        "scale": SCALE_TEXT, "status": worst(Status(r["verdict"]) for r in rows).value,
+        "configurations": rows, "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+    write_parity_report(out, document)
+    write_json_atomic(out / "summary.json", document)
+    return document
+
+
+def serving_stage(run_config, model, cpu, baseline: CaptureReader, out: Path) -> dict:
+    """``run``'s serving stage: the run's eager vLLM target is the baseline, its CPU side the scale; the parity
+    document of the run configuration's [serving.NAME] tables, written into ``out`` (a directory of its own)."""
+    config = ParityConfig(prompts=run_config.prompts, out=out, model=run_config.model, max_new_tokens=run_config.max_new_tokens,
+                          serving=tuple(ServingConfig.from_mapping(name, values) for name, values in run_config.serving.items()),
+                          thresholds=run_config.thresholds, force=True, show_progress=run_config.show_progress, command=run_config.command)
+    _validate(config)
+    if baseline.manifest["backend"].get("engine") != "vllm":
+        raise PrecisionError(f"the run's [serving.NAME] tables need the vLLM target as their eager baseline; this run's target is "
+                             f"{baseline.manifest['backend'].get('spec')}: use --target vllm or drop the [serving] tables")
+    options = BackendOptions(max_model_len=min(cpu.following.max_tokens_needed + 1, model.max_position_embeddings or 1 << 30))
+    with claim_output_dir(out, "run", force=True, complete_marker="summary.json", inputs=[model.path, run_config.prompts]):
+        write_json_atomic(out / "run.json", _record(config, model))
+        return parity_document(config, model, options, cpu, baseline, out)
+
+
+def _record(config: ParityConfig, model) -> dict:
+    return {"format": PARITY_FORMAT, "schema_version": PARITY_SCHEMA_VERSION, "prompts": str(config.prompts), "model": model.path,
+            "max_new_tokens": config.max_new_tokens, "truth": config.truth, "serving": [s.to_json() for s in config.serving],
+            "bisect": config.bisect, "command": config.command}
 
 
 SCALE_TEXT = ("each configuration is compared with the eager baseline (vLLM, one request at a time, the whole prompt in one eager step) "
@@ -151,7 +185,7 @@ class _Context:
         if key not in self._views:
             from precision.serving.views import restricted_capture
 
-            self._views[key] = restricted_capture(capture_reader, sites, self.out / "captures" / "views" / f"{role}-{'-'.join(sites)}")
+            self._views[key] = restricted_capture(capture_reader, sites, self.out / "captures" / f"view-{role}-{'-'.join(sites)}")
         return self._views[key]
 
     def capture_configuration(self, serving: ServingConfig, plan: CapturePlan, out: Path) -> CaptureReader:
@@ -180,9 +214,9 @@ class _Context:
         return analysis
 
     def check(self, serving: ServingConfig) -> dict:
-        served = self.capture_configuration(serving, self.cpu.following, self.out / "captures" / "serving" / serving.name)
+        served = self.capture_configuration(serving, self.cpu.following, self.out / "captures" / f"serving-{serving.name}")
         comparison, verdict, level = self.compare(served)
-        destination = self.out / "configurations" / serving.name
+        destination = self.out / f"configuration-{serving.name}"
         _write_comparison(destination, comparison, verdict)
         row = _row(serving, served, comparison, verdict, level)
         row["invariance"] = site_invariance(self.view(BASELINE, self.baseline, LOGITS_SITES if level == "logits" else None), served)
@@ -204,7 +238,7 @@ class _Context:
             name = f"{serving.name}-trial{len(trials) + 1}"
             trial = replace(serving, name=name, engine_args=dict(subset))
             try:
-                served = self.capture_configuration(trial, plan, self.out / "captures" / "bisection" / serving.name / f"trial{len(trials) + 1}")
+                served = self.capture_configuration(trial, plan, self.out / "captures" / f"bisect-{serving.name}-trial{len(trials) + 1}")
             except PrecisionError as exc:
                 trials.append({"settings": subset, "error": str(exc)})
                 return None
@@ -252,8 +286,9 @@ def _evidence_summary(served: CaptureReader, level: str) -> dict:
         for name, count in entry["calls"].items():
             calls[name] = calls.get(name, 0) + count
     layer_calls = sum(c for n, c in calls.items() if layer_index(n) is not None)
-    compiled = sum(e["compilation_counters"]["now"].get("num_backend_compilations", 0) for e in evidence[-1:])
-    graphs = sum(e["compilation_counters"]["now"].get("num_graphs_seen", 0) for e in evidence[-1:])
+    # Counted from this configuration's engine start (precision.serving.engine), not the process's earlier engines.
+    compiled = max((e["engine_compilations"].get("num_backend_compilations", 0) for e in evidence), default=0)
+    graphs = max((e["engine_compilations"].get("num_graphs_seen", 0) for e in evidence), default=0)
     outer = calls.get("outer_model", 0)
     if level == "logits":
         why = (f"the model body ran as a compiled graph: vLLM compiled {graphs} graph(s) ({compiled} backend compilation(s)) in this "
@@ -297,5 +332,5 @@ def _row(serving: ServingConfig, served: CaptureReader, comparison: dict, verdic
         "flips": {"total": len(flips), "real": sum(1 for f in flips if not f.get(NEAR_TIE, True))},
         "tokens": [{"id": p["id"], "first_divergence": p["tokens"].get("first_divergence"), "match_rate": p["tokens"].get("match_rate")}
                    for p in comparison["prompts"]],
-        "comparison": f"configurations/{serving.name}/comparison.json",
+        "comparison": f"configuration-{serving.name}/comparison.json",
     }

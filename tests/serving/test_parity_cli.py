@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from precision.cli import main
-from precision.cli.parity_command import parse_serving, serving_configurations
+from precision.serving.config import parse_serving, serving_configurations
 from precision.errors import PrecisionError
 from precision.serving.engine import ServingConfig
 
