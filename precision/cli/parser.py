@@ -9,7 +9,8 @@ import sys
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 """pass or warn; a verdict or regression failed; bad input or configuration; an internal error (a bug)."""
 
-COMMAND_MODULES: tuple[str, ...] = ("precision.cli.parity_command", "precision.cli.canary_command", "precision.cli.msprobe_command")
+COMMAND_MODULES: tuple[str, ...] = ("precision.cli.parity_command", "precision.cli.canary_command", "precision.cli.msprobe_command",
+                                     "precision.cli.doctor_command")
 """Commands that live in a module of their own: each has ``add_command(subparsers)``, which adds its parser and
 sets ``handler`` (a function of the parsed arguments returning an exit code) as the parser's default. The modules
 import nothing heavy at module level, so ``--help`` stays fast."""
