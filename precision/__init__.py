@@ -3,13 +3,15 @@ accelerator inference engine for large language models.
 
 The Python API mirrors the CLI (one function per command; the CLI only parses, calls one and prints):
     from precision import RunConfig, run                       # the whole job (--reference may be a golden store)
+    from precision import load_run_config, PROMPT_SETS         # a run.toml as a RunConfig; the shipped prompt sets
     from precision import capture_backend, compare, render_report, regress, verify_run, self_test, plant_fault
     from precision import create_store, verify_store           # golden stores
 Building blocks, for jobs of your own:
     from precision import write_capture, CapturePlan, CaptureReader  # capture / read capture directories
     from precision import compare_captures, judge, write_report, compare_and_report
     from precision import resolve_model, plan_from_prompts, CaptureSettings, capture_role, CapturedReference
-Heavy modules (torch, transformers, vllm) load only when these names are first used.
+Heavy modules (torch, transformers, vllm) load only when these names are first used. docs/api.md documents each
+function (signature, returns, raises); examples/api_example.py runs a job both ways.
 """
 
 from __future__ import annotations

@@ -21,8 +21,13 @@ COMPARISON_FORMAT = "precision-check-comparison"
 
 
 def run(config, source=None, *, junit: str | Path | None = None):
-    """``precision.pipeline.run`` with ``config.reference`` opened as a golden store when it is one, and the JUnit
-    XML written to ``junit`` when given."""
+    """The whole job (``precision-check run``): capture the reference, FP32 truth, envelope and target, compare,
+    analyse, judge and write the report into ``config.out``; ``config.reference`` is opened as a golden store when it
+    is one (or pass ``source``), and the JUnit XML is written to ``junit`` when given.
+
+    Returns a ``RunResult`` (out, verdict, comparison, files: name -> path of report.html, summary.md,
+    summary.json, comparison.json). Raises ``PrecisionError`` (or a subclass) for bad input or configuration,
+    before any model loads where it can be checked then; a FAIL verdict is a result, not an exception."""
     from precision.golden import GoldenStore, is_store
     from precision.pipeline import run as run_pipeline
 
@@ -42,7 +47,9 @@ def capture_backend(spec: str, out: str | Path, *, model: str | Path | None = No
                     shard: str | None = None):
     """Capture one backend into ``out``: a reference from ``prompts``, or a target fed a reference capture's tokens
     (``teacher_forcing``). ``shard`` "I/N": only the I-th of N parts of the plan (precision.capture.shards; merge
-    the parts with ``merge_captures``). Returns the CaptureReader of ``out``."""
+    the parts with ``merge_captures``). Returns the CaptureReader of ``out``. Raises ``PrecisionError`` for an
+    unknown backend, settings the backend refuses, an unreadable prompt set or model, or an ``out`` that is not
+    precision-check's to write."""
     from precision.backends import BackendOptions, create_backend, parse_spec
     from precision.capture.reader import CaptureReader
     from precision.capture.shards import ShardSpec, shard_plan
@@ -78,7 +85,8 @@ def merge_captures(shards: Iterable[str | Path], out: str | Path, *, prompts: st
     """Merge the capture directories of ``capture_backend(..., shard="I/N")`` into ``out``, the capture a single
     ``capture_backend`` with the same ``prompts`` / ``teacher_forcing`` and ``max_new_tokens`` writes (the plan is
     rebuilt from them with the tokenizer of ``model``, default the shards' model path, to check every prompt is
-    there once). Returns its CaptureReader."""
+    there once). Returns its CaptureReader. Raises ``PrecisionError`` for foreign, overlapping, missing or damaged
+    shards."""
     from precision.capture.reader import CaptureReader
     from precision.capture.shards import merge_captures as merge
     from precision.capture.writer import CapturePlan
@@ -111,7 +119,9 @@ def compare(expected: str | Path, actual: str | Path, out: str | Path, *, truth:
             envelope_dir: str | Path | None = None, replay: bool = False, metric_convention: str = "precision-check",
             force: bool = False, show_progress: bool = True) -> Path:
     """Compare two capture directories (and the truth, the envelope members, the layer replay) into
-    ``out/comparison.json``; returns its path."""
+    ``out/comparison.json``; returns its path. Raises ``PrecisionError`` for an incomplete or damaged capture,
+    captures that cannot be compared (``MismatchedCapturesError``: other token ids, vocabulary, layers) or
+    ``replay`` without the reference model on this machine."""
     from precision.capture.reader import CaptureReader
     from precision.outputs import claim_output_dir
 
@@ -152,7 +162,8 @@ def _compare_into(out: Path, expected, actual, truth, envelope_dir, replay: bool
 
 def render_report(comparison: str | Path, *, out: str | Path | None = None, thresholds=None, command: str | None = None):
     """Judge a comparison.json (or the directory holding it) and write report.html, summary.md and summary.json
-    beside it or into ``out``. Returns a ``precision.pipeline.RunResult``."""
+    beside it or into ``out``; ``thresholds``: a ``Thresholds`` (default: the rule table's). Returns a
+    ``RunResult``. Raises ``PrecisionError`` for a file that is not a readable comparison.json of a known version."""
     from precision.analysis.verdict import judge
     from precision.io import read_result_json
     from precision.outputs import claim_for_update
@@ -192,7 +203,10 @@ class Regression:
 def regress(baseline: str | Path, candidate: str | Path, *, out: str | Path | None = None, tolerance=None,
             junit: str | Path | None = None) -> Regression:
     """Compare a candidate build's run with a baseline build's run; write regression.json and regression.md into
-    ``out`` (default: the candidate run) and the JUnit XML to ``junit`` when given."""
+    ``out`` (default: the candidate run) and the JUnit XML to ``junit`` when given; ``tolerance``: a
+    ``RegressTolerance``. Returns a ``Regression`` (its ``result["status"]`` is "PASS" or "FAIL"). Raises
+    ``PrecisionError`` for a directory that is not a finished run, and ``MismatchedCapturesError`` (a subclass) for
+    runs measured against different references or FP32 truths."""
     from precision.analysis.regress import regress as regress_runs
     from precision.outputs import claim_for_update
     from precision.report import write_regression
@@ -222,7 +236,9 @@ class Selftest:
 
 def self_test(out: str | Path, *, prompts: str | Path | None = None, model: str | Path | None = None,
              sweep: bool | Iterable[str] = True, force: bool = False, show_progress: bool = True) -> Selftest:
-    """Plant faults in copies of the reference and check that the analysis catches them (precision.selftest)."""
+    """Plant faults in copies of the reference and check that the analysis catches them (precision.selftest);
+    ``prompts`` defaults to the shipped default set, ``sweep`` True runs every sensitivity sweep, a list of names
+    only those. Returns a ``Selftest`` (``as_expected`` False when a planted fault did not get its verdict)."""
     from precision.selftest import all_as_expected, format_table, run_selftest, sensitivity
 
     out = Path(out)
@@ -232,7 +248,9 @@ def self_test(out: str | Path, *, prompts: str | Path | None = None, model: str 
 
 
 def plant_fault(model: str | Path, out: str | Path, *, layer: int, factor: float, force: bool = False) -> Path:
-    """A copy of the checkpoint at ``model`` with ``layer``'s MLP down-projection weight scaled by ``factor``."""
+    """A copy of the checkpoint at ``model`` with ``layer``'s MLP down-projection weight scaled by ``factor``,
+    written to ``out`` (never in place); returns ``out``. Raises ``PrecisionError`` for a layer the model lacks, a
+    factor that is not a finite number > 0, or an ``out`` in, on or around the model."""
     from precision.faults import write_scaled_checkpoint
     from precision.model import inspect_model
 

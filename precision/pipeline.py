@@ -50,6 +50,10 @@ def default_target() -> str:
 
 @dataclass(frozen=True)
 class RunConfig:
+    """What ``run`` does: every setting of ``precision-check run`` (precision.run_file builds one from a run.toml and
+    the flags). Only ``prompts`` and ``out`` have no default; ``target`` None means vLLM when installed, else
+    transformers FP16; ``truth`` None runs without FP32 truth (no R); ``envelope`` () runs no envelope."""
+
     prompts: Path
     out: Path
     model: Path | None = None
@@ -98,6 +102,9 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class RunResult:
+    """A judged comparison: where it was written, its verdict, comparison.json's content and the files written
+    (name -> path: report.html, summary.md, summary.json, comparison.json, ...)."""
+
     out: Path
     verdict: Verdict
     comparison: dict
