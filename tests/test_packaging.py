@@ -73,7 +73,7 @@ def test_the_wheel_holds_the_package_templates_and_prompt_sets_only(wheel):
     assert templates >= {"report.html.j2", "report.css", "summary.md.j2", "regression.md.j2"}
     assert {f"precision/report/templates/{t}" for t in templates} <= set(names)
     prompt_sets = sorted(p.name for p in PROMPT_SETS.glob("*.jsonl"))
-    assert prompt_sets and {f"precision/prompt_sets/{p}" for p in prompt_sets} <= set(names)
+    assert prompt_sets and {f"precision/prompt_sets/{p}" for p in [*prompt_sets, "README.md"]} <= set(names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "precision-check = precision.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
