@@ -34,6 +34,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -54,40 +55,73 @@ class CanaryServerError(PrecisionError):
 
 @dataclass(frozen=True)
 class StoredPrompt:
-    """One prompt as the store holds it: the sequence to send and the reference's rows to compare with."""
+    """One prompt as the store holds it: the sequence to send, and where its reference and envelope rows lie. Tensors
+    are read one prompt at a time, and envelope rows only where a flip needs them (a store of a 166k vocabulary
+    holds gigabytes of logits)."""
 
     id: str
     category: str
     token_ids: tuple[int, ...]
-    rows: np.ndarray
-    """Sequence positions t whose prediction is compared (the reference's logits row t-1 is stored)."""
-    log_probs: np.ndarray
-    """float64 [len(rows), V]: log_softmax of the reference's logits at row t-1, for each t in ``rows``."""
+    reference: tuple[CaptureReader, PromptRecord]
+    members: tuple[tuple[CaptureReader, PromptRecord], ...]
+    """The envelope members that ran this exact sequence."""
+
+
+@dataclass(frozen=True)
+class ReferenceRows:
+    """The reference's predictions of one prompt: for each compared position t (>= 1), its logits row t-1."""
+
+    positions: np.ndarray
     logits: np.ndarray
-    """float32 [len(rows), V]: the reference's stored logits (BF16 values, widened exactly), for the ULP allowance."""
-    envelope_diffs: list[np.ndarray] = field(default_factory=list)
-    """Per envelope member that ran this prompt: float64 [len(rows), V] log-probability difference member - reference."""
+    """[len(positions), V] as stored (BF16 values widened exactly to float32)."""
+    log_partition: np.ndarray
+    """float64 per row: logsumexp of the row, so that lp_ref(v) = logits[row, v] - log_partition[row] (log_softmax)."""
+
+    def log_probs(self, row: int) -> np.ndarray:
+        return self.logits[row].astype(np.float64) - self.log_partition[row]
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    values = logits.astype(np.float64)
+def _log_softmax(values: np.ndarray) -> np.ndarray:
+    values = values.astype(np.float64)
     shifted = values - values.max(axis=-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def _rows_of(reader: CaptureReader, record: PromptRecord) -> tuple[np.ndarray, np.ndarray]:
-    """(positions t >= 1 compared, logits rows t-1) of one prompt of a capture."""
-    handle = reader.arrays(record)
+def _logits_rows(reader: CaptureReader, record: PromptRecord) -> tuple[np.ndarray, Any]:
+    """(captured positions, the checked tensor handle) of one prompt; verify_store has hashed every file already."""
+    handle = reader.arrays(record, verify=False)
     if LOGITS not in handle.names():
         raise PrecisionError(f"{reader.path}: prompt {record.id!r} has no logits; a canary needs a store captured with logits")
-    positions = handle.array(POSITIONS).astype(np.int64)
-    logits = handle.array(LOGITS)
-    keep = positions + 1 < len(record.forced_ids)  # the last row predicts a token beyond the sequence
-    return positions[keep] + 1, logits[keep]
+    return handle.array(POSITIONS).astype(np.int64), handle
+
+
+def _compared_rows(prompt: StoredPrompt) -> np.ndarray:
+    """Indices of the reference's captured rows that predict a token of the sequence (not the last position's)."""
+    positions, _ = _logits_rows(*prompt.reference)
+    return np.flatnonzero(positions + 1 < len(prompt.token_ids))
+
+
+def reference_rows(prompt: StoredPrompt, chunk_rows: int = 64) -> ReferenceRows:
+    positions, handle = _logits_rows(*prompt.reference)
+    keep = _compared_rows(prompt)
+    logits = handle.array(LOGITS)[keep]
+    log_partition = np.empty(len(keep))
+    for start in range(0, len(keep), chunk_rows):  # float64 a few rows at a time
+        block = logits[start:start + chunk_rows].astype(np.float64)
+        top = block.max(axis=-1, keepdims=True)
+        log_partition[start:start + chunk_rows] = (top + np.log(np.exp(block - top).sum(axis=-1, keepdims=True)))[:, 0]
+    return ReferenceRows(positions[keep] + 1, logits, log_partition)
+
+
+def _member_log_probs(member: tuple[CaptureReader, PromptRecord], position: int) -> np.ndarray | None:
+    """The member's log_softmax (float64) predicting ``position``, or None where it did not capture row position-1."""
+    positions, handle = _logits_rows(*member)
+    found = np.flatnonzero(positions == position - 1)
+    return _log_softmax(handle.rows(LOGITS, int(found[0]), int(found[0]) + 1)[0]) if found.size else None
 
 
 def load_expectations(store_path: str | Path) -> list[StoredPrompt]:
-    """The store's prompts, reference log-probabilities and envelope differences, after checking every hash."""
+    """The store's prompts and the envelope members that ran each, after checking every recorded hash."""
     store_path = Path(store_path)
     store = load_store(store_path)
     problems = verify_store(store_path)
@@ -99,29 +133,34 @@ def load_expectations(store_path: str | Path) -> list[StoredPrompt]:
     member_records = [{r.id: r for r in member.prompts} for member in members]
     prompts = []
     for record in reference.prompts:
-        rows, logits = _rows_of(reference, record)
-        log_probs = _log_softmax(logits)
-        diffs = []
-        for member, records in zip(members, member_records):
-            other = records.get(record.id)
-            if other is None or other.forced_ids != record.forced_ids:
-                continue
-            member_rows, member_logits = _rows_of(member, other)
-            if np.array_equal(member_rows, rows):
-                diffs.append(_log_softmax(member_logits) - log_probs)
-        prompts.append(StoredPrompt(record.id, record.category, record.forced_ids, rows, log_probs, logits, diffs))
-    if not any(p.envelope_diffs for p in prompts):
+        ran = tuple((member, records[record.id]) for member, records in zip(members, member_records)
+                    if record.id in records and records[record.id].forced_ids == record.forced_ids)
+        prompts.append(StoredPrompt(record.id, record.category, record.forced_ids, (reference, record), ran))
+    if not any(p.members for p in prompts):
         raise PrecisionError(f"golden store {store_path} has no envelope capture of its prompts; the canary's near-tie bound needs one: "
                              "create the store again with 'precision-check golden create'")
     return prompts
 
 
-def _centred_rms(values: np.ndarray) -> float:
-    return float(values.std()) if values.size else math.inf
-
-
 def _centred_rms_without(diff_row: np.ndarray, i: int, j: int) -> float:
-    return _centred_rms(np.delete(diff_row, sorted({i, j})))
+    others = np.delete(diff_row, sorted({i, j}))
+    return float(others.std()) if others.size else math.inf
+
+
+def _largest_envelope_sigma(prompts: list[StoredPrompt]) -> float:
+    """The largest centred RMS of (member - reference) log-probabilities over every row any member ran: the noise
+    scale of positions of prompts no member ran."""
+    largest = 0.0
+    for prompt in prompts:
+        if not prompt.members:
+            continue
+        reference = reference_rows(prompt)
+        for member in prompt.members:
+            for row, position in enumerate(reference.positions):
+                member_row = _member_log_probs(member, int(position))
+                if member_row is not None:
+                    largest = max(largest, float((member_row - reference.log_probs(row)).std()))
+    return largest if largest > 0 else math.inf
 
 
 # -- the server ---------------------------------------------------------------------------------------------------
@@ -203,45 +242,59 @@ class PromptResult:
         return [f for f in self.flips if not f[NEAR_TIE]]
 
 
-def _envelope_sigmas(prompt: StoredPrompt, row: int, i: int, j: int) -> float | None:
-    sigmas = [_centred_rms_without(diff[row], i, j) for diff in prompt.envelope_diffs]
+def _envelope_sigma(prompt: StoredPrompt, reference: ReferenceRows, row: int, i: int, j: int) -> float | None:
+    """The largest, over the members that ran this row, centred RMS of (member - reference) log-probabilities over the
+    tokens other than i and j; None where no member ran it."""
+    expected = reference.log_probs(row)
+    sigmas = []
+    for member in prompt.members:
+        member_row = _member_log_probs(member, int(reference.positions[row]))
+        if member_row is not None:
+            sigmas.append(_centred_rms_without(member_row - expected, i, j))
     return max(sigmas) if sigmas else None
 
 
 def judge(prompts: list[StoredPrompt], answers: list[list[dict[int, tuple[float, int]] | None]], alpha: float = FAMILY_ALPHA) -> list[PromptResult]:
     """Per prompt: every top-1 flip with its margin and bound (see the module docstring), and the largest
     log-probability error of the teacher-forced tokens."""
-    total = sum(len(p.rows) for p in prompts)
-    z = family_z(total, alpha)
+    z = family_z(sum(len(_compared_rows(p)) for p in prompts), alpha)
     bits = mantissa_bits(None)
-    results, pending = [], []
+    results, unplaced = [], []
     for prompt, answer in zip(prompts, answers):
-        result = PromptResult(prompt.id, prompt.category, positions=len(prompt.rows))
-        for row, t in enumerate(prompt.rows):
+        reference = reference_rows(prompt)
+        result = PromptResult(prompt.id, prompt.category, positions=len(reference.positions))
+        vocab = reference.logits.shape[1]
+        for row, t in enumerate(reference.positions):
             served = answer[int(t)]
             if not served:
                 raise CanaryServerError(f"the server returned no log-probabilities at position {t} of prompt {prompt.id!r}")
             forced = prompt.token_ids[int(t)]
             if forced in served:
-                result.max_forced_logprob_error = max(result.max_forced_logprob_error, abs(served[forced][0] - prompt.log_probs[row, forced]))
+                error = abs(served[forced][0] - (float(reference.logits[row, forced]) - reference.log_partition[row]))
+                result.max_forced_logprob_error = max(result.max_forced_logprob_error, error)
             top = min(served, key=lambda token: served[token][1])
-            expected = int(np.argmax(prompt.log_probs[row]))
-            if top == expected or top >= prompt.log_probs.shape[1]:
+            expected = int(np.argmax(reference.logits[row]))
+            if top == expected:
                 continue
-            margin = float(prompt.log_probs[row, expected] - prompt.log_probs[row, top])
-            scale = max(abs(float(prompt.logits[row, expected])), abs(float(prompt.logits[row, top])))
-            flip = {"position": int(t), "expected_token": expected, "actual_token": int(top), "margin": margin,
-                    "rounding_allowance": 2 * ulp(scale, bits), "z": z}
-            sigma = _envelope_sigmas(prompt, row, expected, int(top))
+            if not 0 <= top < vocab:
+                raise CanaryServerError(f"the server ranks token {top} first at position {t} of prompt {prompt.id!r}, outside the stored "
+                                        f"reference's vocabulary of {vocab}: it serves another model or tokenizer than the store's")
+            flip = {"position": int(t), "expected_token": expected, "actual_token": int(top),
+                    "margin": float(reference.logits[row, expected]) - float(reference.logits[row, top]),  # = lp_ref(i) - lp_ref(j), exact in float64
+                    "rounding_allowance": 2 * ulp(max(abs(float(reference.logits[row, expected])), abs(float(reference.logits[row, top]))), bits),
+                    "z": z}
+            sigma = _envelope_sigma(prompt, reference, row, expected, int(top))
+            if sigma is None:
+                unplaced.append(flip)
+            else:
+                flip.update(envelope_sigma=sigma, envelope_sigma_source="this position")
             result.flips.append(flip)
-            pending.append((flip, sigma))
         results.append(result)
-    largest = None
-    for flip, sigma in pending:
-        if sigma is None and largest is None:
-            largest = max((float(d.std(axis=1).max()) for p in prompts for d in p.envelope_diffs if len(d)), default=math.inf)
-        flip["envelope_sigma"] = sigma if sigma is not None else largest
-        flip["envelope_sigma_source"] = "this position" if sigma is not None else "largest of the envelope's positions"
+    if unplaced:
+        largest = _largest_envelope_sigma(prompts)
+        for flip in unplaced:
+            flip.update(envelope_sigma=largest, envelope_sigma_source="largest of the envelope's positions")
+    for flip in (f for r in results for f in r.flips):
         flip["bound"] = flip["rounding_allowance"] + z * math.sqrt(2.0) * flip["envelope_sigma"]
         flip[NEAR_TIE] = bool(flip["margin"] <= flip["bound"])
     return results

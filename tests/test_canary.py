@@ -135,19 +135,19 @@ def test_canary_passes_against_a_server_of_the_same_model(served, builtin_store,
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_canary_fails_against_a_planted_fault_naming_prompt_and_position(served, builtin_store, capsys):
-    from precision.canary import load_expectations
+    from precision.canary import load_expectations, reference_rows
 
     code, out = _canary(capsys, served["fault"].url, builtin_store, "--model", "builtin-fault")
     assert code == 1, out
     assert "canary: FAIL" in out
     failures = re.findall(r"^FAIL (\S+) position (\d+): the server ranks token (\d+) first, the reference token (\d+)", out, re.M)
     assert failures, out
-    expected = {p.id: p for p in load_expectations(builtin_store)}
+    expected = {p.id: reference_rows(p) for p in load_expectations(builtin_store)}
     for prompt_id, position, served_token, reference_token in failures:
-        prompt = expected[prompt_id]
-        row = list(prompt.rows).index(int(position))
+        rows = expected[prompt_id]
+        row = list(rows.positions).index(int(position))
         # The named position really is one where the stored reference prefers the token the line names, over the served one.
-        assert int(reference_token) == int(prompt.log_probs[row].argmax()) != int(served_token)
+        assert int(reference_token) == int(rows.logits[row].argmax()) != int(served_token)
 
 
 @requires_vllm
@@ -219,3 +219,35 @@ def test_canary_refuses_a_directory_that_is_not_a_store(builtin_store, tmp_path,
         server.shutdown()
         server.server_close()
     assert code == 2 and "golden store" in out, out
+
+
+def _answers_like_a_server(pair, top_k: int = 20) -> list:
+    """prompt_logprobs as vLLM's server lays them out (position t: the top-k of the prediction of token t given
+    tokens < t, with ranks), built from a stored capture's own logits."""
+    import numpy as np
+
+    from precision.canary import _log_softmax, _logits_rows
+    from precision.names import LOGITS
+
+    positions, handle = _logits_rows(*pair)
+    log_probs = _log_softmax(handle.array(LOGITS))
+    answer = [None] * len(pair[1].forced_ids)
+    for row, position in enumerate(positions):
+        if position + 1 < len(answer):
+            order = np.argsort(-log_probs[row], kind="stable")[:top_k]
+            answer[position + 1] = {int(v): (float(log_probs[row, v]), rank + 1) for rank, v in enumerate(order)}
+    return answer
+
+
+def test_answers_equal_to_the_reference_or_an_envelope_member_have_no_real_flip(builtin_store):
+    """The judging alone, on the store's real captures: the reference answering for itself has no flip at all, and
+    every implementation variant of the envelope answering has only near-ties."""
+    from precision.canary import judge, load_expectations
+
+    prompts = load_expectations(builtin_store)
+    itself = judge(prompts, [_answers_like_a_server(p.reference) for p in prompts])
+    assert all(r.positions > 0 and r.flips == [] and r.max_forced_logprob_error < 1e-12 for r in itself)  # float64 rounding of two log_softmax forms
+    for member in range(len(prompts[0].members)):
+        results = judge(prompts, [_answers_like_a_server(p.members[member]) for p in prompts])
+        assert all(r.real_flips == [] for r in results)
+        assert all(f["envelope_sigma_source"] == "this position" and f["margin"] <= f["bound"] for r in results for f in r.flips)
