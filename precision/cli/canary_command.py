@@ -6,7 +6,6 @@ URL, or a server that is down or is not vLLM."""
 from __future__ import annotations
 
 from precision.cli.parser import EXIT_FAILED, EXIT_OK
-from precision.names import NEAR_TIE
 
 
 def add_command(subparsers) -> None:
@@ -25,7 +24,7 @@ def handle(args) -> int:
     results = run_canary(args.url, args.golden, model=args.model, top_k=args.top_k, timeout=args.timeout)
     positions = sum(r.positions for r in results)
     flips = [(r, f) for r in results for f in r.flips]
-    real = [(r, f) for r, f in flips if not f[NEAR_TIE]]
+    real = [(r, f) for r in results for f in r.real_flips]
     for result in results:
         print(f"  {result.id} ({result.category}): {result.positions} positions, {len(result.flips)} top-1 flip(s), "
               f"{len(result.real_flips)} real; largest |logprob error| of the forced tokens {result.max_forced_logprob_error:.3e} nats")
