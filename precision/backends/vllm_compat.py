@@ -367,3 +367,9 @@ def compilation_counters() -> dict[str, int]:
     if not dataclasses.is_dataclass(counter):
         raise missing_api("vllm.compilation.counter.compilation_counter as a dataclass")
     return {f.name: int(getattr(counter, f.name)) for f in dataclasses.fields(counter)}
+
+
+def reset_prefix_cache(llm: Any) -> bool:
+    """Empty the engine's prefix cache (``LLM.reset_prefix_cache``), so the next request is served cold: a capture
+    decides itself which positions come from the cache. True when vLLM reports it done."""
+    return bool(require("LLM.reset_prefix_cache", llm, "reset_prefix_cache")())

@@ -212,6 +212,10 @@ class ServingBackend(Backend):
         layers = None if selection.layers is None else selection.layer_indices(self._num_layers)
         one = vllm_compat.greedy_params(max_tokens=1)
         served: dict[str, Any] = {}
+        if self._kwargs.get("enable_prefix_caching"):
+            # The free-running generate before this capture filled the cache with this very prompt: without a reset
+            # its first blocks would be served from there and computed by no request the capture sees.
+            served["prefix_cache_reset"] = vllm_compat.reset_prefix_cache(self._llm)
         vllm_compat.rpc(self._llm, "parity_arm", token_ids, str(path))
         try:
             if self.serving.workload == "cobatch":

@@ -235,6 +235,11 @@ class _Context:
         trials: list[dict] = []
 
         def fails(subset: dict[str, Any]) -> bool | None:
+            if subset == serving.engine_args:
+                # The configuration itself: its own capture already failed on these prompts, no engine needed.
+                trials.append({"settings": subset, "verdict": verdict.status.value, "level": _level_of(comparison),
+                               "first_bitwise_site": _first_site(comparison, lambda s: s[RELATIVE_L2] > 0), "from": "the configuration's own run"})
+                return True
             name = f"{serving.name}-trial{len(trials) + 1}"
             trial = replace(serving, name=name, engine_args=dict(subset))
             try:
@@ -257,6 +262,11 @@ class _Context:
         return {"prompts": prompt_ids, "responsible": result.responsible, "culprit": result.culprit, "required": result.required,
                 "sentence": result.describe(), "trials": trials,
                 "first_bitwise_site": culprit_trial.get("first_bitwise_site") if culprit_trial else None}
+
+
+def _level_of(comparison: dict) -> str:
+    sites = {s["site"] for s in comparison["sites"]}
+    return "logits" if sites <= set(LOGITS_SITES) else "layers"
 
 
 def _level(served: CaptureReader) -> str:

@@ -10,11 +10,12 @@ from precision.io import write_text_atomic
 from precision.report import TEMPLATE_DIR, _environment
 
 
-def _number(value, digits: int = 2) -> str:
+def _number(value, digits: int = 3) -> str:
+    """A measured number with ``digits`` significant digits; 0 exactly as 0 (bitwise identical)."""
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.{digits}e}" if value and (abs(value) < 1e-2 or abs(value) >= 1e3) else f"{value:.{digits}f}"
+        return "0" if value == 0.0 else f"{value:.{digits}g}"
     return str(value)
 
 

@@ -59,8 +59,8 @@ def test_cobatching_passes_and_shared_steps(parity_run):
 def test_warm_prefix_cache_passes_with_positions_from_the_cache(parity_run):
     row = parity_run[2]["warm"]
     assert row["verdict"] == "PASS" and row["level"] == "layers"
-    assert row["evidence"]["positions_from_cache"] > 0
-    assert all(cached and cached > 0 for cached in row["evidence"]["cached_tokens_reported"])
+    # Blocks of 32: the chat prompt's sequence (38 tokens) hits one full block; the engine's own count agrees.
+    assert row["evidence"]["positions_from_cache"] == max(row["evidence"]["cached_tokens_reported"]) > 0
     groups = row["invariance"]["sites"][0]
     assert groups["cached"]["rows"] > 0 and groups["computed"]["rows"] > 0
 
