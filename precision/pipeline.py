@@ -184,6 +184,10 @@ def run(config: RunConfig, source: ReferenceSource | None = None) -> RunResult:
     _check_same_architecture(model, target_model)
     target_options = BackendOptions(trust_remote_code=config.trust_remote_code, engine_args=config.engine_args, variants=config.target_variants)
     create_backend(parse_spec(target_spec), target_model, target_options).validate()
+    if config.serving:
+        from precision.serving.parity import check_serving_tables
+
+        check_serving_tables(config.serving, target_model)
     plan = plan_from_prompts(config.prompts, model, max_new_tokens=config.max_new_tokens, trust_remote_code=config.trust_remote_code)
     record = _run_record(config, source, model, target_model, target_spec)
     inputs = [model.path, target_model.path, config.prompts, source.stored_at]
@@ -194,6 +198,10 @@ def run(config: RunConfig, source: ReferenceSource | None = None) -> RunResult:
         write_json_atomic(config.out / "run.json", record)
         cpu = source.open(model, plan, config.out, settings)
         actual = capture_role("target", target_spec, target_model, cpu.following, config.out, settings, options=target_options, repeats=config.repeats)
+        if config.serving:  # [serving.NAME] tables: each configuration against this eager target (precision.serving)
+            from precision.serving.parity import serving_stage
+
+            serving_stage(config, model, cpu, actual, config.out / "serving")
         return compare_and_report(cpu.reference, actual, cpu.truth, config.out, members=cpu.members, envelope_prompts=cpu.envelope_prompts,
                                   replay=config.replay, thresholds=config.thresholds, command=config.command, show_progress=config.show_progress,
                                   metric_convention=config.metric_convention, streamed=config.layer_streamed)

@@ -140,6 +140,15 @@ def parity_document(config: ParityConfig, model, options: BackendOptions, cpu, b
     return document
 
 
+def check_serving_tables(tables: dict, model) -> tuple[ServingConfig, ...]:
+    """A run configuration's [serving.NAME] tables as configurations, checked before any model loads."""
+    configs = tuple(ServingConfig.from_mapping(name, values) for name, values in tables.items())
+    _validate(ParityConfig(prompts=Path("."), out=Path("."), serving=configs))
+    for serving in configs:
+        ServingBackend(model, serving).validate()
+    return configs
+
+
 def serving_stage(run_config, model, cpu, baseline: CaptureReader, out: Path) -> dict:
     """``run``'s serving stage: the run's eager vLLM target is the baseline, its CPU side the scale; the parity
     document of the run configuration's [serving.NAME] tables, written into ``out`` (a directory of its own)."""

@@ -56,3 +56,13 @@ def test_duplicate_configuration_names_exit_2(tmp_path, short_prompts, stories_p
                  "--serving", "a:max_num_seqs=2", "--serving", "a:max_num_seqs=4"])
     assert code == 2
     assert "given twice" in capsys.readouterr().err
+
+
+def test_run_refuses_a_bad_serving_table_before_any_model_runs(tmp_path, short_prompts, stories_path):
+    from precision.pipeline import RunConfig, run
+
+    config = RunConfig(prompts=short_prompts, out=tmp_path / "run", model=stories_path, target="vllm",
+                       serving={"prod": {"max_num_seqs": 4, "workload": "stampede"}})
+    with pytest.raises(PrecisionError, match="workload"):
+        run(config)
+    assert not (tmp_path / "run").exists()
