@@ -192,7 +192,7 @@ def _engine_preflight(spec: str, model_dir: str | Path | None) -> tuple[dict[str
     from precision.model import inspect_model
     from precision.tokenizer import load_tokenizer
 
-    model = inspect_model(model_dir or default_model_path(), hash_weights=False)
+    model = inspect_model(model_dir or default_model_path())
     token_ids = list(load_tokenizer(model.path)(DOCTOR_PROMPT)["input_ids"])
     backend = create_backend(spec, model, BackendOptions(max_model_len=min(model.max_position_embeddings, 1024)))
     backend.validate()
