@@ -119,29 +119,38 @@ def msprobe_rows(comparison: dict, verdict) -> list[dict[str, str]]:
             readers[role] = CaptureReader(comparison[role]["path"])
         except PrecisionError as exc:
             unavailable = f"the {role} capture is not readable here ({exc}); metrics from comparison.json"
-    rows = []
+    from precision.analysis.compare_jobs import in_order
+
+    from_comparison = comparison.get("metric_convention") == "msprobe"  # then compare computed the metrics already
+    cells = []  # (prompt id, site entry, the two tensor files or None)
     for prompt in comparison["prompts"]:
-        handles = None
+        files = None
         if unavailable is None:
             records = {role: next((r for r in reader.prompts if r.id == prompt["id"]), None) for role, reader in readers.items()}
             if None in records.values():
                 unavailable = f"prompt {prompt['id']!r} is not in the captures at their recorded paths; metrics from comparison.json"
             else:
-                handles = {role: (readers[role].arrays(records[role], verify=False), records[role]) for role in readers}
-        for entry in prompt["sites"]:
-            status, messages = results[(prompt["id"], entry["site"])]
-            rows.append(_row(comparison, prompt["id"], entry, status, messages, handles, unavailable))
+                files = (readers["expected"].arrays(records["expected"], verify=False), readers["actual"].arrays(records["actual"], verify=False))
+        cells += [(prompt["id"], entry, files) for entry in prompt["sites"]]
+    jobs = ((files[0], files[1], entry["site"], not from_comparison) for _, entry, files in cells if files is not None)
+    figures = in_order(tensor_pair_figures, jobs)  # one site pair per job, on the metric worker threads
+    rows = []
+    for prompt_id, entry, files in cells:
+        status, messages = results[(prompt_id, entry["site"])]
+        found = (files, next(figures)) if files is not None else None
+        rows.append(_row(comparison, prompt_id, entry, status, messages, found, unavailable))
     return rows
 
 
-def _row(comparison: dict, prompt_id: str, entry: dict, status: str, messages: list[str], handles, unavailable) -> dict[str, str]:
+def _row(comparison: dict, prompt_id: str, entry: dict, status: str, messages: list[str], found, unavailable) -> dict[str, str]:
     site = entry["site"]
     name = f"{prompt_id}.{site}"
     row = {"NPU Name": name, "Bench Name": name, "NPU Requires_grad": "False", "Bench Requires_grad": "False",
            "Requires_grad Consistent": "True", "Result": RESULT_LEVELS[status], "NPU_Stack_Info": "N/A"}
-    if handles is not None:
-        (e_file, e_rec), (a_file, a_rec) = handles["expected"], handles["actual"]
-        metrics, e_stats, a_stats = tensor_pair_figures(e_file, a_file, site)
+    if found is not None:
+        (e_file, a_file), (metrics, e_stats, a_stats) = found
+        if metrics is None:
+            metrics = {key: entry["metrics"][key] for key in METRIC_COLUMNS.values()}
         row.update({"NPU Dtype": _torch_dtype(a_file.dtype_name(site)), "Bench Dtype": _torch_dtype(e_file.dtype_name(site)),
                     "NPU Tensor Shape": str(list(a_file.shape(site))), "Bench Tensor Shape": str(list(e_file.shape(site))),
                     "Data_name": str([str(a_file.path), str(e_file.path)])})
@@ -165,23 +174,26 @@ def _row(comparison: dict, prompt_id: str, entry: dict, status: str, messages: l
     return row
 
 
-def tensor_pair_figures(e_file, a_file, site: str):
-    """msprobe's metrics of one site (precision.metrics.msprobe, streamed over row blocks) and each side's float64
-    (max, min, mean, l2norm) over every element."""
+def tensor_pair_figures(e_file, a_file, site: str, with_metrics: bool = True):
+    """msprobe's metrics of one site (precision.metrics.msprobe, streamed over row blocks; None without
+    ``with_metrics``) and each side's float64 (max, min, mean, l2norm) over every element."""
     from precision.metrics.tensor import StreamingStats
 
     shape = tuple(e_file.shape(site))
     if tuple(a_file.shape(site)) != shape:
         raise ValueError(f"{site}: shapes {shape} and {tuple(a_file.shape(site))} differ")
     rows_per_block = max(1, _BLOCK_ELEMENTS // max(int(np.prod(shape[1:], dtype=np.int64)), 1))
-    stream = StreamingStats(shape, "msprobe")
+    stream = StreamingStats(shape, "msprobe") if with_metrics else None
     sides = [_Statistics(), _Statistics()]
     for start in range(0, shape[0], rows_per_block):
         stop = min(start + rows_per_block, shape[0])
         e, a = e_file.rows(site, start, stop), a_file.rows(site, start, stop)
-        stream.add(e, a)
+        if stream is not None:
+            stream.add(e, a)
         sides[0].add(e)
         sides[1].add(a)
+    if stream is None:
+        return None, sides[0].result(), sides[1].result()
     result = stream.result()
     metrics = {key: getattr(result, key) for key in METRIC_COLUMNS.values()}
     return metrics, sides[0].result(), sides[1].result()
@@ -194,13 +206,15 @@ class _Statistics:
         self.max, self.min, self.sum, self.squares, self.count = -math.inf, math.inf, 0.0, 0.0, 0
 
     def add(self, block: np.ndarray) -> None:
-        values = block.astype(np.float64, copy=False).reshape(-1)
-        if values.size == 0:
+        flat = block.reshape(-1)
+        if flat.size == 0:
             return
-        self.max = float(np.maximum(self.max, values.max()))  # np.maximum keeps a NaN from either side
-        self.min = float(np.minimum(self.min, values.min()))
+        # max and min in the block's own dtype (widening to float64 is exact); sums over one float64 copy
+        self.max = float(np.maximum(self.max, flat.max()))  # np.maximum keeps a NaN from either side
+        self.min = float(np.minimum(self.min, flat.min()))
+        values = flat.astype(np.float64)
         self.sum += float(values.sum())
-        self.squares += float(np.dot(values, values))
+        self.squares += float(np.einsum("i,i->", values, values))  # not BLAS: its threads contend with the metric workers
         self.count += values.size
 
     def result(self) -> tuple[float, float, float, float]:
