@@ -152,11 +152,11 @@ def _compare_into(out: Path, expected, actual, truth, envelope_dir, replay: bool
     replayer = Replayer(expected.manifest["model"]["path"], expected.dtype) if replay else None
     comparison = analysed_comparison(expected, actual, truth, members=members or None, envelope_prompts=envelope_ids, replay=False,
                                      replayer=replayer, show_progress=show_progress, metric_convention=metric_convention)
-    write_json_atomic(out / "comparison.json", comparison)
     from precision.analysis.verdict import judge
     from precision.interop.msprobe_export import write_msprobe_csv
 
     write_msprobe_csv(out, comparison, judge(comparison))  # msprobe's compare result layout; Result by the default thresholds
+    write_json_atomic(out / "comparison.json", comparison)  # last: a comparison directory with it is complete
     return out / "comparison.json"
 
 

@@ -82,10 +82,10 @@ def write_report(out_dir: str | Path, comparison: dict, verdict: Verdict, *, com
     paths = {"report.html": out_dir / "report.html", "summary.md": out_dir / "summary.md", "summary.json": out_dir / "summary.json"}
     write_text_atomic(paths["report.html"], env.get_template("report.html.j2").render(**view))
     write_text_atomic(paths["summary.md"], markdown_env.get_template("summary.md.j2").render(**view))
-    write_json_atomic(paths["summary.json"], summary_json(comparison, verdict))
     from precision.interop.msprobe_export import CSV_NAME, write_msprobe_csv  # msprobe's compare result layout, for its tooling
 
     paths[CSV_NAME] = write_msprobe_csv(out_dir, comparison, verdict)
+    write_json_atomic(paths["summary.json"], summary_json(comparison, verdict))  # last: a run with it is complete
     return paths
 
 
