@@ -21,6 +21,14 @@ LOGITS_CHUNK_BYTES = 256 * 2**20
 dtype logits come in). Read at every call, so a test can lower it to force chunks of a few rows."""
 
 
+MIN_CHUNK_ROWS = 64
+"""A chunk has at least this many rows (or the budget's rows, or all rows, when fewer): a short last chunk joins
+the one before it. GEMM libraries take other kernels for a few rows, with other rounding: on vLLM's CPU build
+with AMX, the lm_head GEMM of 4 rows or fewer gave 3-4 rows of 300 a value 1 bf16 ulp away from the same rows
+in a GEMM of 5 rows or more (all of 5, 6, 7, 8, 16, 17, 64, 100, 299 rows were bitwise equal). So a chunk may
+exceed LOGITS_CHUNK_BYTES by fewer than this many rows."""
+
+
 def logits_chunk_rows(vocabulary: int, budget_bytes: int | None = None) -> int:
     """Rows per logits chunk: the most rows whose float32 logits fit the budget, at least one."""
     budget = LOGITS_CHUNK_BYTES if budget_bytes is None else budget_bytes
@@ -98,18 +106,27 @@ def chunked_logits(compute: Callable[[Any], Any], rows: Any, device: Any, vocabu
     under tensor parallelism every rank calls it the same number of times (it gathers the vocabulary shards,
     a collective), and a rank that gets None (not the gathering rank) still makes every call. Returns (None,
     calls) on such a rank."""
-    step = logits_chunk_rows(vocabulary)
     total = int(rows.shape[0])
     result, calls = None, 0
-    for start in range(0, max(total, 1), step):
-        chunk = compute(rows[start:start + step].to(device))
+    for start, stop in chunk_bounds(total, logits_chunk_rows(vocabulary)):
+        chunk = compute(rows[start:stop].to(device))
         calls += 1
         if chunk is None:
             continue
         if result is None:
             result = _host_like(chunk, total)
-        result[start:start + step].copy_(chunk)  # a device-to-host copy waits for the chunk: bounded memory
+        result[start:stop].copy_(chunk)  # a device-to-host copy waits for the chunk: bounded memory
     return result, calls
+
+
+def chunk_bounds(total: int, step: int) -> list[tuple[int, int]]:
+    """[start, stop) of each chunk: ``step`` rows each, a last one shorter than min(MIN_CHUNK_ROWS, step) rows
+    joined to the one before it; one (empty) chunk when there are no rows."""
+    bounds = [(start, min(start + step, total)) for start in range(0, max(total, 1), step)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < min(MIN_CHUNK_ROWS, step):
+        (start, _), (_, stop) = bounds[-2], bounds[-1]
+        bounds[-2:] = [(start, stop)]
+    return bounds
 
 
 def _host_like(chunk: Any, total_rows: int) -> Any:

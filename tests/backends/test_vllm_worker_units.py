@@ -107,10 +107,13 @@ def test_logits_chunks_are_bounded_and_equal_to_all_rows_at_once(tmp_path, monke
     worker.precision_install_hooks()
     whole = load_file(capture(worker, tmp_path / "whole.safetensors")["path"])
     assert model.logits_rows == [len(IDS)]
-    monkeypatch.setattr(host_copy, "LOGITS_CHUNK_BYTES", 4 * VOCAB * 4)  # 4 rows of float32 logits
+    monkeypatch.setattr(host_copy, "LOGITS_CHUNK_BYTES", 3 * VOCAB * 4)  # 3 rows of float32 logits
     model.logits_rows.clear()
     result = capture(worker, tmp_path / "chunked.safetensors")
-    assert model.logits_rows == [4, 4, 3] and result["logits_calls"] == 3
+    assert model.logits_rows == [3, 3, 5] and result["logits_calls"] == 3  # the last 2 rows joined the chunk before
+    monkeypatch.setattr(host_copy, "LOGITS_CHUNK_BYTES", 5 * VOCAB * 4)  # 5, 5 and a last row joined: 5, 6
+    model.logits_rows.clear()
+    assert capture(worker, tmp_path / "joined.safetensors")["logits_calls"] == 2 and model.logits_rows == [5, 6]
     chunked = load_file(result["path"])
     assert all(torch.equal(whole[name], chunked[name]) for name in whole)
 
@@ -122,8 +125,16 @@ def test_a_rank_without_logits_makes_the_same_calls_and_writes_nothing(tmp_path,
     worker = Worker(model, rank=1)
     worker.precision_install_hooks()
     result = capture(worker, tmp_path / "rank1.safetensors")
-    assert result["path"] is None and result["logits_calls"] == 6 and model.logits_rows == [2] * 5 + [1]
+    assert result["path"] is None and result["logits_calls"] == 5 and model.logits_rows == [2] * 4 + [3]
     assert not (tmp_path / "rank1.safetensors").exists()
+
+
+def test_chunks_never_end_with_a_few_rows():
+    """A GEMM of a few rows takes another kernel (measured on vLLM's CPU build: 4 rows or fewer round differently)."""
+    assert host_copy.chunk_bounds(403 * 3 + 2, 403) == [(0, 403), (403, 806), (806, 1211)]
+    assert host_copy.chunk_bounds(403 * 3 + 64, 403) == [(0, 403), (403, 806), (806, 1209), (1209, 1273)]
+    assert host_copy.chunk_bounds(3, 403) == [(0, 3)] and host_copy.chunk_bounds(0, 403) == [(0, 0)]
+    assert host_copy.chunk_bounds(16, 7) == [(0, 7), (7, 16)] and host_copy.chunk_bounds(21, 7) == [(0, 7), (7, 14), (14, 21)]
 
 
 def test_logits_chunk_rows_follow_the_budget():
