@@ -119,7 +119,12 @@ class ServingBackend(Backend):
                                "see vLLM's EngineArgs for the names")
 
     def engine_kwargs(self) -> dict[str, Any]:
-        return {**self._baseline.engine_kwargs(), **self.serving.engine_args}
+        kwargs = {**self._baseline.engine_kwargs(), **self.serving.engine_args}
+        if self.serving.workload == "cobatch" and "max_num_batched_tokens" not in self.serving.engine_args:
+            # The baseline's budget (one sequence per step) would let the sequence share its step with a sliver of
+            # one companion at most: room for all of them prefilling together.
+            kwargs["max_num_batched_tokens"] = kwargs["max_model_len"] * (self.serving.companions + 1)
+        return kwargs
 
     def _environment_defaults(self, kwargs: dict[str, Any]) -> dict[str, str]:
         if self._device != "cpu":
