@@ -306,19 +306,26 @@ def _evidence_summary(served: CaptureReader, level: str) -> dict:
             calls[name] = calls.get(name, 0) + count
     layer_calls = sum(c for n, c in calls.items() if layer_index(n) is not None)
     # Counted from this configuration's engine start (precision.serving.engine), not the process's earlier engines.
-    compiled = max((e["engine_compilations"].get("num_backend_compilations", 0) for e in evidence), default=0)
-    graphs = max((e["engine_compilations"].get("num_graphs_seen", 0) for e in evidence), default=0)
+    # vLLM 0.32 compiles ahead of time on CPU (num_aot_compiles) rather than through num_backend_compilations: every
+    # counter that moved is reported.
+    counters: dict[str, int] = {}
+    for entry in evidence:
+        for name, value in entry["engine_compilations"].items():
+            if value:
+                counters[name] = max(counters.get(name, 0), value)
+    compiled = sum(v for k, v in counters.items() if "compile" in k or "artifacts_loaded" in k)
+    counted = ", ".join(f"{k} {v}" for k, v in sorted(counters.items())) or "none moved"
     outer = calls.get("outer_model", 0)
     if level == "logits":
-        why = (f"the model body ran as a compiled graph: vLLM compiled {graphs} graph(s) ({compiled} backend compilation(s)) in this "
-               f"process, its outer forward ran {outer} time(s) over the captures while the decoder layers' Python hooks fired {layer_calls} "
-               "times; final-norm states and full-vocabulary logits of every position were taken outside the graph")
+        why = (f"the model body ran as a compiled graph: the decoder layers' Python hooks fired {layer_calls} times while the outer "
+               f"forward ran {outer} time(s) over the captures, and vLLM's compilation counters since this engine started read "
+               f"{counted}; final-norm states and full-vocabulary logits of every position were taken outside the graph")
     else:
         steps = max((e["calls"].get("outer_model", 0) for e in evidence), default=0)
         why = (f"the decoder layers' Python hooks fired ({layer_calls} calls over {outer} forward steps, up to {steps} step(s) per "
-               f"sequence), so every site of every position was captured; vLLM compiled {compiled} graph(s)")
+               f"sequence), so every site of every position was captured; vLLM's compilation counters since this engine started: {counted}")
     cached = [len(e["positions_from_earlier_requests"]) for e in evidence]
-    return {"why": why, "hook_calls": calls, "backend_compilations": compiled, "graphs_seen": graphs,
+    return {"why": why, "hook_calls": calls, "compilations": compiled, "compilation_counters": counters,
             "positions_from_cache": sum(cached), "cached_tokens_reported": [e.get("cached_tokens") for e in evidence],
             "requests_per_sequence": [len(e["requests"]) for e in evidence],
             "steps_per_sequence": [len(e.get("steps", [])) for e in evidence],
