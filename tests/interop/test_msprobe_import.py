@@ -146,3 +146,11 @@ def test_damaged_or_ambiguous_dumps_are_refused_naming_the_fix(bf16_dump, storie
                     "--teacher-forcing", str(stories_reference.path)], capsys)
     assert "1 forward pass" in err and "2 prompt" in err
     assert not any((tmp_path / name).exists() for name in "abce")
+
+
+def test_a_prompt_set_names_the_passes_and_splits_prompt_from_continuation(bf16_dump, stories_path, short_prompts, stories_reference, tmp_path):
+    reader = CaptureReader(import_dump(bf16_dump, stories_path, tmp_path / "cap", "--prompts", str(short_prompts)))
+    assert [(r.id, r.prompt_ids, r.continuation_ids) for r in reader.prompts] == \
+        [(r.id, r.prompt_ids, r.continuation_ids) for r in stories_reference.prompts]
+    comparison = compare_captures(stories_reference, reader)
+    assert all(e["metrics"]["relative_l2"] == 0.0 for p in comparison["prompts"] for e in p["sites"])
