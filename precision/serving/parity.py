@@ -338,7 +338,10 @@ def _row(serving: ServingConfig, served: CaptureReader, comparison: dict, verdic
     envelope = (comparison.get("analysis") or {}).get("envelope") or {}
     env_rows = envelope.get("sites") or []
     largest = max(sites, key=lambda s: s[RELATIVE_L2])
-    worst_envelope = max(env_rows, key=lambda r: r["ratio"]) if env_rows else None
+    # A site where the configuration equals the baseline has ratio 0/0 = 1 by compare.ratio's convention; it is not a
+    # difference to size, so the largest ratio is taken over the sites that differ (0 when none does).
+    differing = [r for r in env_rows if r["target"] > 0]
+    worst_envelope = max(differing, key=lambda r: r["ratio"]) if differing else None
     logits = next((s for s in sites if s["site"] == LOGITS), None)
     flips = [f for p in comparison["prompts"] for f in (p.get(LOGITS) or {}).get("flips", [])]
     return {
@@ -351,10 +354,11 @@ def _row(serving: ServingConfig, served: CaptureReader, comparison: dict, verdic
         "largest": {"site": largest["site"], "relative_l2": largest[RELATIVE_L2]},
         "logits_relative_l2": logits[RELATIVE_L2] if logits else None,
         "logits_R": logits.get("R") if logits else None,
-        "envelope_ratio": None if worst_envelope is None else {"site": worst_envelope["site"], "ratio": worst_envelope["ratio"],
+        "envelope_ratio": ({"site": None, "ratio": 0.0, "configuration": 0.0, "envelope_max": None} if env_rows else None)
+        if worst_envelope is None else {"site": worst_envelope["site"], "ratio": worst_envelope["ratio"],
                                                                "configuration": worst_envelope["target"], "envelope_max": worst_envelope["max"]},
         "first_site_beyond_envelope": next((r["site"] for r in sorted(env_rows, key=lambda r: site_order([x["site"] for x in env_rows]).index(r["site"]))
-                                            if r["ratio"] > 1.0), None),
+                                            if r["target"] > 0 and r["ratio"] > 1.0), None),
         "flips": {"total": len(flips), "real": sum(1 for f in flips if not f.get(NEAR_TIE, True))},
         "tokens": [{"id": p["id"], "first_divergence": p["tokens"].get("first_divergence"), "match_rate": p["tokens"].get("match_rate")}
                    for p in comparison["prompts"]],
