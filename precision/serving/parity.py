@@ -58,7 +58,6 @@ PARITY_SCHEMA_VERSION = 1
 BASELINE = "baseline"
 LOGITS_SITES = [FINAL_NORM, LOGITS]
 """What a configuration whose model body ran as a compiled graph is compared on."""
-CHUNKED_PREFILL_DEPENDENCIES = {"max_num_batched_tokens": ("enable_chunked_prefill",)}
 
 
 @dataclass(frozen=True)
@@ -236,7 +235,7 @@ class _Context:
     def bisect(self, serving: ServingConfig, comparison: dict, verdict) -> dict:
         """ddmin over the configuration's engine settings (precision.serving.bisect); each trial a capture of the first
         failing prompts, judged like the configuration itself."""
-        from precision.serving.bisect import BisectionError, bisect_settings
+        from precision.serving.bisect import BisectionError, bisect_settings, vllm_setting_dependencies
 
         failing = [p.id for p in verdict.prompts if p.status is Status.FAIL] or [p["id"] for p in comparison["prompts"]]
         prompt_ids = failing[: self.config.bisect_prompts]
@@ -262,7 +261,7 @@ class _Context:
             return trial_verdict.status is Status.FAIL
 
         baseline_settings = self.baseline.manifest["backend"].get("settings") or {}
-        dependencies = {k: v for k, v in CHUNKED_PREFILL_DEPENDENCIES.items() if all(d in serving.engine_args for d in v)}
+        dependencies = vllm_setting_dependencies(baseline_settings, serving.engine_args)
         try:
             result = bisect_settings(baseline_settings, serving.engine_args, fails, dependencies=dependencies, check_baseline=True)
         except BisectionError as exc:
