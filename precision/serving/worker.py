@@ -24,7 +24,7 @@ from typing import Any
 
 from precision.backends import vllm_compat
 from precision.errors import BackendError
-from precision.names import EMBED, FINAL_NORM, LOGITS, POSITIONS, layer_site
+from precision.names import EMBED, FINAL_NORM, LAYER_PREFIX, LOGITS, POSITIONS, layer_site
 
 OUTER = "outer_model"
 """The outer model's forward (LlamaForCausalLM & co.): it runs in Python in every mode; its output is the
@@ -136,7 +136,7 @@ class ServingWorkerExtension:
         self._parity_armed = False
         length = len(self._parity_sequence)
         rows = self._parity_rows
-        layer_names = [name for name in rows if name.startswith("layer.")]
+        layer_names = [name for name in rows if name.startswith(LAYER_PREFIX)]
         complete = {name: sorted(store) == list(range(length)) for name, store in rows.items()}
         hidden_sites = [EMBED, *layer_names, FINAL_NORM]
         if all(complete.get(name) for name in hidden_sites if name != EMBED) and layer_names:
