@@ -68,6 +68,7 @@ def import_msprobe(dump_dir: str | Path, model: str | Path, out: str | Path, *, 
     planned = [_align(fp, pass_tokens(fp), plan.prompts[i] if plan else None, len(passes)) for i, fp in enumerate(passes)]
     for fp in passes:
         check_files(fp)
+        _check_dump_shapes(fp, info)
     out = Path(out)
     with claim_output_dir(out, "capture", force=force, complete_marker=schema.MANIFEST, inputs=[dump_dir, info.path, teacher_forcing],
                           can_resume=False):
@@ -148,6 +149,23 @@ def _check_length(where: str, token_ids: tuple[int, ...], tokens: int) -> None:
     if len(token_ids) != tokens:
         raise DumpError(f"{where}: the embedding ran on {len(token_ids)} token ids but the layers hold {tokens} positions; "
                         "the dump mixes passes, dump again one sequence per forward pass")
+
+
+def _check_dump_shapes(fp: ForwardPass, info) -> None:
+    """The widths dump.json records against the model's, and the layer indices against its depth, before anything
+    is written or read."""
+    where = f"forward pass {fp.label}"
+    if fp.layers and max(fp.layers) >= info.num_layers:
+        raise DumpError(f"{where} holds decoder layer {max(fp.layers)}, the model at {info.path} has {info.num_layers} layers; "
+                        "pass the --model the dump was made with")
+    sites = [(fp.embed, info.hidden_size), *((c, info.hidden_size) for c in fp.layers.values()), (fp.final_norm, info.hidden_size),
+             (fp.logits, info.vocab_size)]
+    for call, width in sites:
+        outputs = call.output_tensors() if call is not None else []
+        shape = outputs[0].get("shape") if outputs else None
+        if shape and shape[-1] != width:
+            raise DumpError(f"{where}: {call.key} has width {shape[-1]}, the model at {info.path} has {width}; pass the --model the "
+                            "dump was made with")
 
 
 def _check_sizes(fp: ForwardPass, read: PassTensors, info) -> str:

@@ -154,3 +154,9 @@ def test_a_prompt_set_names_the_passes_and_splits_prompt_from_continuation(bf16_
         [(r.id, r.prompt_ids, r.continuation_ids) for r in stories_reference.prompts]
     comparison = compare_captures(stories_reference, reader)
     assert all(e["metrics"]["relative_l2"] == 0.0 for p in comparison["prompts"] for e in p["sites"])
+
+
+def test_a_dump_of_another_model_is_refused_before_anything_is_written(bf16_dump, builtin_path, tmp_path, capsys):
+    err = _refused([str(bf16_dump), "--model", str(builtin_path), "--out", str(tmp_path / "cap")], capsys)
+    assert "--model the dump was made with" in err and str(builtin_path) in err
+    assert not (tmp_path / "cap").exists()
