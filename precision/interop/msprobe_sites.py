@@ -106,7 +106,7 @@ class PassTokens:
     """Positions in the pass (rows of its hidden states, from dump.json's shapes)."""
     token_ids: tuple[int, ...] | None
     positions: tuple[int, ...] | None
-    """The decoder layers' position_ids, when the dump holds them."""
+    """The decoder layers' position_ids (transformers) or integer first input (vLLM's positions), when dumped."""
 
 
 def pass_tokens(fp: ForwardPass) -> PassTokens:
@@ -121,7 +121,9 @@ def pass_tokens(fp: ForwardPass) -> PassTokens:
         inputs = fp.embed.input_tensors()
         if inputs and "int" in str(inputs[0].get("dtype", "")):
             token_ids = tuple(int(t) for t in fp.dump.load(inputs[0]).reshape(-1).tolist())
-    record = first.kwarg_tensor("position_ids")
+    record = first.kwarg_tensor("position_ids")  # transformers passes them by name; vLLM's layers take positions first
+    if record is None:
+        record = next((t for t in first.input_tensors()[:1] if "int" in str(t.get("dtype", ""))), None)
     if record is not None:
         positions = tuple(int(p) for p in fp.dump.load(record).reshape(-1).tolist())
     return PassTokens(tokens, token_ids, positions)
