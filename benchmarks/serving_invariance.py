@@ -123,10 +123,13 @@ def run_engine(spec: dict) -> None:
 
 
 def _rows(dicts, vocab: int, np) -> "np.ndarray":
+    """[rows, vocab] float32 from vLLM's per-position {token: Logprob}. Rows of positions served from the prefix
+    cache are never written by vLLM (uninitialised memory, token ids included): ids outside the vocabulary are
+    skipped there, and those rows are never compared."""
     rows = np.full((len(dicts), vocab), np.nan, dtype=np.float32)
     for index, entry in enumerate(dicts):
         for token, logprob in entry.items():
-            if token < vocab:
+            if 0 <= token < vocab:
                 rows[index, token] = logprob.logprob
     return rows
 
@@ -219,6 +222,36 @@ def compare_case(base: dict, other: dict, requests: list, phase: str, cached: di
     return result
 
 
+CASE_WORDS = {"alone": "alone, cold", "again": "same prompt again (warm)", "shared": "shared prefix (warm)", "batch": "co-batched, 8 requests"}
+
+
+def markdown_table(results: list[dict]) -> str:
+    """The invariance table as the README shows it: one row per setting and case it is shown for."""
+    lines = ["| model | setting | requests | bitwise equal | max abs logit diff | max abs logprob diff | first differing | greedy tokens identical (first divergence) | positions from cache | engine start s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    kept: dict[tuple[str, str], dict] = {}
+    for row in results:  # merged files: the first run of a setting that ran, else its error
+        key = (row["model"], row["setting"])
+        if key not in kept or ("error" in kept[key] and "error" not in row):
+            kept[key] = row
+    results = list(kept.values())
+    models = list(dict.fromkeys(row["model"] for row in results))
+    for row in sorted(results, key=lambda r: (models.index(r["model"]), r["setting"] != "baseline")):
+        if row["setting"] == "baseline":
+            lines.append(f"| {row['model']} | baseline (eager, capture-safe) | | | | | | | | {row['start_s']:.1f} |")
+            continue
+        if "error" in row:
+            lines.append(f"| {row['model']} | {row['what']} | | did not run: {row['error'].splitlines()[-1][:200]} | | | | | | |")
+            continue
+        for case in row["shown"]:
+            c = row["cases"][case]
+            divergence = "" if c["first_token_divergence"] is None else f" (token {c['first_token_divergence']})"
+            lines.append(f"| {row['model']} | {row['what']} | {CASE_WORDS[case]} | {'yes' if c['bitwise'] else 'no'} | {c['max_abs_logit']:.3g} | "
+                         f"{c['max_abs_logprob']:.3g} | {c['first_diff'] or '-'} | {c['tokens_identical']}/{c['requests']}{divergence} | "
+                         f"{c['positions_from_cache']} | {row['start_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -227,13 +260,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", default=str(REPO / "golden" / "default.jsonl"))
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--work", default="/tmp/serving-invariance", help="scratch directory (default /tmp/serving-invariance)")
-    parser.add_argument("--json", default=None, help="results file (default WORK/serving_invariance.json)")
+    parser.add_argument("--json", default=None, help="results file (default WORK/serving_invariance.json; the table beside it as .md)")
+    parser.add_argument("--reuse-baseline", action="store_true", help="reuse WORK's baseline arrays from an earlier run of the same requests")
+    parser.add_argument("--table", nargs="+", default=None, help="print the table of existing results files (merged) and stop")
     args = parser.parse_args(argv)
     for key, value in ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     sys.path.insert(0, str(REPO))
     if args.child:
         run_engine(json.loads(Path(args.child).read_text()))
+        return 0
+    if args.table:
+        print(markdown_table([row for table in args.table for row in json.loads(Path(table).read_text())]))
         return 0
     import numpy as np
 
@@ -251,7 +289,11 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         base_engine = baseline_engine(max_model_len)
         print(f"== {label} ({path}), {len(requests)} requests per engine, max_model_len {max_model_len}", flush=True)
-        base = launch("baseline", base_engine, path, vocab, requests, work, args.max_new_tokens)
+        earlier = work / "baseline.json"
+        if args.reuse_baseline and earlier.is_file() and json.loads((work / "baseline.spec.json").read_text())["requests"] == requests:
+            base = {**json.loads(earlier.read_text()), "process_s": float("nan")}
+        else:
+            base = launch("baseline", base_engine, path, vocab, requests, work, args.max_new_tokens)
         if "error" in base:
             raise SystemExit(f"the baseline engine failed: {base['error']}")
         base_arrays = dict(np.load(work / "baseline.npz"))
@@ -279,7 +321,9 @@ def main(argv: list[str] | None = None) -> int:
         results.append({"model": label, "setting": "baseline", "start_s": base["start_s"], "process_s": base["process_s"], "facts": base["facts"]})
     out = Path(args.json) if args.json else Path(args.work) / "serving_invariance.json"
     out.write_text(json.dumps(results, indent=1, default=str))
-    print(f"results: {out}")
+    out.with_suffix(".md").write_text(markdown_table(results))
+    print(markdown_table(results))
+    print(f"results: {out} and {out.with_suffix('.md')}")
     return 0
 
 
