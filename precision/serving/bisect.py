@@ -90,6 +90,8 @@ class BisectionResult:
         if self.baseline_fails:
             return (f"the baseline itself fails against the baseline capture ({trials}): the difference is not caused by a setting "
                     "(run-to-run nondeterminism?), so no setting is named")
+        if not self.reproduced and self.trials and self.trials[0].outcome is Outcome.UNRESOLVED:
+            return f"the full configuration ({_settings_text(self.changed)}) could not be judged (the trial did not run): no bisection"
         if not self.reproduced:
             return f"the full configuration ({_settings_text(self.changed)}) does not fail ({trials}): no bisection"
         needs = f", with {_settings_text(self.required)}, which it needs to apply" if self.required else ""
@@ -136,7 +138,8 @@ def single_culprit_trial_bound(changes: int) -> int:
 
 
 def bisect_settings(baseline: Mapping[str, Any], failing: Mapping[str, Any], fails: TrialCallback, *,
-                    dependencies: Mapping[str, Iterable[str]] | None = None, check_baseline: bool = True) -> BisectionResult:
+                    dependencies: Mapping[str, Iterable[str]] | None = None, check_baseline: bool = True,
+                    known_to_fail: bool = False) -> BisectionResult:
     """The smallest subset of ``failing``'s settings that, applied over ``baseline``, still fails.
 
     ``fails(subset)`` runs one trial (the caller applies ``subset`` over the baseline). Settings whose value in
@@ -144,7 +147,8 @@ def bisect_settings(baseline: Mapping[str, Any], failing: Mapping[str, Any], fai
     settings it cannot be applied without (``{"max_num_batched_tokens": ["enable_chunked_prefill"]}``); each must
     be a change of ``failing`` too. The full configuration is tried first (if it passes, there is nothing to
     bisect), then, with ``check_baseline``, the baseline alone (an empty subset: if it fails, the run is not
-    deterministic and no setting is to blame)."""
+    deterministic and no setting is to blame). ``known_to_fail``: the caller has just seen the full configuration
+    fail (the run being bisected), so it is not tried again; the trial record then starts with the baseline."""
     changed = {key: value for key, value in failing.items() if key not in baseline or baseline[key] != value}
     unchanged = tuple(key for key in failing if key not in changed)
     needs = _checked_dependencies(dependencies or {}, changed)
@@ -152,7 +156,9 @@ def bisect_settings(baseline: Mapping[str, Any], failing: Mapping[str, Any], fai
     result = dict(changed=changed, unchanged=unchanged, dependencies={k: tuple(v) for k, v in needs.items()})
     if not changed:
         return BisectionResult(reproduced=False, baseline_fails=None, culprit={}, required={}, trials=(), **result)
-    if runner.run(tuple(changed)) is not Outcome.FAIL:
+    if known_to_fail:
+        runner.assume(tuple(changed), Outcome.FAIL)
+    elif runner.run(tuple(changed)) is not Outcome.FAIL:
         return BisectionResult(reproduced=False, baseline_fails=None, culprit={}, required={}, trials=runner.trials(), **result)
     baseline_fails = None
     if check_baseline:
@@ -207,6 +213,10 @@ class _TrialRunner:
             self._memo[memo_key] = outcome
             self._trials.append(Trial(number=len(self._trials) + 1, settings=settings, outcome=outcome))
         return self._memo[memo_key]
+
+    def assume(self, keys: Iterable[str], outcome: Outcome) -> None:
+        """Record an outcome observed outside the bisection (not a trial it ran, so not counted)."""
+        self._memo[frozenset(self.closure(keys))] = outcome
 
     def trials(self) -> tuple[Trial, ...]:
         return tuple(self._trials)

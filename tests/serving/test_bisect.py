@@ -144,3 +144,17 @@ def test_vllm_dependencies_follow_vllms_own_checks():
     result = bisect_settings(baseline, {**chunked, **tp}, Oracle({"tensor_parallel_size"}),
                              dependencies=vllm_setting_dependencies(baseline, {**chunked, **tp}))
     assert result.culprit == {"tensor_parallel_size": 2} and result.required == {"distributed_executor_backend": "mp"}
+
+
+def test_a_configuration_known_to_fail_is_not_tried_again():
+    oracle = Oracle({"enforce_eager"})
+    result = bisect_settings(BASELINE, PRODUCTION, oracle, known_to_fail=True)
+    assert result.culprit == {"enforce_eager": False} and frozenset(PRODUCTION) not in oracle.calls
+    assert result.trials[0].settings == {} and result.trial_count == len(oracle.calls)
+    assert result.trial_count <= single_culprit_trial_bound(8) - 1
+
+
+def test_a_full_configuration_the_engine_refuses_is_not_called_passing():
+    result = bisect_settings(BASELINE, PRODUCTION, lambda subset: None)
+    assert not result.reproduced and result.trials[0].outcome is Outcome.UNRESOLVED
+    assert "could not be judged" in result.describe() and "does not fail" not in result.describe()
