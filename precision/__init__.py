@@ -6,6 +6,7 @@ The Python API mirrors the CLI (one function per command; the CLI only parses, c
     from precision import load_run_config, PROMPT_SETS         # a run.toml as a RunConfig; the shipped prompt sets
     from precision import capture_backend, compare, render_report, regress, verify_run, self_test, plant_fault
     from precision import create_store, verify_store           # golden stores
+    from precision import import_msprobe, export_msprobe       # msprobe dumps in, msprobe compare CSV out
 Building blocks, for jobs of your own:
     from precision import write_capture, CapturePlan, CaptureReader  # capture / read capture directories
     from precision import compare_captures, judge, write_report, compare_and_report
@@ -38,6 +39,8 @@ _EXPORTS = {
     "load_run_config": "precision.run_file",
     "read_run_file": "precision.run_file",
     "plant_fault": "precision.api",
+    "import_msprobe": "precision.interop.msprobe_import",
+    "export_msprobe": "precision.interop.msprobe_export:export_comparison",
     "verify_run": "precision.verify",
     "create_store": "precision.golden",
     "verify_store": "precision.golden",

@@ -33,7 +33,7 @@ _BOOKKEEPING = {MARKER, LOCK, ".write-test"}
 
 # What each kind of output directory holds: file names, and sub-directories that hold only known things.
 # A sub-directory that carries its own marker is removed by its own kind's rules, whatever its name.
-_REPORT_FILES = {"comparison.json", "report.html", "summary.md", "summary.json", "regression.json", "regression.md"}
+_REPORT_FILES = {"comparison.json", "report.html", "summary.md", "summary.json", "msprobe_compare.csv", "regression.json", "regression.md"}
 _KNOWN_FILES = {
     "capture": {"manifest.json", "progress.jsonl"},
     "run": {"run.json", *_REPORT_FILES},

@@ -141,7 +141,7 @@ def _verify(args) -> int:
 
 def _finish(verdict, files: dict) -> int:
     print(verdict.summary)
-    for name in ("report.html", "summary.md", "summary.json"):
+    for name in ("report.html", "summary.md", "summary.json", "msprobe_compare.csv"):
         if name in files:
             print(f"  {name}: {files[name]}")
     return EXIT_FAILED if verdict.status.value == "FAIL" else EXIT_OK

@@ -27,7 +27,7 @@ def add_command(subparsers) -> None:
 
 
 def handle_import(args) -> int:
-    from precision.interop.msprobe_import import import_msprobe
+    from precision import import_msprobe
 
     result = import_msprobe(args.dump_dir, args.model, args.out, teacher_forcing=args.teacher_forcing, prompts=args.prompts,
                             force=args.force, trust_remote_code=args.trust_remote_code)
@@ -42,8 +42,8 @@ def handle_import(args) -> int:
 
 def handle_export(args) -> int:
     from precision.cli import values
-    from precision.interop.msprobe_export import export_comparison
+    from precision import export_msprobe
 
-    path = export_comparison(args.comparison, out=args.out, thresholds=values.thresholds(args.config, args.threshold))
+    path = export_msprobe(args.comparison, out=args.out, thresholds=values.thresholds(args.config, args.threshold))
     print(f"wrote {path}")
     return EXIT_OK
