@@ -7,6 +7,7 @@ The Python API mirrors the CLI (one function per command; the CLI only parses, c
     from precision import capture_backend, compare, render_report, regress, verify_run, self_test, plant_fault
     from precision import create_store, verify_store           # golden stores
     from precision import import_msprobe, export_msprobe       # msprobe dumps in, msprobe compare CSV out
+    from precision import run_canary                           # a served model's prompt logprobs against a golden store
 Building blocks, for jobs of your own:
     from precision import write_capture, CapturePlan, CaptureReader  # capture / read capture directories
     from precision import compare_captures, judge, write_report, compare_and_report
@@ -41,6 +42,7 @@ _EXPORTS = {
     "plant_fault": "precision.api",
     "import_msprobe": "precision.interop.msprobe_import",
     "export_msprobe": "precision.interop.msprobe_export:export_comparison",
+    "run_canary": "precision.canary",
     "verify_run": "precision.verify",
     "create_store": "precision.golden",
     "verify_store": "precision.golden",

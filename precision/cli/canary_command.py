@@ -19,7 +19,7 @@ def add_command(subparsers) -> None:
 
 
 def handle(args) -> int:
-    from precision.canary import run_canary
+    from precision import run_canary
 
     results = run_canary(args.url, args.golden, model=args.model, top_k=args.top_k, timeout=args.timeout)
     positions = sum(r.positions for r in results)
