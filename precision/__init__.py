@@ -8,6 +8,7 @@ The Python API mirrors the CLI (one function per command; the CLI only parses, c
     from precision import create_store, verify_store           # golden stores
     from precision import import_msprobe, export_msprobe       # msprobe dumps in, msprobe compare CSV out
     from precision import run_canary                           # a served model's prompt logprobs against a golden store
+    from precision import ParityConfig, run_parity             # serving configurations against the eager engine
 Building blocks, for jobs of your own:
     from precision import write_capture, CapturePlan, CaptureReader  # capture / read capture directories
     from precision import compare_captures, judge, write_report, compare_and_report
@@ -43,6 +44,9 @@ _EXPORTS = {
     "import_msprobe": "precision.interop.msprobe_import",
     "export_msprobe": "precision.interop.msprobe_export:export_comparison",
     "run_canary": "precision.canary",
+    "run_parity": "precision.serving.parity",
+    "ParityConfig": "precision.serving.parity",
+    "serving_configurations": "precision.serving.config",
     "verify_run": "precision.verify",
     "create_store": "precision.golden",
     "verify_store": "precision.golden",

@@ -109,6 +109,8 @@ class RunResult:
     verdict: Verdict
     comparison: dict
     files: dict[str, Path]
+    serving: dict | None = None
+    """The serving stage's parity document (precision.serving.parity) when the run had [serving.NAME] tables."""
 
 
 def _check_same_architecture(reference: ModelInfo, target: ModelInfo) -> None:
@@ -198,13 +200,16 @@ def run(config: RunConfig, source: ReferenceSource | None = None) -> RunResult:
         write_json_atomic(config.out / "run.json", record)
         cpu = source.open(model, plan, config.out, settings)
         actual = capture_role("target", target_spec, target_model, cpu.following, config.out, settings, options=target_options, repeats=config.repeats)
+        serving = None
         if config.serving:  # [serving.NAME] tables: each configuration against this eager target (precision.serving)
             from precision.serving.parity import serving_stage
 
-            serving_stage(config, model, cpu, actual, config.out / "serving")
-        return compare_and_report(cpu.reference, actual, cpu.truth, config.out, members=cpu.members, envelope_prompts=cpu.envelope_prompts,
+            serving = serving_stage(config, model, cpu, actual, config.out / "serving")
+        result = compare_and_report(cpu.reference, actual, cpu.truth, config.out, members=cpu.members, envelope_prompts=cpu.envelope_prompts,
                                   replay=config.replay, thresholds=config.thresholds, command=config.command, show_progress=config.show_progress,
                                   metric_convention=config.metric_convention, streamed=config.layer_streamed)
+        result.serving = serving
+        return result
 
 
 def analysed_comparison(expected: CaptureReader, actual: CaptureReader, truth: CaptureReader | None, *,

@@ -34,7 +34,12 @@ def _run(args) -> int:
     config = build_run_config(settings, thresholds=thresholds, serving=file.serving if file else {}, config_file=file, force=args.force,
                               resume=args.resume, show_progress=not args.quiet, command=args.command_line)
     result = run(config, junit=settings.get("junit"))
-    return _finish(result.verdict, result.files)
+    code = _finish(result.verdict, result.files)
+    if result.serving is not None:
+        print(f"serving configurations: {result.serving['status']} ({config.out / 'serving' / 'summary.md'})")
+        if result.serving["status"] == "FAIL":
+            return EXIT_FAILED
+    return code
 
 
 def _capture(args) -> int:

@@ -33,10 +33,9 @@ def add_command(subparsers) -> None:
 def handle(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from precision import DEFAULT_ENVELOPE
+    from precision import DEFAULT_ENVELOPE, ParityConfig, run_parity, serving_configurations
     from precision.cli.parser import EXIT_FAILED, EXIT_OK
     from precision.cli.values import thresholds
-    from precision.serving.parity import ParityConfig, run_parity, serving_configurations
 
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise PrecisionError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
