@@ -77,6 +77,11 @@ def publish(schema_dir: Path = SCHEMA_DIR) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
+    if not SCHEMA_DIR.is_dir():
+        # An installed package has no checkout around it: writing would land beside site-packages.
+        print(f"{SCHEMA_DIR} does not exist: the schemas are published into a source checkout's docs/schema; "
+              "run this from a checkout (pip install -e .)", file=sys.stderr)
+        return 2
     if "--check" in argv:
         found = problems()
         print("\n".join(found) or "published schemas match the types")
