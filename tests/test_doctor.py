@@ -120,7 +120,7 @@ def test_cli_with_backend_vllm_prints_the_real_engines_preflight(stories_path, c
     assert "engine preflight (read in the worker):" in out
     assert "worker_class=CPUWorker" in out and "model_runner_class=CPUModelRunner" in out
     assert "compilation_mode=NONE" in out and "cudagraph_mode=NONE" in out and "enforce_eager=True" in out
-    assert "final_norm=RMSNorm" in out and "graph mode: none" in out
+    assert "output_norm=RMSNorm" in out and "graph mode: none" in out
     assert "prompt-logprob check: PASS" in out
 
 
@@ -172,5 +172,5 @@ def test_the_real_engines_preflight_record_is_in_the_manifest(engine, stories_re
     target = capture(engine, CapturePlan.following(stories_reference), tmp_path / "target", show_progress=False)
     worker = target.manifest["backend"]["worker"]
     assert worker["engine"]["worker_class"] == "CPUWorker" and worker["engine"]["enforce_eager"] is True
-    assert worker["modules"]["final_norm"] == "RMSNorm" and worker["modules"]["logits_processor"] == "LogitsProcessor"
+    assert worker["modules"]["output_norm"] == "RMSNorm" and worker["modules"]["logits_processor"] == "LogitsProcessor"
     assert worker["fingerprint"]["torch_npu"] is None and worker["environment"]["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"

@@ -16,9 +16,10 @@ vllm_preflight): a worker whose model would run as a graph is refused, and the w
 switches, Ascend fingerprint, environment as the worker sees it) goes into the manifest.
 
 Engine isolation. The engine runs in this process on vLLM's CPU build (VLLM_ENABLE_V1_MULTIPROCESSING=0, set only
-when the platform is CPU, with the VLLM_CPU_* defaults): on a 2-core machine vLLM's multiprocess engine starts
-several times slower (the shared vllm-facts notes: 3 s in-process, 17 s multiprocess, tiny model), and a run starts
-engines one after another. Between engines in one process the previous one is torn down provably at
+when the platform is CPU, with the VLLM_CPU_* defaults). Measured on this 2-core machine (built-in model, import +
+start + one 8-token generate + shutdown, machine shared, load average about 13): in-process 29.9 CPU-seconds and an
+engine start of 16 s; multiprocess 50.3 CPU-seconds (the engine process imports torch and vLLM a second time) and a
+start of 32 s. A run starts engines one after another, so the in-process engine is kept. Between engines in one process the previous one is torn down provably at
 deactivation: the engine core shut down, vllm-ascend's clear_ascend_config() (v0.11 would otherwise hand the next
 engine the previous global Ascend config) and vLLM's cleanup_dist_env_and_memory() (parallel groups, distributed
 environment, vLLM's environment-variable cache), each where it exists (which ones ran is logged); the environment

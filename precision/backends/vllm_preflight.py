@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import enum
 import importlib
+import json
 import os
 import platform
 from collections.abc import Mapping
@@ -246,7 +247,7 @@ def module_classes(model: Any) -> dict[str, str | None]:
         "embedding": class_name(attr_path(decoder, "embed_tokens")),
         "decoder_layer": class_name(first),
         "input_norm": class_name(attr_path(first, "input_layernorm")),
-        "final_norm": class_name(attr_path(decoder, "norm")),
+        "output_norm": class_name(attr_path(decoder, "norm")),
         "attention": class_name(attention),
         "attention_impl": class_name(attr_path(attention, "impl")),
         "rotary_embedding": class_name(attr_path(first, "self_attn.rotary_emb")),
@@ -257,17 +258,18 @@ def module_classes(model: Any) -> dict[str, str | None]:
 
 
 def preflight_record(worker: Any, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """Everything the driver records about a worker (one rank)."""
+    """Everything the driver records about a worker (one rank), as plain JSON types: vLLM's multiprocess engine
+    serialises RPC results with msgspec, which refuses str subclasses such as torch's TorchVersion."""
     model = guarded(vllm_compat.worker_model, worker)
     config = ascend_config(worker)
-    return {
+    return json.loads(json.dumps({
         "rank": guarded(vllm_compat.worker_rank, worker),
         "engine": engine_state(worker),
         "modules": module_classes(model) if model is not None else None,
         "ascend_config": plain_data(config) if config is not None else None,
         "environment": worker_environment(environ),
         "fingerprint": fingerprint(environ),
-    }
+    }, default=repr))
 
 
 def graph_mode_reasons(record: Mapping[str, Any]) -> list[str]:
