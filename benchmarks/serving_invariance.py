@@ -46,7 +46,7 @@ SHARED_TAIL = 8
 # name -> (engine settings over the baseline, the case(s) of requests that show the setting, what it is)
 SETTINGS: dict[str, tuple[dict, tuple[str, ...], str]] = {
     "baseline-repeat": ({}, ("alone",), "the baseline again in a fresh engine (control: run-to-run)"),
-    "prefix-caching": ({"enable_prefix_caching": True}, ("alone", "again", "shared"), "prefix caching: cold, warm (same prompt), shared prefix"),
+    "prefix-caching": ({"enable_prefix_caching": True}, ("alone", "again", "shared"), "prefix caching (enable_prefix_caching=True)"),
     "chunked-16": ({"enable_chunked_prefill": True, "max_num_batched_tokens": 16}, ("alone",), "chunked prefill, 16-token chunks"),
     "chunked-64": ({"enable_chunked_prefill": True, "max_num_batched_tokens": 64}, ("alone",), "chunked prefill, 64-token chunks"),
     "cobatch-8": ({"max_num_seqs": 8}, ("batch", "alone"), "8 requests of varied lengths co-batched (max_num_seqs=8)"),
@@ -236,7 +236,8 @@ def markdown_table(results: list[dict]) -> str:
             kept[key] = row
     results = list(kept.values())
     models = list(dict.fromkeys(row["model"] for row in results))
-    for row in sorted(results, key=lambda r: (models.index(r["model"]), r["setting"] != "baseline")):
+    order = ["baseline", *SETTINGS]
+    for row in sorted(results, key=lambda r: (models.index(r["model"]), order.index(r["setting"]))):
         if row["setting"] == "baseline":
             lines.append(f"| {row['model']} | baseline (eager, capture-safe) | | | | | | | | {row['start_s']:.1f} |")
             continue
@@ -245,8 +246,9 @@ def markdown_table(results: list[dict]) -> str:
             continue
         for case in row["shown"]:
             c = row["cases"][case]
+            what = "prefix caching (enable_prefix_caching=True)" if row["setting"] == "prefix-caching" else row["what"]
             divergence = "" if c["first_token_divergence"] is None else f" (token {c['first_token_divergence']})"
-            lines.append(f"| {row['model']} | {row['what']} | {CASE_WORDS[case]} | {'yes' if c['bitwise'] else 'no'} | {c['max_abs_logit']:.3g} | "
+            lines.append(f"| {row['model']} | {what} | {CASE_WORDS[case]} | {'yes' if c['bitwise'] else 'no'} | {c['max_abs_logit']:.3g} | "
                          f"{c['max_abs_logprob']:.3g} | {c['first_diff'] or '-'} | {c['tokens_identical']}/{c['requests']}{divergence} | "
                          f"{c['positions_from_cache']} | {row['start_s']:.1f} |")
     return "\n".join(lines) + "\n"
