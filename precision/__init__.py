@@ -9,6 +9,7 @@ The Python API mirrors the CLI (one function per command; the CLI only parses, c
     from precision import import_msprobe, export_msprobe       # msprobe dumps in, msprobe compare CSV out
     from precision import run_canary                           # a served model's prompt logprobs against a golden store
     from precision import ParityConfig, run_parity             # serving configurations against the eager engine
+    from precision import doctor_report, doctor_lines          # what can run on this host; an engine's preflight
 Building blocks, for jobs of your own:
     from precision import write_capture, CapturePlan, CaptureReader  # capture / read capture directories
     from precision import compare_captures, judge, write_report, compare_and_report
@@ -44,6 +45,8 @@ _EXPORTS = {
     "import_msprobe": "precision.interop.msprobe_import",
     "export_msprobe": "precision.interop.msprobe_export:export_comparison",
     "run_canary": "precision.canary",
+    "doctor_report": "precision.doctor:doctor",
+    "doctor_lines": "precision.doctor",
     "run_parity": "precision.serving.parity",
     "ParityConfig": "precision.serving.parity",
     "serving_configurations": "precision.serving.config",

@@ -9,6 +9,7 @@ vLLM's own prompt logprobs (precision.backends.vllm_logprob_check).
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import tempfile
@@ -199,3 +200,41 @@ def _engine_preflight(spec: str, model_dir: str | Path | None) -> tuple[dict[str
     with backend, tempfile.TemporaryDirectory(prefix="precision-check-doctor-") as scratch:
         check = run_prompt_logprob_check(backend, token_ids, Path(scratch) / "prompt.safetensors")
         return backend.preflight, check.to_json()
+
+
+def doctor_lines(report: DoctorReport) -> list[str]:
+    """The report as the lines ``precision-check doctor`` prints."""
+    lines = [f"host: {report.host['platform']} ({report.host['machine']}, {report.host['cpu_count']} CPUs)",
+             "versions: " + ", ".join(f"{k} {v or 'not installed'}" for k, v in report.versions.items()),
+             "numerics environment: " + (", ".join(f"{k}={v}" for k, v in report.environment.items()) or "none set")]
+    lines.append("backends:")
+    for status in report.backends:
+        where = f" on {status.device}" if status.device else ""
+        lines.append(f"  {status.spec:<16} {'can run' + where if status.can_run else 'cannot run: ' + str(status.reason)}"
+                     + (f"\n  {'':<16} fix: {status.fix}" if status.fix and not status.can_run else ""))
+    lines += [f"warning: {w}" for w in report.warnings]
+    if report.engine is not None:
+        lines += _engine_lines(report.engine)
+    if report.logprob_check is not None:
+        from precision.backends.vllm_logprob_check import LogprobCheck
+
+        lines.append("prompt-logprob check: " + LogprobCheck(**report.logprob_check).describe())
+    return lines
+
+
+def _engine_lines(record: dict[str, Any]) -> list[str]:
+    engine, modules, fingerprint = record.get("engine") or {}, record.get("modules") or {}, record.get("fingerprint") or {}
+    lines = ["engine preflight (read in the worker):",
+             "  " + ", ".join(f"{k}={v}" for k, v in engine.items()),
+             "  modules: " + ", ".join(f"{k}={v}" for k, v in modules.items())]
+    set_fields = {k: v for k, v in fingerprint.items() if v is not None}
+    lines.append("  fingerprint: " + ", ".join(f"{k}={v}" for k, v in set_fields.items()))
+    environment = {k: v for k, v in (record.get("environment") or {}).items() if v is not None}
+    lines.append("  worker environment: " + (", ".join(f"{k}={v}" for k, v in environment.items()) or "none set"))
+    if record.get("ascend_config") is not None:
+        lines.append("  ascend config: " + json.dumps(record["ascend_config"], default=str))
+    from precision.backends.vllm_preflight import graph_mode_reasons
+
+    reasons = graph_mode_reasons(record)
+    lines.append("  graph mode: " + (", ".join(reasons) if reasons else "none (the model runs eagerly: hooks fire)"))
+    return lines

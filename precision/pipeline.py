@@ -15,6 +15,8 @@ pipeline never imports the golden store (precision.run opens --reference STORE f
 
 from __future__ import annotations
 
+import dataclasses
+
 import importlib.util
 import logging
 from dataclasses import dataclass, field
@@ -208,8 +210,7 @@ def run(config: RunConfig, source: ReferenceSource | None = None) -> RunResult:
         result = compare_and_report(cpu.reference, actual, cpu.truth, config.out, members=cpu.members, envelope_prompts=cpu.envelope_prompts,
                                   replay=config.replay, thresholds=config.thresholds, command=config.command, show_progress=config.show_progress,
                                   metric_convention=config.metric_convention, streamed=config.layer_streamed)
-        result.serving = serving
-        return result
+        return dataclasses.replace(result, serving=serving)
 
 
 def analysed_comparison(expected: CaptureReader, actual: CaptureReader, truth: CaptureReader | None, *,

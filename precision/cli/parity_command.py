@@ -48,8 +48,5 @@ def handle(args: argparse.Namespace) -> int:
         command=getattr(args, "command_line", None),
     )
     result = run_parity(config)
-    for row in result.document["configurations"]:
-        print(f"{row['name']}: {row['verdict']} ({row['level']}; largest difference {row['largest']['relative_l2']:.3g} at "
-              f"{row['largest']['site']}; first bitwise difference {row['first_bitwise_site'] or 'none'})")
-    print(f"parity {result.status.value}: {result.out / 'report.html'}")
+    print("\n".join(result.lines()))
     return EXIT_FAILED if result.status.value == "FAIL" else EXIT_OK

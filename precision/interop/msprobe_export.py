@@ -100,7 +100,7 @@ def _site_findings(prompt: dict, entry: dict, th, has_truth: bool) -> list[tuple
         if truth["R"] > limit:
             found.append((status, f"{rule}: at {site} the target is {truth['R']:.2f}x as far from FP32 truth as the reference; the limit is {limit}"))
     if site == names.LOGITS:
-        real = [f for f in (prompt.get(names.LOGITS) or {}).get("flips", []) if not f.get("near_tie")]
+        real = [f for f in (prompt.get(names.LOGITS) or {}).get("flips", []) if not f.get(names.NEAR_TIE)]
         if real:
             found.append(("FAIL", f"real-flip: {len(real)} teacher-forced top-1 flip(s) beyond the near-tie bound, first at position "
                                   f"{real[0]['position']}"))

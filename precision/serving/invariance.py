@@ -17,7 +17,7 @@ import numpy as np
 
 from precision.capture.reader import CaptureReader
 from precision.capture.sites import site_order
-from precision.names import POSITIONS
+from precision.names import POSITIONS, RELATIVE_L2
 
 
 def _accumulate(table: dict, site: str, group: str, expected: np.ndarray, actual: np.ndarray) -> None:
@@ -52,8 +52,8 @@ def site_invariance(baseline: CaptureReader, served: CaptureReader, relative_lim
         groups = {}
         for group, entry in table[site].items():
             relative = math.sqrt(entry["diff2"]) / math.sqrt(entry["ref2"]) if entry["ref2"] > 0 else (0.0 if entry["diff2"] == 0 else math.inf)
-            groups[group] = {"rows": entry["rows"], "bitwise_identical": entry["identical"], "relative_l2": relative}
+            groups[group] = {"rows": entry["rows"], "bitwise_identical": entry["identical"], RELATIVE_L2: relative}
         rows.append({"site": site, **groups})
     first_bitwise = next((r["site"] for r in rows if not r["all"]["bitwise_identical"]), None)
-    first_beyond = next((r["site"] for r in rows if r["all"]["relative_l2"] > relative_limit), None)
+    first_beyond = next((r["site"] for r in rows if r["all"][RELATIVE_L2] > relative_limit), None)
     return {"sites": rows, "first_bitwise_site": first_bitwise, "first_site_beyond_limit": first_beyond, "relative_limit": relative_limit}

@@ -42,7 +42,7 @@ from precision.capture.sites import CaptureSelection, layer_index, site_order
 from precision.capture.writer import CapturePlan, capture
 from precision.errors import PrecisionError
 from precision.io import write_json_atomic
-from precision.names import FINAL_NORM, LOGITS, NEAR_TIE, RELATIVE_L2
+from precision.names import DETAIL_LAYERS, DETAIL_LOGITS, FINAL_NORM, FIRST_DIVERGENCE, LOGITS, NEAR_TIE, RELATIVE_L2
 from precision.outputs import claim_output_dir
 from precision.planning import plan_from_prompts
 from precision.prompts import DEFAULT_MAX_NEW_TOKENS
@@ -84,6 +84,13 @@ class ParityResult:
     out: Path
     status: Status
     document: dict[str, Any]
+
+    def lines(self) -> list[str]:
+        """One line per configuration and the overall status, as the parity command prints them."""
+        rows = [f"{row['name']}: {row['verdict']} ({row['level']}; largest difference {row['largest'][RELATIVE_L2]:.3g} at "
+                f"{row['largest']['site']}; first bitwise difference {row['first_bitwise_site'] or 'none'})"
+                for row in self.document["configurations"]]
+        return rows + [f"parity {self.status.value}: {self.out / 'report.html'}"]
 
 
 def _validate(config: ParityConfig) -> None:
@@ -203,7 +210,7 @@ class _Context:
     def compare(self, served: CaptureReader, prompt_ids: list[str] | None = None) -> tuple[dict, Any, str]:
         """The comparison of ``served`` with the baseline (restricted to the sites ``served`` holds), and its verdict."""
         level = _level(served)
-        sites = LOGITS_SITES if level == "logits" else None
+        sites = LOGITS_SITES if level == DETAIL_LOGITS else None
         comparison = compare_captures(self.view(BASELINE, self.baseline, sites), served,
                                       truth=self.view("truth", self.cpu.truth, sites), prompt_ids=prompt_ids)
         comparison["analysis"] = self._analysis(comparison, sites, prompt_ids)
@@ -227,7 +234,7 @@ class _Context:
         destination = self.out / f"configuration-{serving.name}"
         _write_comparison(destination, comparison, verdict)
         row = _row(serving, served, comparison, verdict, level)
-        row["invariance"] = site_invariance(self.view(BASELINE, self.baseline, LOGITS_SITES if level == "logits" else None), served)
+        row["invariance"] = site_invariance(self.view(BASELINE, self.baseline, LOGITS_SITES if level == DETAIL_LOGITS else None), served)
         if self.config.bisect and verdict.status is Status.FAIL:
             row["bisection"] = self.bisect(serving, comparison, verdict)
         return row
@@ -274,12 +281,12 @@ class _Context:
 
 def _level_of(comparison: dict) -> str:
     sites = {s["site"] for s in comparison["sites"]}
-    return "logits" if sites <= set(LOGITS_SITES) else "layers"
+    return DETAIL_LOGITS if sites <= set(LOGITS_SITES) else DETAIL_LAYERS
 
 
 def _level(served: CaptureReader) -> str:
     levels = {e["level"] for e in served.manifest["backend"]["serving"]["evidence"]}
-    return "logits" if "logits" in levels else "layers"
+    return DETAIL_LOGITS if DETAIL_LOGITS in levels else DETAIL_LAYERS
 
 
 def _write_comparison(destination: Path, comparison: dict, verdict) -> None:
@@ -315,7 +322,7 @@ def _evidence_summary(served: CaptureReader, level: str) -> dict:
     compiled = sum(v for k, v in counters.items() if "compile" in k or "artifacts_loaded" in k)
     counted = ", ".join(f"{k} {v}" for k, v in sorted(counters.items())) or "none moved"
     outer = calls.get("outer_model", 0)
-    if level == "logits":
+    if level == DETAIL_LOGITS:
         why = (f"the model body ran as a compiled graph: the decoder layers' Python hooks fired {layer_calls} times while the outer "
                f"forward ran {outer} time(s) over the captures, and vLLM's compilation counters since this engine started read "
                f"{counted}; final-norm states and full-vocabulary logits of every position were taken outside the graph")
@@ -350,7 +357,7 @@ def _row(serving: ServingConfig, served: CaptureReader, comparison: dict, verdic
         "level": level, "evidence": _evidence_summary(served, level),
         "bitwise_identical": all(s[RELATIVE_L2] == 0.0 for s in sites),
         "first_bitwise_site": _first_site(comparison, lambda s: s[RELATIVE_L2] > 0),
-        "largest": {"site": largest["site"], "relative_l2": largest[RELATIVE_L2]},
+        "largest": {"site": largest["site"], RELATIVE_L2: largest[RELATIVE_L2]},
         "logits_relative_l2": logits[RELATIVE_L2] if logits else None,
         "logits_R": logits.get("R") if logits else None,
         "envelope_ratio": ({"site": None, "ratio": 0.0, "configuration": 0.0, "envelope_max": None} if env_rows else None)
@@ -359,7 +366,7 @@ def _row(serving: ServingConfig, served: CaptureReader, comparison: dict, verdic
         "first_site_beyond_envelope": next((r["site"] for r in sorted(env_rows, key=lambda r: site_order([x["site"] for x in env_rows]).index(r["site"]))
                                             if r["target"] > 0 and r["ratio"] > 1.0), None),
         "flips": {"total": len(flips), "real": sum(1 for f in flips if not f.get(NEAR_TIE, True))},
-        "tokens": [{"id": p["id"], "first_divergence": p["tokens"].get("first_divergence"), "match_rate": p["tokens"].get("match_rate")}
+        "tokens": [{"id": p["id"], FIRST_DIVERGENCE: p["tokens"].get(FIRST_DIVERGENCE), "match_rate": p["tokens"].get("match_rate")}
                    for p in comparison["prompts"]],
         "comparison": f"configuration-{serving.name}/comparison.json",
     }

@@ -24,7 +24,7 @@ from typing import Any
 
 from precision.backends import vllm_compat
 from precision.errors import BackendError
-from precision.names import EMBED, FINAL_NORM, LAYER_PREFIX, LOGITS, POSITIONS, layer_site
+from precision.names import DETAIL_LAYERS, DETAIL_LOGITS, EMBED, FINAL_NORM, LAYER_PREFIX, LOGITS, POSITIONS, layer_site
 
 OUTER = "outer_model"
 """The outer model's forward (LlamaForCausalLM & co.): it runs in Python in every mode; its output is the
@@ -140,12 +140,12 @@ class ServingWorkerExtension:
         complete = {name: sorted(store) == list(range(length)) for name, store in rows.items()}
         hidden_sites = [EMBED, *layer_names, FINAL_NORM]
         if all(complete.get(name) for name in hidden_sites if name != EMBED) and layer_names:
-            level = "layers"
+            level = DETAIL_LAYERS
             wanted = [layer_site(i) for i in layers] if layers is not None else layer_names
             sites = [name for name in [EMBED, *wanted, FINAL_NORM] if complete.get(name)]
             tensors = {name: torch.stack([rows[name][p] for p in keep]) for name in sites}
         elif complete.get(OUTER):
-            level = "logits"
+            level = DETAIL_LOGITS
             tensors = {FINAL_NORM: torch.stack([rows[OUTER][p] for p in keep])}
         else:
             level = None
