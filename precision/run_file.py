@@ -12,7 +12,7 @@ in TOML, with the flags the user gives on the command line overriding it.
     [run.engine_args]                    # --engine-arg KEY=VALUE, typed by TOML instead of JSON
     max_model_len = 2048
     [run.additional_config]              # --additional-config (vllm-ascend)
-    ascend_scheduler_config = {}
+    enable_reduce_sample = false
     [thresholds]                         # the verdict rules (precision.analysis.verdict.Thresholds)
     r_logits_fail = 1.3
     [regress]                            # read by `regress --config` (a CI gate keeps one file for both)

@@ -31,9 +31,9 @@ def engine_args(pairs: list[str], additional_config: str | None) -> dict:
         try:
             args["additional_config"] = json.loads(additional_config)
         except (json.JSONDecodeError, RecursionError) as exc:
-            raise PrecisionError(f"--additional-config is not valid JSON ({exc}); pass an object like '{{\"ascend_scheduler_config\": {{}}}}'") from exc
+            raise PrecisionError(f"--additional-config is not valid JSON ({exc}); pass an object like '{{\"enable_reduce_sample\": false}}'") from exc
         if not isinstance(args["additional_config"], dict):
-            raise PrecisionError("--additional-config must be a JSON object, like '{\"ascend_scheduler_config\": {}}'")
+            raise PrecisionError("--additional-config must be a JSON object, like '{\"enable_reduce_sample\": false}'")
     return args
 
 
