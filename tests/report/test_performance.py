@@ -81,6 +81,8 @@ def test_report_shows_the_performance_table_from_the_target_manifest(vllm_target
         assert any(line.startswith(f"| {category} |") for line in summary.splitlines())
     assert "time to first token" in summary and "(n - 1) / (t\\_n - t\\_1)" in summary
     assert html.index("Performance (not precision)") > html.index("Verdict")
+    worker = vllm_target.manifest["backend"]["worker"]  # the preflight read in the engine's worker, shown beside the CPU side
+    assert "engine worker (preflight" in html and f"worker_class={worker['engine']['worker_class']}" in html
 
 
 def test_report_says_performance_was_not_measured_for_a_transformers_target(capture_pair, tmp_path):
