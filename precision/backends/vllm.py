@@ -246,9 +246,7 @@ class VllmBackend(PlainPassPerformance, Backend):
             log.debug("vLLM shutdown: %s", exc)
         del llm
         gc.collect()
-        self._teardown = {"cleanup_dist_env_and_memory": vllm_preflight.cleanup_distributed()}
-        if self._device == "npu":
-            self._teardown["clear_ascend_config"] = vllm_preflight.clear_ascend_config()
+        self._teardown = vllm_preflight.tear_down_globals(self._device)
         log.info("vLLM engine torn down: %s", self._teardown)
         self._restore_environment()
 

@@ -330,3 +330,12 @@ def cleanup_distributed() -> bool:
     starts from the current environment (vLLM's and vllm-ascend's tests call it between engines)."""
     cleanup = engine_attr("vllm.distributed.parallel_state", "cleanup_dist_env_and_memory")
     return callable(cleanup) and guarded(lambda: (cleanup(), True)[1]) is True
+
+
+def tear_down_globals(device: str) -> dict[str, bool]:
+    """What a stopped engine leaves in this process, cleared so the next engine starts clean: vLLM's distributed
+    state, and on Ascend vllm-ascend's global configuration. Returns which of them were called."""
+    done = {"cleanup_dist_env_and_memory": cleanup_distributed()}
+    if device == "npu":
+        done["clear_ascend_config"] = clear_ascend_config()
+    return done

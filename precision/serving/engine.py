@@ -33,7 +33,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from precision.backends import vllm_compat
+from precision.backends import vllm_compat, vllm_preflight
 from precision.backends.base import Backend, BackendOptions, BackendSpec
 from precision.backends.vllm import KV_CACHE_SPACE_VARIABLE, VllmBackend
 from precision.backends.vllm_compat import device_type
@@ -191,6 +191,7 @@ class ServingBackend(Backend):
                 log.debug("vLLM shutdown: %s", exc)
             del llm
             gc.collect()
+            log.info("vLLM engine torn down: %s", vllm_preflight.tear_down_globals(getattr(self, "_device", "cpu")))
         self._restore_environment()
 
     def _generate_impl(self, token_ids: list[int], max_new_tokens: int) -> Sequence[int]:
