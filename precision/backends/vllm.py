@@ -288,8 +288,11 @@ class VllmBackend(PlainPassPerformance, Backend):
         finally:
             results = vllm_compat.rpc(self._llm, "precision_collect")
         rank0 = next((r for r in results if r["rank"] == 0), results[0])
-        if rank0["errors"]:
-            raise BackendError(" ".join(rank0["errors"]))
+        errors = list(dict.fromkeys(e for r in results for e in r["errors"]))  # any rank's, each said once
+        if errors:
+            raise BackendError(" ".join(errors))
+        if rank0.get("residual_checked"):
+            self._residual_checked = list(rank0["residual_checked"])
         expected_calls = {EMBED, FINAL_NORM, *(layer_site(i) for i in (layers if layers is not None else range(self._num_layers)))}
         wrong = {name: n for name, n in rank0["calls"].items() if n != 1}
         missing = expected_calls - set(rank0["calls"])
@@ -311,4 +314,8 @@ class VllmBackend(PlainPassPerformance, Backend):
             **platform_record(self._device),
             "environment_defaults": dict(self._env_set),
             "worker": self._preflight,
+            # The first capture compared each layer.i with the stream its consumer received, bit for bit; a mismatch
+            # refuses the capture, so a recorded check is a passed one.
+            "residual_stream_check": {"sites": getattr(self, "_residual_checked", []), "bitwise_equal": True}
+            if getattr(self, "_residual_checked", None) else None,
         }

