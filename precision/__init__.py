@@ -47,6 +47,7 @@ _EXPORTS = {
     "run_canary": "precision.canary",
     "doctor_report": "precision.doctor:doctor",
     "doctor_lines": "precision.doctor",
+    "read_toml": "precision.config",
     "run_parity": "precision.serving.parity",
     "ParityConfig": "precision.serving.parity",
     "serving_configurations": "precision.serving.config",

@@ -4,11 +4,26 @@ from __future__ import annotations
 
 import math
 from dataclasses import fields
+from pathlib import Path
 from typing import TypeVar
 
 from precision.errors import PrecisionError
 
 T = TypeVar("T")
+
+
+def read_toml(path: str | Path) -> tuple[dict, bytes]:
+    """A TOML file's content and the bytes it was parsed from (to hash exactly what was read). Raises PrecisionError
+    naming the file when it cannot be read or parsed."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        raw = Path(path).read_bytes()
+        return tomllib.loads(raw.decode("utf-8")), raw
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise PrecisionError(f"cannot read config file {path}: {exc}") from exc
 
 
 def from_mapping(cls: type[T], values: dict, table: str) -> T:

@@ -71,16 +71,10 @@ class RunFile:
 def read_run_file(path: str | Path) -> RunFile:
     """Read and check a run configuration file. Raises PrecisionError (exit 2) naming the file and the problem: an
     unreadable file, invalid TOML, an unknown table or key (with the known ones), a value of the wrong type."""
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
+    from precision.config import read_toml
+
     path = Path(path).expanduser().resolve()
-    try:
-        raw = path.read_bytes()
-        data = tomllib.loads(raw.decode("utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise PrecisionError(f"cannot read config file {path}: {exc}") from exc
+    data, raw = read_toml(path)
     for name, value in data.items():
         if name not in TABLES:
             raise PrecisionError(f"{path}: unknown {'table [' + name + ']' if isinstance(value, dict) else 'key ' + repr(name) + ' outside any table'}; "

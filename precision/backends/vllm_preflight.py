@@ -23,11 +23,11 @@ import json
 import os
 import platform
 from collections.abc import Mapping
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
 from precision.backends import vllm_compat
+from precision.backends.compat import distribution_version
 from precision.backends.vllm_worker import CaptureWorkerExtension
 from precision.errors import BackendError
 
@@ -120,13 +120,6 @@ def plain_data(value: Any, depth: int = 0) -> Any:
 
 
 # -- the fingerprint ------------------------------------------------------------------------------------------------
-def _distribution_version(*names: str) -> str | None:
-    for name in names:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return None
 
 
 def read_key_values(path: Path) -> dict[str, str] | None:
@@ -186,7 +179,7 @@ def fingerprint(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     soc = guarded(attr_path(torch_npu, "npu.get_soc_version")) if torch_npu is not None else None
     custom_ops = engine_attr("vllm_ascend.utils", "enable_custom_op")
     return {
-        "vllm_ascend": _distribution_version("vllm-ascend", "vllm_ascend") or engine_attr("vllm_ascend", "__version__"),
+        "vllm_ascend": distribution_version("vllm-ascend", "vllm_ascend") or engine_attr("vllm_ascend", "__version__"),
         "vllm_ascend_build_device_type": engine_attr("vllm_ascend._build_info", "__device_type__"),
         "torch": torch.__version__,
         "torch_npu": attr_path(torch_npu, "__version__"),

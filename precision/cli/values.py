@@ -62,17 +62,11 @@ def given_run_settings(args) -> dict:
 
 
 def config_table(path: str | None, table: str) -> dict:
+    from precision import read_toml
+
     if path is None:
         return {}
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
-    try:
-        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise PrecisionError(f"cannot read config file {path}: {exc}") from exc
-    return data.get(table, {})
+    return read_toml(path)[0].get(table, {})
 
 
 def overrides(pairs: list[str] | None, flag: str) -> dict:

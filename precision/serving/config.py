@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+from precision.config import read_toml
 from precision.errors import PrecisionError
 from precision.serving.engine import ServingConfig
 
@@ -38,14 +39,7 @@ def parse_serving(spec: str) -> tuple[str, dict]:
 def _serving_tables(path: str | Path | None) -> dict:
     if path is None:
         return {}
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
-    try:
-        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise PrecisionError(f"cannot read config file {path}: {exc}") from exc
+    data = read_toml(path)[0]
     tables = data.get("serving", {})
     if not isinstance(tables, dict) or any(not isinstance(v, dict) for v in tables.values()):
         raise PrecisionError(f"{path}: [serving] must hold tables [serving.NAME] of engine settings")
