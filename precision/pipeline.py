@@ -191,6 +191,9 @@ def run(config: RunConfig, source: ReferenceSource | None = None) -> RunResult:
     if config.serving:
         from precision.serving.parity import check_serving_tables
 
+        if parse_spec(target_spec).name != "vllm":
+            raise PrecisionError(f"the [serving.NAME] tables need the vLLM target as their eager baseline, not {target_spec}: "
+                                 "use --target vllm or drop the [serving] tables")
         check_serving_tables(config.serving, target_model)
     plan = plan_from_prompts(config.prompts, model, max_new_tokens=config.max_new_tokens, trust_remote_code=config.trust_remote_code)
     record = _run_record(config, source, model, target_model, target_spec)

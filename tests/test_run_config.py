@@ -34,7 +34,8 @@ rel_l2_fail = 0.5
 
 [regress]
 top1_drop = 0.02
-
+"""
+SERVING_TABLE = """
 [serving.local]
 url = "http://127.0.0.1:8000/v1"
 max_tokens = 4
@@ -80,7 +81,7 @@ def _configured_by_cli(monkeypatch, argv: list[str]):
 
     def fake_run(config, source=None, *, junit=None):
         seen.update(config=config, junit=junit)
-        return SimpleNamespace(verdict=SimpleNamespace(summary="PASS (not run)", status=SimpleNamespace(value="PASS")), files={})
+        return SimpleNamespace(verdict=SimpleNamespace(summary="PASS (not run)", status=SimpleNamespace(value="PASS")), files={}, serving=None)
 
     monkeypatch.setattr("precision.api.run", fake_run)
     assert main(["-q", "run", *argv]) == 0
@@ -90,7 +91,7 @@ def _configured_by_cli(monkeypatch, argv: list[str]):
 def test_flags_given_override_the_file_and_flags_not_given_do_not(configured, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     with_engine = configured.root / "engine.toml"  # beside run.toml: its relative paths mean the same
-    with_engine.write_text(configured.config.read_text() + "\n[run.engine_args]\nseed = 7\n", encoding="utf-8")
+    with_engine.write_text(configured.config.read_text() + SERVING_TABLE + "\n[run.engine_args]\nseed = 7\n", encoding="utf-8")
     config, junit = _configured_by_cli(monkeypatch, [
         "--config", str(with_engine), "--repeats", "3",  # 3 is the flag's documented default: given, it still wins
         "--out", "here", "--engine-arg", "max_model_len=64", "--threshold", "rel_l2_fail=0.25", "--junit", "j.xml"])
@@ -157,3 +158,11 @@ def test_bad_config_files_exit_2_naming_the_problem(tmp_path, capsys, text, frag
 def test_a_missing_config_file_exits_2(tmp_path, capsys):
     assert main(["-q", "run", "--config", str(tmp_path / "absent.toml")]) == 2
     assert "cannot read config file" in capsys.readouterr().err
+
+
+def test_serving_tables_with_a_transformers_target_are_refused_before_any_capture(configured, tmp_path, capsys):
+    config = configured.root / "serving-hf.toml"
+    config.write_text(configured.config.read_text() + "\n[serving.busy]\nmax_num_seqs = 8\n", encoding="utf-8")
+    assert main(["-q", "run", "--config", str(config), "--out", str(tmp_path / "run")]) == 2
+    assert "need the vLLM target" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
