@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+
 import errno
 import json
 import os
@@ -120,9 +122,24 @@ def test_long_context_on_the_builtin_model_with_position_subsampling(builtin_pat
     assert comparison["analysis"]["local"]["available"] is False and "every position" in comparison["analysis"]["local"]["reason"]
 
 
+def _torch_load_calls(path: Path) -> list[ast.Call]:
+    return [node for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute) and node.func.attr == "load"
+            and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch"]
+
+
 def test_no_pickle_and_no_remote_code_by_default():
-    source = "\n".join(p.read_text() for p in (REPO / "precision").rglob("*.py"))
-    assert not re.search(r"torch\.load\(|import pickle|pickle\.loads?\(", source)
+    """Never unpickle: no pickle at all, and torch.load only with weights_only=True (msprobe's .pt dumps are read
+    that way, which refuses code)."""
+    files = sorted((REPO / "precision").rglob("*.py"))
+    source = "\n".join(p.read_text() for p in files)
+    assert not re.search(r"import pickle|pickle\.loads?\(", source)
+    for path in files:
+        for call in _torch_load_calls(path):
+            weights_only = [k for k in call.keywords if k.arg == "weights_only"]
+            assert weights_only and isinstance(weights_only[0].value, ast.Constant) and weights_only[0].value.value is True, \
+                f"{path.relative_to(REPO)}:{call.lineno}: torch.load without weights_only=True"
+    assert _torch_load_calls(REPO / "precision" / "interop" / "msprobe_dump.py")  # the check above has something to check
     assert "trust_remote_code=True" not in source
     from precision.backends.base import BackendOptions
 
