@@ -6,7 +6,6 @@ codes.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,6 @@ PROMPT_SETS = Path(__file__).resolve().parent / "prompt_sets"
 """The shipped prompt sets (package data; the repository's golden/ is a link to this directory): the default
 ``prompts`` of ``run`` and of ``precision-check run`` without --prompts."""
 DEFAULT_SELFTEST_PROMPTS = PROMPT_SETS / "default.jsonl"
-COMPARISON_FORMAT = "precision-check-comparison"
 
 
 def run(config, source=None, *, junit: str | Path | None = None):
@@ -165,23 +163,12 @@ def render_report(comparison: str | Path, *, out: str | Path | None = None, thre
     beside it or into ``out``; ``thresholds``: a ``Thresholds`` (default: the rule table's). Returns a
     ``RunResult``. Raises ``PrecisionError`` for a file that is not a readable comparison.json of a known version."""
     from precision.analysis.verdict import judge
-    from precision.io import read_result_json
+    from precision.io import read_comparison
     from precision.outputs import claim_for_update
     from precision.pipeline import RunResult
     from precision.report import write_report
 
-    from precision.contract import ContractError
-
-    path = Path(comparison)
-    path = path / "comparison.json" if path.is_dir() else path
-    try:
-        document = read_result_json(path)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise PrecisionError(f"cannot read comparison {path}: {exc}; pass the comparison.json written by 'precision-check compare'") from exc
-    except ContractError as exc:
-        raise PrecisionError(f"{path} is damaged or of another version ({exc}); recreate it with 'precision-check compare'") from exc
-    if not isinstance(document, dict) or document.get("format") != COMPARISON_FORMAT:
-        raise PrecisionError(f"{path} is not a precision-check comparison.json")
+    path, document = read_comparison(comparison)
     out = Path(out) if out else path.parent
     with claim_for_update(out, ("run", "comparison", "selftest-case"), new_kind="comparison"):
         try:

@@ -130,3 +130,22 @@ def staged_directory(target: Path, prefix: str) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def read_comparison(comparison: str | Path) -> tuple[Path, dict]:
+    """A comparison.json (or the directory holding it): its path and content. Raises PrecisionError naming the file
+    and the fix when it is unreadable, damaged, of an unknown version or not a comparison."""
+    from precision.contract import ContractError
+    from precision.contract.comparison import COMPARISON_FORMAT
+
+    path = Path(comparison)
+    path = path / "comparison.json" if path.is_dir() else path
+    try:
+        document = read_result_json(path)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise PrecisionError(f"cannot read comparison {path}: {exc}; pass the comparison.json written by 'precision-check compare' or run") from exc
+    except ContractError as exc:
+        raise PrecisionError(f"{path} is damaged or of another version ({exc}); recreate it with 'precision-check compare'") from exc
+    if not isinstance(document, dict) or document.get("format") != COMPARISON_FORMAT:
+        raise PrecisionError(f"{path} is not a precision-check comparison.json")
+    return path, document

@@ -267,21 +267,10 @@ def _register(out_dir: Path) -> None:
 def export_comparison(comparison: str | Path, *, out: str | Path | None = None, thresholds=None) -> Path:
     """Judge a comparison.json (or the directory holding it) and write msprobe_compare.csv beside it or into ``out``."""
     from precision.analysis.verdict import judge
-    from precision.contract import ContractError
-    from precision.errors import PrecisionError
-    from precision.io import read_result_json
+    from precision.io import read_comparison
     from precision.outputs import claim_for_update
 
-    path = Path(comparison)
-    path = path / "comparison.json" if path.is_dir() else path
-    try:
-        document = read_result_json(path)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise PrecisionError(f"cannot read comparison {path}: {exc}; pass the comparison.json written by 'precision-check compare' or run") from exc
-    except ContractError as exc:
-        raise PrecisionError(f"{path} is damaged or of another version ({exc}); recreate it with 'precision-check compare'") from exc
-    if not isinstance(document, dict) or document.get("format") != "precision-check-comparison":
-        raise PrecisionError(f"{path} is not a precision-check comparison.json")
+    path, document = read_comparison(comparison)
     out_dir = Path(out) if out else path.parent
     with claim_for_update(out_dir, ("run", "comparison", "selftest-case"), new_kind="comparison", inputs=[]):
         return write_msprobe_csv(out_dir, document, judge(document, thresholds))
