@@ -50,6 +50,10 @@ WORKLOAD_KEY = "workload"
 """A configuration's own key (not an engine argument) naming its workload; default "alone"."""
 COMPANIONS_KEY = "companions"
 """A configuration's own key: how many other requests a co-batched sequence is served with (default 7)."""
+DETAIL_KEY = "detail"
+"""A configuration's own key: "auto" (the best level the engine allows: layers, else logits) or "prompt-logprobs"
+(the engine's own prompt_logprobs top-K only, the level for engines whose model output cannot be reached)."""
+DETAILS = ("auto", "prompt-logprobs")
 COMPANION_NEW_TOKENS = 4
 """Tokens each co-batched companion generates: its decode steps share steps with the sequence under test."""
 MULTIPROCESS_KEYS = ("tensor_parallel_size", "pipeline_parallel_size")
@@ -64,8 +68,11 @@ class ServingConfig:
     engine_args: dict[str, Any]
     workload: str = "alone"
     companions: int = 7
+    detail: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.detail not in DETAILS:
+            raise PrecisionError(f"serving configuration {self.name!r}: detail={self.detail!r} is not one of {', '.join(DETAILS)}")
         if self.workload not in WORKLOADS:
             raise PrecisionError(f"serving configuration {self.name!r}: workload={self.workload!r} is not one of {', '.join(WORKLOADS)}")
         if self.companions < 1:
@@ -76,17 +83,19 @@ class ServingConfig:
         values = dict(values)
         workload = values.pop(WORKLOAD_KEY, "alone")
         companions = values.pop(COMPANIONS_KEY, 7)
+        detail = values.pop(DETAIL_KEY, "auto")
         if workload == "cobatch" and "max_num_seqs" not in values:
             values["max_num_seqs"] = companions + 1  # the baseline's max_num_seqs=1 would serve them one by one
         if workload == "warm-prefix" and "enable_prefix_caching" not in values:
             values["enable_prefix_caching"] = True
-        if not isinstance(workload, str) or isinstance(companions, bool) or not isinstance(companions, int):
-            raise PrecisionError(f"serving configuration {name!r}: workload must be a string and companions an integer")
-        return cls(name=name, engine_args=values, workload=workload, companions=companions)
+        if not isinstance(workload, str) or not isinstance(detail, str) or isinstance(companions, bool) or not isinstance(companions, int):
+            raise PrecisionError(f"serving configuration {name!r}: workload and detail must be strings and companions an integer")
+        return cls(name=name, engine_args=values, workload=workload, companions=companions, detail=detail)
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "engine_args": self.engine_args, "workload": self.workload,
-                **({"companions": self.companions} if self.workload == "cobatch" else {})}
+                **({"companions": self.companions} if self.workload == "cobatch" else {}),
+                **({"detail": self.detail} if self.detail != "auto" else {})}
 
     @property
     def needs_multiprocess(self) -> bool:
