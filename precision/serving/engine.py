@@ -60,6 +60,11 @@ MULTIPROCESS_KEYS = ("tensor_parallel_size", "pipeline_parallel_size")
 MULTIPROCESS_VARIABLE = "VLLM_ENABLE_V1_MULTIPROCESSING"
 
 
+class NoHookLevelError(BackendError):
+    """Neither the decoder layers' hooks nor the outer model's forward saw every position of the sequence: the
+    configuration's model output is out of reach, and only the engine's own outputs (prompt_logprobs) remain."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ServingConfig:
     """A named serving configuration: engine arguments applied over the eager baseline, and the workload."""
@@ -250,7 +255,7 @@ class ServingBackend(Backend):
         if rank0["errors"]:
             raise BackendError(" ".join(rank0["errors"]))
         if rank0["level"] is None or rank0["path"] is None:
-            raise BackendError(f"serving configuration {self.serving.name!r}: neither the decoder layers' hooks nor the outer model's "
+            raise NoHookLevelError(f"serving configuration {self.serving.name!r}: neither the decoder layers' hooks nor the outer model's "
                                f"forward saw every position of the sequence (hook calls {rank0['calls']}, positions missing "
                                f"{rank0['missing_positions']}); nothing comparable was captured")
         now = rank0["compilation_counters"]["now"]
