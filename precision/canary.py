@@ -41,7 +41,7 @@ import numpy as np
 from precision.analysis.near_tie import FAMILY_ALPHA, family_z, mantissa_bits, ulp
 from precision.capture.reader import CaptureReader, PromptRecord
 from precision.errors import PrecisionError
-from precision.golden import load_store, verify_store
+from precision.golden import verified_store
 from precision.names import LOGITS, NEAR_TIE, POSITIONS
 
 DEFAULT_TOP_K = 20
@@ -88,7 +88,7 @@ def _log_softmax(values: np.ndarray) -> np.ndarray:
 
 
 def _logits_rows(reader: CaptureReader, record: PromptRecord) -> tuple[np.ndarray, Any]:
-    """(captured positions, the checked tensor handle) of one prompt; verify_store has hashed every file already."""
+    """(captured positions, the checked tensor handle) of one prompt; verified_store has hashed every file already."""
     handle = reader.arrays(record, verify=False)
     if LOGITS not in handle.names():
         raise PrecisionError(f"{reader.path}: prompt {record.id!r} has no logits; a canary needs a store captured with logits")
@@ -123,11 +123,7 @@ def _member_log_probs(member: tuple[CaptureReader, PromptRecord], position: int)
 def load_expectations(store_path: str | Path) -> list[StoredPrompt]:
     """The store's prompts and the envelope members that ran each, after checking every recorded hash."""
     store_path = Path(store_path)
-    store = load_store(store_path)
-    problems = verify_store(store_path)
-    if problems:
-        raise PrecisionError(f"golden store {store_path} does not match its recorded hashes ({len(problems)} problem(s); first: {problems[0]}); "
-                             "run 'precision-check golden verify' for the list, and create the store again")
+    store = verified_store(store_path)
     reference = CaptureReader(store_path / store["captures"]["reference"]["dir"])
     members = [CaptureReader(store_path / entry["dir"]) for entry in store["captures"]["envelope"].values()]
     member_records = [{r.id: r for r in member.prompts} for member in members]

@@ -151,15 +151,23 @@ def verify_store(path: str | Path) -> list[str]:
     return problems
 
 
-def open_store(path: str | Path, model: ModelInfo, plan: CapturePlan) -> tuple[CaptureReader, CaptureReader, dict[str, CaptureReader], list[str]]:
-    """The stored reference, truth and envelope, after checking they were made for this model, tokenizer and
-    prompt set; refusals name what differs."""
+def verified_store(path: str | Path) -> dict:
+    """store.json of the store at ``path``, after checking every file against the hashes it records: what a run
+    and the canary read from a store. Refused (MismatchedCapturesError, exit 2) with the first problem and the fix."""
     path = Path(path)
     store = load_store(path)
     problems = verify_store(path)
     if problems:
         raise MismatchedCapturesError(f"golden store {path} does not match its recorded hashes ({len(problems)} problem(s); first: {problems[0]}); "
                                       "it was edited or damaged: run 'precision-check golden verify' for the list, and create the store again")
+    return store
+
+
+def open_store(path: str | Path, model: ModelInfo, plan: CapturePlan) -> tuple[CaptureReader, CaptureReader, dict[str, CaptureReader], list[str]]:
+    """The stored reference, truth and envelope, after checking they were made for this model, tokenizer and
+    prompt set; refusals name what differs."""
+    path = Path(path)
+    store = verified_store(path)
     stored = store["model"]
     if stored.get("config_sha256") != model.config_sha256 or stored.get("weights_sha256") != model.weights_sha256:
         raise MismatchedCapturesError(f"golden store {path} was made for the model at {stored.get('path')} (another config or weights than {model.path}); "
