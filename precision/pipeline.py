@@ -7,6 +7,8 @@ analyse; judge; report.
       captures/envelope/<member>/              the reference re-run with each implementation variant
       comparison.json                          precision.analysis.compare + the analysis section
       report.html, summary.md, summary.json    precision.report (summary.json is written last)
+      serving/                                 with [serving.NAME] tables: each configuration against the target
+                                               (precision.serving.run_stage)
 
 The reference side comes from a reference source (precision.reference_side): captured now from the backends the
 configuration names, or a golden store (precision.golden.GoldenStore) that the caller opens and passes in; the
@@ -81,7 +83,9 @@ class RunConfig:
     layer_streamed: bool = False
     """The reference, truth, envelope and replay hold one step's weights at a time (a model larger than memory)."""
     serving: dict = field(default_factory=dict)
-    """[serving.NAME] tables of the run configuration file, unchanged (for the serving-parity stage)."""
+    """[serving.NAME] tables of the run configuration file, paths resolved (precision.run_file): the serving stage's
+    configurations, each the target's engine settings with the table's over them (precision.serving.run_stage).
+    Recorded in run.json; a resumed run must have the same."""
     config_file: dict | None = None
     """{"path", "sha256"} of the run configuration file the settings came from (recorded in run.json), or None."""
     force: bool = False
@@ -139,13 +143,16 @@ def _run_record(config: RunConfig, source: ReferenceSource, model: ModelInfo, ta
         "target": target_spec, "target_variants": list(config.target_variants),
         "max_new_tokens": config.max_new_tokens, "selection": config.selection.to_json(), "engine_args": config.engine_args,
         "replay": config.replay, "layer_streamed": config.layer_streamed, "repeats": config.repeats, "metric_convention": config.metric_convention, "command": config.command,
-        "config_file": config.config_file,
+        "config_file": config.config_file, "serving": config.serving,
     }
 
 
 _NOT_SETTINGS = {"command", "format", "schema_version", "config_file"}
 """run.json keys that say nothing about what was run: a resumed run may differ in them (one started by an older
 version has no format; the settings a config file gave are compared one by one, so an edited comment is no change)."""
+_ADDED_LATER = {"serving": {}}
+"""Settings run.json records since a later version, with the value a run.json written before them means."""
+_FIELD_NAMES = {"serving": "[serving.NAME] tables"}
 
 
 def _check_resumed_run(out: Path, record: dict) -> None:
@@ -156,10 +163,12 @@ def _check_resumed_run(out: Path, record: dict) -> None:
         stored = read_result_json(out / "run.json")
     except (OSError, ValueError, RecursionError) as exc:
         raise PrecisionError(f"{out} has no readable run.json ({exc}); it cannot be resumed: use --force to start over") from exc
-    differing = [key for key in record if key not in _NOT_SETTINGS and stored.get(key) != record[key]]
+    differing = [key for key in record if key not in _NOT_SETTINGS and stored.get(key, _ADDED_LATER.get(key)) != record[key]]
     if differing:
-        raise PrecisionError(f"{out} was started with another {', '.join(differing)} ({', '.join(f'{k}: {stored.get(k)!r}' for k in differing[:3])}); "
-                             "resume it with the same settings, or use --force to start over")
+        names = ", ".join(_FIELD_NAMES.get(k, k) for k in differing)
+        was = ", ".join(f"{_FIELD_NAMES.get(k, k)}: {stored.get(k, _ADDED_LATER.get(k))!r}" for k in differing[:3])
+        raise PrecisionError(f"{out} was started with other {names} ({was}); resume it with the same settings, or use --force "
+                             "to start over (or another --out to keep this run)")
 
 
 def _check_source(config: RunConfig, source: ReferenceSource) -> None:
@@ -189,12 +198,9 @@ def run(config: RunConfig, source: ReferenceSource | None = None) -> RunResult:
     target_options = BackendOptions(trust_remote_code=config.trust_remote_code, engine_args=config.engine_args, variants=config.target_variants)
     create_backend(parse_spec(target_spec), target_model, target_options).validate()
     if config.serving:
-        from precision.serving.parity import check_serving_tables
+        from precision.serving.run_stage import check_stage
 
-        if parse_spec(target_spec).name != "vllm":
-            raise PrecisionError(f"the [serving.NAME] tables need the vLLM target as their eager baseline, not {target_spec}: "
-                                 "use --target vllm or drop the [serving] tables")
-        check_serving_tables(config.serving, target_model)
+        check_stage(config.serving, parse_spec(target_spec).name, target_spec, target_model, target_options)
     plan = plan_from_prompts(config.prompts, model, max_new_tokens=config.max_new_tokens, trust_remote_code=config.trust_remote_code)
     record = _run_record(config, source, model, target_model, target_spec)
     inputs = [model.path, target_model.path, config.prompts, source.stored_at]
@@ -207,9 +213,9 @@ def run(config: RunConfig, source: ReferenceSource | None = None) -> RunResult:
         actual = capture_role("target", target_spec, target_model, cpu.following, config.out, settings, options=target_options, repeats=config.repeats)
         serving = None
         if config.serving:  # [serving.NAME] tables: each configuration against this eager target (precision.serving)
-            from precision.serving.parity import serving_stage
+            from precision.serving.run_stage import STAGE_DIRECTORY, run_serving_stage
 
-            serving = serving_stage(config, model, cpu, actual, config.out / "serving")
+            serving = run_serving_stage(config, target_model, target_options, cpu, actual, config.out / STAGE_DIRECTORY)
         result = compare_and_report(cpu.reference, actual, cpu.truth, config.out, members=cpu.members, envelope_prompts=cpu.envelope_prompts,
                                   replay=config.replay, thresholds=config.thresholds, command=config.command, show_progress=config.show_progress,
                                   metric_convention=config.metric_convention, streamed=config.layer_streamed)

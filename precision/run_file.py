@@ -16,7 +16,12 @@ in TOML, with the flags the user gives on the command line overriding it.
     [thresholds]                         # the verdict rules (precision.analysis.verdict.Thresholds)
     r_logits_fail = 1.3
     [regress]                            # read by `regress --config` (a CI gate keeps one file for both)
-    [serving.NAME]                       # passed through to RunConfig.serving (the serving-parity stage reads it)
+    [serving.NAME]                       # RunConfig.serving: the serving stage's configurations (precision.serving)
+    max_num_batched_tokens = 16          # each one the run's target settings with this table's over them
+
+Paths inside engine settings ([run.engine_args], [run.additional_config], [serving.NAME]) are resolved against this
+file's directory too, by precision.serving.setting_paths' rules (./x, ../x and ~/x anywhere; the settings vLLM reads
+as paths, such as download_dir or speculative_config.model, when they exist there).
 
 Unknown tables and keys are refused, naming the known ones: a misspelled setting must not be silently ignored.
 ``--force``, ``--resume`` and ``--quiet`` are about one invocation, not about what is run, so they stay flags.
@@ -65,13 +70,15 @@ class RunFile:
     thresholds: dict[str, Any] = field(default_factory=dict)
     regress: dict[str, Any] = field(default_factory=dict)
     serving: dict[str, dict] = field(default_factory=dict)
-    """[serving.NAME] tables, unchanged (their reader checks them)."""
+    """[serving.NAME] tables with their paths resolved (precision.serving.setting_paths); the serving stage checks
+    the settings themselves."""
 
 
 def read_run_file(path: str | Path) -> RunFile:
     """Read and check a run configuration file. Raises PrecisionError (exit 2) naming the file and the problem: an
     unreadable file, invalid TOML, an unknown table or key (with the known ones), a value of the wrong type."""
     from precision.config import read_toml
+    from precision.serving.setting_paths import resolve_serving_tables
 
     path = Path(path).expanduser().resolve()
     data, raw = read_toml(path)
@@ -89,7 +96,8 @@ def read_run_file(path: str | Path) -> RunFile:
     _check_settings_table(data, "thresholds", path)
     _check_settings_table(data, "regress", path)
     return RunFile(path=path, sha256=hashlib.sha256(raw).hexdigest(), run=_checked_run_table(data.get("run", {}), path),
-                   thresholds=data.get("thresholds", {}), regress=data.get("regress", {}), serving=serving)
+                   thresholds=data.get("thresholds", {}), regress=data.get("regress", {}),
+                   serving=resolve_serving_tables(serving, path.parent))
 
 
 def _check_settings_table(data: dict, table: str, path: Path) -> None:
@@ -104,6 +112,8 @@ def _check_settings_table(data: dict, table: str, path: Path) -> None:
 
 
 def _checked_run_table(table: dict, path: Path) -> dict:
+    from precision.serving.setting_paths import resolve_setting_paths
+
     unknown = sorted(set(table) - set(RUN_KEYS))
     if unknown:
         raise PrecisionError(f"{path}: unknown [run] key(s) {', '.join(unknown)}; known: {', '.join(RUN_KEYS)}")
@@ -119,6 +129,7 @@ def _checked_run_table(table: dict, path: Path) -> dict:
             raise PrecisionError(f"{where}: must be at least 1")
         if kind == _TABLE:
             _require_json(value, where)
+            value = resolve_setting_paths(value, path.parent)
         if kind == _PATH or (kind == _REFERENCE and (path.parent / value).exists()):
             value = str((path.parent / Path(value).expanduser()).resolve())  # an absolute path stays itself
         if kind == _LAYERS and isinstance(value, list):

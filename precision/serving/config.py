@@ -10,6 +10,7 @@ from pathlib import Path
 from precision.config import read_toml
 from precision.errors import PrecisionError
 from precision.serving.engine import ServingConfig
+from precision.serving.setting_paths import resolve_serving_tables
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -43,7 +44,8 @@ def _serving_tables(path: str | Path | None) -> dict:
     tables = data.get("serving", {})
     if not isinstance(tables, dict) or any(not isinstance(v, dict) for v in tables.values()):
         raise PrecisionError(f"{path}: [serving] must hold tables [serving.NAME] of engine settings")
-    return tables
+    # Paths in the tables are relative to the file, as in run --config (the same rules: precision.serving.setting_paths).
+    return resolve_serving_tables(tables, Path(path).expanduser().resolve().parent)
 
 
 def serving_configurations(specs: list[str], config_path: str | Path | None = None) -> tuple[ServingConfig, ...]:
