@@ -50,6 +50,7 @@ from precision.reference_side import DEFAULT_REFERENCE, DEFAULT_TRUTH, CapturedR
 from precision.serving.config import serving_configurations  # noqa: F401  (re-exported for the CLI)
 from precision.serving.engine import ServingBackend, ServingConfig
 from precision.serving.invariance import site_invariance
+from precision.serving.logprob_level import DETAIL_PROMPT_LOGPROBS, LogprobLevelBackend, served_level
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +88,18 @@ class ParityResult:
 
     def lines(self) -> list[str]:
         """One line per configuration and the overall status, as the parity command prints them."""
-        rows = [f"{row['name']}: {row['verdict']} ({row['level']}; largest difference {row['largest'][RELATIVE_L2]:.3g} at "
-                f"{row['largest']['site']}; first bitwise difference {row['first_bitwise_site'] or 'none'})"
-                for row in self.document["configurations"]]
+        rows = [_line(row) for row in self.document["configurations"]]
         return rows + [f"parity {self.status.value}: {self.out / 'report.html'}"]
+
+
+def _line(row: dict) -> str:
+    if row["level"] == DETAIL_PROMPT_LOGPROBS:
+        from precision.serving.logprob_compare import TOPK_DELTA
+
+        return (f"{row['name']}: {row['verdict']} ({row['level']}, {row['level_reason'].split(' (')[0]}; largest top-K logprob "
+                f"difference {row['largest'][TOPK_DELTA]:.3g}; first layer n/a (logprobs only))")
+    return (f"{row['name']}: {row['verdict']} ({row['level']}; largest difference {row['largest'][RELATIVE_L2]:.3g} at "
+            f"{row['largest']['site']}; first bitwise difference {row['first_bitwise_site'] or 'none'})")
 
 
 def _validate(config: ParityConfig) -> None:
@@ -113,7 +122,7 @@ def run_parity(config: ParityConfig) -> ParityResult:
     plan = plan_from_prompts(config.prompts, model, max_new_tokens=config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
     options = BackendOptions(max_model_len=min(plan.max_tokens_needed + 1, model.max_position_embeddings or 1 << 30))
     for serving in config.serving:
-        ServingBackend(model, serving, options).validate()  # unknown engine settings fail before anything runs
+        LogprobLevelBackend(model, serving, options).validate()  # unknown engine settings fail before anything runs
     settings = CaptureSettings(selection=CaptureSelection(), trust_remote_code=False, resume=False, show_progress=config.show_progress)
     out = Path(config.out)
     record = _record(config, model)
@@ -204,17 +213,34 @@ class _Context:
         return self._views[key]
 
     def capture_configuration(self, serving: ServingConfig, plan: CapturePlan, out: Path) -> CaptureReader:
-        backend = ServingBackend(self.model, serving, self.options, companions=self.sequences)
+        # The hook levels' backend, falling back to (or forced to) the prompt-logprobs level: a bisection trial of a
+        # configuration at that level is captured at that level too.
+        backend = LogprobLevelBackend(self.model, serving, self.options, companions=self.sequences)
         return capture(backend, plan, out, force=True, show_progress=self.config.show_progress)
 
     def compare(self, served: CaptureReader, prompt_ids: list[str] | None = None) -> tuple[dict, Any, str]:
-        """The comparison of ``served`` with the baseline (restricted to the sites ``served`` holds), and its verdict."""
+        """The comparison of ``served`` with the baseline (restricted to the sites ``served`` holds), and its verdict;
+        at the prompt-logprobs level, that level's document (precision.serving.logprob_compare)."""
         level = _level(served)
+        if level == DETAIL_PROMPT_LOGPROBS:
+            document, verdict = self._compare_logprobs(served, prompt_ids)
+            return document, verdict, level
         sites = LOGITS_SITES if level == DETAIL_LOGITS else None
         comparison = compare_captures(self.view(BASELINE, self.baseline, sites), served,
                                       truth=self.view("truth", self.cpu.truth, sites), prompt_ids=prompt_ids)
         comparison["analysis"] = self._analysis(comparison, sites, prompt_ids)
         return comparison, judge(comparison, self.config.thresholds), level
+
+    def _compare_logprobs(self, served: CaptureReader, prompt_ids: list[str] | None) -> tuple[dict, Any]:
+        from precision.serving.logprob_compare import compare_logprob_level, judge_logprob_level
+        from precision.serving.logprob_level import served_logprobs
+
+        records = [(pid, logprobs) for pid, logprobs in served_logprobs(served) if prompt_ids is None or pid in prompt_ids]
+        prompts = [p for p in self.cpu.envelope_prompts if prompt_ids is None or p in prompt_ids]
+        document = compare_logprob_level(self.baseline, records, top_k=served.manifest["backend"]["serving"]["prompt_logprobs_top_k"],
+                                         truth=self.cpu.truth, reference=self.cpu.reference, members=self.cpu.members,
+                                         envelope_prompts=prompts, target_dtype=served.dtype)
+        return document, judge_logprob_level(document, self.config.thresholds)
 
     def _analysis(self, comparison: dict, sites: list[str] | None, prompt_ids: list[str] | None) -> dict:
         from precision.analysis.explain import build_analysis
@@ -231,6 +257,13 @@ class _Context:
     def check(self, serving: ServingConfig) -> dict:
         served = self.capture_configuration(serving, self.cpu.following, self.out / "captures" / f"serving-{serving.name}")
         comparison, verdict, level = self.compare(served)
+        if level == DETAIL_PROMPT_LOGPROBS:
+            from precision.serving.logprob_level import logprob_row
+
+            row = logprob_row(serving, served, comparison, verdict)
+            if self.config.bisect and verdict.status is Status.FAIL:
+                row["bisection"] = self.bisect(serving, comparison, verdict)
+            return row
         destination = self.out / f"configuration-{serving.name}"
         _write_comparison(destination, comparison, verdict)
         row = _row(serving, served, comparison, verdict, level)
@@ -247,18 +280,16 @@ class _Context:
         failing = [p.id for p in verdict.prompts if p.status is Status.FAIL] or [p["id"] for p in comparison["prompts"]]
         prompt_ids = failing[: self.config.bisect_prompts]
         plan = self.cpu.following.subset(prompt_ids)
-        trials: list[dict] = []
+        # The configuration itself: its own capture already failed on these prompts (bisect_settings is told so and
+        # runs no engine for it); recorded first, apart from the trials.
+        trials: list[dict] = [{"settings": dict(serving.engine_args), "verdict": verdict.status.value, "level": _level_of(comparison),
+                               "first_bitwise_site": _first_site(comparison, lambda s: s[RELATIVE_L2] > 0), "from": "the configuration's own run"}]
 
         def fails(subset: dict[str, Any]) -> bool | None:
-            if subset == serving.engine_args:
-                # The configuration itself: its own capture already failed on these prompts, no engine needed.
-                trials.append({"settings": subset, "verdict": verdict.status.value, "level": _level_of(comparison),
-                               "first_bitwise_site": _first_site(comparison, lambda s: s[RELATIVE_L2] > 0), "from": "the configuration's own run"})
-                return True
-            name = f"{serving.name}-trial{len(trials) + 1}"
+            name = f"{serving.name}-trial{len(trials)}"
             trial = replace(serving, name=name, engine_args=dict(subset))
             try:
-                served = self.capture_configuration(trial, plan, self.out / "captures" / f"bisect-{serving.name}-trial{len(trials) + 1}")
+                served = self.capture_configuration(trial, plan, self.out / "captures" / f"bisect-{serving.name}-trial{len(trials)}")
             except PrecisionError as exc:
                 trials.append({"settings": subset, "error": str(exc)})
                 return None
@@ -270,7 +301,8 @@ class _Context:
         baseline_settings = self.baseline.manifest["backend"].get("settings") or {}
         dependencies = vllm_setting_dependencies(baseline_settings, serving.engine_args)
         try:
-            result = bisect_settings(baseline_settings, serving.engine_args, fails, dependencies=dependencies, check_baseline=True)
+            result = bisect_settings(baseline_settings, serving.engine_args, fails, dependencies=dependencies, check_baseline=True,
+                                     known_to_fail=True)
         except BisectionError as exc:
             return {"error": str(exc), "trials": trials}
         culprit_trial = next((t for t in trials if t["settings"] == result.responsible), None)
@@ -280,11 +312,15 @@ class _Context:
 
 
 def _level_of(comparison: dict) -> str:
+    if comparison.get("level") == DETAIL_PROMPT_LOGPROBS:
+        return DETAIL_PROMPT_LOGPROBS
     sites = {s["site"] for s in comparison["sites"]}
     return DETAIL_LOGITS if sites <= set(LOGITS_SITES) else DETAIL_LAYERS
 
 
 def _level(served: CaptureReader) -> str:
+    if served_level(served) is not None:
+        return DETAIL_PROMPT_LOGPROBS
     levels = {e["level"] for e in served.manifest["backend"]["serving"]["evidence"]}
     return DETAIL_LOGITS if DETAIL_LOGITS in levels else DETAIL_LAYERS
 
@@ -299,6 +335,8 @@ def _write_comparison(destination: Path, comparison: dict, verdict) -> None:
 
 def _first_site(comparison: dict, predicate) -> str | None:
     """The first site in model order (embed, layers, final norm, logits) whose pooled figures satisfy ``predicate``."""
+    if "sites" not in comparison:
+        return None  # the prompt-logprobs level sees no site
     by_site = {s["site"]: s for s in comparison["sites"]}
     return next((site for site in site_order(list(by_site)) if predicate(by_site[site])), None)
 
