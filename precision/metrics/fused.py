@@ -35,16 +35,17 @@ def _kernel(e, a, e32, a32, floor, low, high, scale_e, scale_a, scale_d, out, ul
     power of two: exact), so float64 data near the ends of its range neither overflows nor underflows there. Sums
     run over blocks of SUM_BLOCK elements first: a million-term running sum loses about 1e-12 of its value, block
     sums added up lose about 1e-15 (measured against math.fsum on 2 Mi elements)."""
-    ebits = e32.view(np.uint32)
-    abits = a32.view(np.uint32)
     n = e.shape[0]
     for start in range(0, n, SUM_BLOCK):
+        stop = min(start + SUM_BLOCK, n)
+        eblock, ablock = e[start:stop], a[start:stop]  # indices from 0: see _kernel_bf16
+        ebits, abits = e32[start:stop].view(np.uint32), a32[start:stop].view(np.uint32)
         e2 = a2 = d2 = ea = sum_abs = 0.0
         max_abs = max_rel = 0.0
         below_low = below_high = 0
-        for i in range(start, min(start + SUM_BLOCK, n)):
-            ev = np.float64(e[i])
-            av = np.float64(a[i])
+        for i in range(stop - start):
+            ev = np.float64(eblock[i])
+            av = np.float64(ablock[i])
             d = av - ev
             es = ev * scale_e
             as_ = av * scale_a
@@ -99,13 +100,18 @@ def _kernel_bf16(eb, ab, floor, low, high, out, ulp):
     n = eb.shape[0]
     bad = 0
     for start in range(0, n, SUM_BLOCK):
+        stop = min(start + SUM_BLOCK, n)
+        # the block as an array of its own, indexed from 0: numba wraps negative indices around, and for an index
+        # LLVM cannot prove non-negative (start + i) it computes that per lane, so the loads become scalar
+        # (measured: 2.9 -> 1.45 ns per element pair)
+        eblock, ablock = eb[start:stop], ab[start:stop]
         e2 = a2 = d2 = ea = sum_abs = 0.0
         max_abs = max_rel = 0  # float64 bits
         below_low = below_high = same = one = two = 0
         block_bad = 0
-        for i in range(start, min(start + SUM_BLOCK, n)):
-            be = eb[i]
-            ba = ab[i]
+        for i in range(stop - start):
+            be = eblock[i]
+            ba = ablock[i]
             me = np.int32(be & 0x7FFF)
             ma = np.int32(ba & 0x7FFF)
             block_bad += (me >= BF16_INF_MAGNITUDE) | (ma >= BF16_INF_MAGNITUDE)
@@ -143,7 +149,7 @@ def _kernel_bf16(eb, ab, floor, low, high, out, ulp):
         ulp[0] += same
         ulp[1] += one
         ulp[2] += two
-        ulp[3] += min(SUM_BLOCK, n - start) - same - one - two
+        ulp[3] += (stop - start) - same - one - two
     return bad
 
 

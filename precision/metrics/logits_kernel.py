@@ -94,9 +94,15 @@ def _rows_bf16(eb, ab, values, exps, k, floor, low, high, kl, top_e, top_a, max_
             blow = bhigh = bsame = bone = btwo = 0
             bke = bka = -BF16_EXPONENT
             bmag = 0
-            for v in range(b * TOP_BLOCK, min((b + 1) * TOP_BLOCK, width)):
-                be = eb[r, v]
-                ba = ab[r, v]
+            lo = b * TOP_BLOCK
+            hi = min(lo + TOP_BLOCK, width)
+            # the block as an array of its own, indexed from 0: numba wraps negative indices around, and for an
+            # index LLVM cannot prove non-negative (lo + v) it does so per lane, so the loads become scalar
+            # (measured: 3.3 -> 1.9 ns per element pair)
+            eblock, ablock = eb[r, lo:hi], ab[r, lo:hi]
+            for v in range(hi - lo):
+                be = eblock[v]
+                ba = ablock[v]
                 me = np.int32(be & 0x7FFF)
                 ma = np.int32(ba & 0x7FFF)
                 bmag = max(bmag, max(me, ma))
@@ -175,9 +181,10 @@ def _rows_bf16(eb, ab, values, exps, k, floor, low, high, kl, top_e, top_a, max_
             se = sa = w = 0.0
             for start in range(0, width, SUM_BLOCK):
                 bse = bsa = bw = 0.0
-                for v in range(start, min(start + SUM_BLOCK, width)):
-                    x = values[np.int32(eb[r, v])]
-                    y = values[np.int32(ab[r, v])]
+                eblock, ablock = eb[r, start:start + SUM_BLOCK], ab[r, start:start + SUM_BLOCK]  # from 0: see above
+                for v in range(eblock.shape[0]):
+                    x = values[np.int32(eblock[v])]
+                    y = values[np.int32(ablock[v])]
                     pe = math.exp(x - me)
                     bse += pe
                     bsa += math.exp(y - ma)
@@ -247,9 +254,10 @@ def _rows_float(e, a, k, kl, top_e, top_a, max_abs, other_sq, finite):
         se = sa = w = d2 = 0.0
         for start in range(0, width, SUM_BLOCK):
             bse = bsa = bw = bd2 = 0.0
-            for v in range(start, min(start + SUM_BLOCK, width)):
-                x = np.float64(e[r, v])
-                y = np.float64(a[r, v])
+            eblock, ablock = e[r, start:start + SUM_BLOCK], a[r, start:start + SUM_BLOCK]  # from 0: see _rows_bf16
+            for v in range(eblock.shape[0]):
+                x = np.float64(eblock[v])
+                y = np.float64(ablock[v])
                 pe = math.exp(x - me)
                 d = x - y
                 bse += pe
