@@ -93,6 +93,7 @@ def read_run_file(path: str | Path) -> RunFile:
     for name, table in serving.items():
         if not isinstance(table, dict):
             raise PrecisionError(f"{path}: serving.{name} must be a table ([serving.{name}] with its settings)")
+        _require_json(table, f"{path}: [serving.{name}]")  # recorded in run.json: refused now, not when it is written
     _check_settings_table(data, "thresholds", path)
     _check_settings_table(data, "regress", path)
     return RunFile(path=path, sha256=hashlib.sha256(raw).hexdigest(), run=_checked_run_table(data.get("run", {}), path),

@@ -129,3 +129,12 @@ def test_a_run_json_from_before_serving_was_recorded_resumes_without_tables(tmp_
     _check_resumed_run(out, {"prompts": "p", "serving": {}})
     with pytest.raises(PrecisionError, match="serving"):
         _check_resumed_run(out, {"prompts": "p", "serving": {"busy": {"max_num_seqs": 8}}})
+
+
+def test_a_serving_table_json_cannot_record_is_refused_when_the_file_is_read(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text("[serving.dated]\nmax_num_seqs = 4\nwhen = 2026-11-30\n", encoding="utf-8")
+    with pytest.raises(PrecisionError, match=r"\[serving.dated\]: holds .*\(date\); engine settings are strings"):
+        read_run_file(config)
+    config.write_text("[serving.fine]\nmax_num_seqs = 4\n", encoding="utf-8")
+    assert read_run_file(config).serving == {"fine": {"max_num_seqs": 4}}
