@@ -24,7 +24,8 @@ def run(config, source=None, *, junit: str | Path | None = None):
     is one (or pass ``source``), and the JUnit XML is written to ``junit`` when given.
 
     Returns a ``RunResult`` (out, verdict, comparison, files: name -> path of report.html, summary.md,
-    summary.json, comparison.json). Raises ``PrecisionError`` (or a subclass) for bad input or configuration,
+    summary.json, comparison.json; serving: the serving stage's parity document when ``config.serving`` holds
+    [serving.NAME] tables, whose status FAIL the command also exits 1 on). Raises ``PrecisionError`` (or a subclass) for bad input or configuration,
     before any model loads where it can be checked then; a FAIL verdict is a result, not an exception."""
     from precision.golden import GoldenStore, is_store
     from precision.pipeline import run as run_pipeline
