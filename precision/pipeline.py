@@ -200,7 +200,7 @@ def run(config: RunConfig, source: ReferenceSource | None = None) -> RunResult:
     if config.serving:
         from precision.serving.run_stage import check_stage
 
-        check_stage(config.serving, parse_spec(target_spec).name, target_spec, target_model, target_options)
+        check_stage(config.serving, target_spec, target_model, target_options)
     plan = plan_from_prompts(config.prompts, model, max_new_tokens=config.max_new_tokens, trust_remote_code=config.trust_remote_code)
     record = _run_record(config, source, model, target_model, target_spec)
     inputs = [model.path, target_model.path, config.prompts, source.stored_at]

@@ -15,7 +15,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from precision.backends import BackendOptions
+from precision.backends import BackendOptions, parse_spec
 from precision.capture.reader import CaptureReader
 from precision.capture.writer import CapturePlan
 from precision.errors import PrecisionError
@@ -44,14 +44,17 @@ def stage_options(target_options: BackendOptions, plan: CapturePlan, model) -> B
 
 def configuration_engine_kwargs(tables: dict[str, dict], model, options: BackendOptions, plan: CapturePlan) -> dict[str, dict[str, Any]]:
     """name -> the LLM(...) arguments each configuration's engine gets (no engine starts): what the stage records."""
-    options = stage_options(options, plan, model)
-    return {serving.name: ServingBackend(model, serving, options).engine_kwargs() for serving in serving_configs(tables)}
+    return _engine_kwargs(serving_configs(tables), model, stage_options(options, plan, model))
 
 
-def check_stage(tables: dict[str, dict], target_spec_name: str, target_spec: str, model, options: BackendOptions) -> None:
+def _engine_kwargs(configs: tuple[ServingConfig, ...], model, options: BackendOptions) -> dict[str, dict[str, Any]]:
+    return {serving.name: ServingBackend(model, serving, options).engine_kwargs() for serving in configs}
+
+
+def check_stage(tables: dict[str, dict], target_spec: str, model, options: BackendOptions) -> None:
     """Refuse tables the stage cannot run, before any model loads: a target other than vLLM (the baseline must be
     the eager vLLM engine), names and settings parity refuses, the run's engine arguments with a table's."""
-    if target_spec_name != "vllm":
+    if parse_spec(target_spec).name != "vllm":
         raise PrecisionError(f"the [serving.NAME] tables need the vLLM target as their eager baseline, not {target_spec}: "
                              "use --target vllm or drop the [serving] tables")
     check_serving_tables(tables, model)
@@ -73,7 +76,7 @@ def run_serving_stage(run_config, model, target_options: BackendOptions, cpu, ba
               "max_new_tokens": config.max_new_tokens, "truth": config.truth, "serving": [s.to_json() for s in config.serving],
               "bisect": config.bisect, "command": config.command, "baseline_capture": str(baseline.path),
               "run_engine_args": dict(target_options.engine_args),
-              "engine_kwargs": {s.name: ServingBackend(model, s, options).engine_kwargs() for s in config.serving}}
+              "engine_kwargs": _engine_kwargs(config.serving, model, options)}
     with claim_output_dir(out, "run", force=True, complete_marker="summary.json", inputs=[model.path, run_config.prompts]):
         write_json_atomic(out / "run.json", record)
         return parity_document(config, model, options, cpu, baseline, out)
