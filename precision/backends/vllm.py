@@ -96,7 +96,32 @@ def _check_known_engine_args(user: dict[str, Any]) -> None:
         raise BackendError(f"unknown vLLM engine setting(s): {hints}; see vLLM's EngineArgs for the names")
 
 
-class VllmBackend(PlainPassPerformance, Backend):
+class EngineShutdown:
+    """The engine shutdown every vLLM backend of this package shares (this capture backend and the serving
+    configurations' precision.serving.engine.ServingBackend): remove the worker's hooks (by the RPC named in
+    ``REMOVE_HOOKS_RPC``, each worker extension has its own), stop the engine core, tear down what a stopped engine
+    leaves in the process (vllm_preflight.tear_down_globals, logged), then restore the environment the backend
+    changed (``_restore_environment``, the backend's own)."""
+
+    REMOVE_HOOKS_RPC = "precision_remove_hooks"
+
+    def _deactivate_impl(self) -> None:
+        llm = getattr(self, "_llm", None)
+        self._llm = None
+        if llm is not None:
+            try:
+                vllm_compat.rpc(llm, self.REMOVE_HOOKS_RPC)
+                vllm_compat.shutdown(llm)
+            except Exception as exc:  # shutting down must not hide the error that brought us here
+                log.debug("vLLM shutdown: %s", exc)
+            del llm
+            gc.collect()
+            self._teardown = vllm_preflight.tear_down_globals(getattr(self, "_device", "cpu"))
+            log.info("vLLM engine torn down: %s", self._teardown)
+        self._restore_environment()  # each backend's own: the variables it set
+
+
+class VllmBackend(PlainPassPerformance, EngineShutdown, Backend):
     name = "vllm"
 
     def validate(self) -> None:
@@ -233,22 +258,6 @@ class VllmBackend(PlainPassPerformance, Backend):
         log.warning("vLLM CPU attention does not support head_dim %d: running an exact copy padded to head_dim %d (%s)", head_dim, new_dim, path)
         return str(path), {"kind": "head-dim-padding", "from": head_dim, "to": new_dim, "path": str(path),
                            "why": f"vLLM CPU attention supports head sizes {list(cpu_head_sizes())}"}
-
-    def _deactivate_impl(self) -> None:
-        llm = getattr(self, "_llm", None)
-        self._llm = None
-        if llm is None:
-            return
-        try:
-            vllm_compat.rpc(llm, "precision_remove_hooks")
-            vllm_compat.shutdown(llm)
-        except Exception as exc:  # shutting down must not hide the error that brought us here
-            log.debug("vLLM shutdown: %s", exc)
-        del llm
-        gc.collect()
-        self._teardown = vllm_preflight.tear_down_globals(self._device)
-        log.info("vLLM engine torn down: %s", self._teardown)
-        self._restore_environment()
 
     def _restore_environment(self) -> None:
         """Remove the environment defaults this backend set (and nobody changed since)."""

@@ -373,3 +373,17 @@ def reset_prefix_cache(llm: Any) -> bool:
     """Empty the engine's prefix cache (``LLM.reset_prefix_cache``), so the next request is served cold: a capture
     decides itself which positions come from the cache. True when vLLM reports it done."""
     return bool(require("LLM.reset_prefix_cache", llm, "reset_prefix_cache")())
+
+
+def generate_many_with_preemptions(llm: Any, sequences: list[list[int]], params: list[Any]) -> list[tuple[list[int], int | None, int | None]]:
+    """``generate_many``, with per prompt vLLM's own count of its preemptions: ``RequestOutput.metrics`` is vLLM's
+    ``RequestStateStats`` (``num_preemptions``, counted from the engine core's PREEMPTED events) when the engine keeps
+    request statistics (``disable_log_stats=False``), None otherwise (the offline LLM's default)."""
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in sequences], params, use_tqdm=False)
+    counted = []
+    for out in outputs:
+        metrics = getattr(out, "metrics", None)
+        preemptions = getattr(metrics, "num_preemptions", None) if metrics is not None else None
+        counted.append((list(out.outputs[0].token_ids), getattr(out, "num_cached_tokens", None),
+                        None if preemptions is None else int(preemptions)))
+    return counted

@@ -21,31 +21,37 @@ Workloads (how each teacher-forced sequence is served):
     warm-prefix the sequence is served twice with the prefix cache on: the second time its full blocks come from
                 the cache (the engine reports how many tokens hit), and only the rest is computed; the capture
                 holds the computed rows of the warm request and, at the cached positions, the rows of the cold
-                request that filled the cache (recorded per prompt as positions_from_earlier_requests).
+                request that filled the cache (recorded per prompt as positions_from_earlier_requests);
+    preempt     the sequence is submitted after one companion on a KV cache just large enough for both prompts; the
+                companion's decode then needs one block more, the scheduler preempts the sequence (the last running
+                request) mid-prefill and recomputes it from position 0 later (precision.serving.preemption: the
+                plan, and why this is how vLLM 0.32 preempts); the capture keeps the last computation of every
+                position and records the first one's bitwise equality, the restarts the worker saw and vLLM's own
+                count of the sequence's preemptions.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import gc
 import logging
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from precision.backends import vllm_compat, vllm_preflight
+from precision.backends import vllm_compat
 from precision.backends.base import Backend, BackendOptions, BackendSpec
-from precision.backends.vllm import KV_CACHE_SPACE_VARIABLE, VllmBackend
+from precision.backends.vllm import KV_CACHE_SPACE_VARIABLE, EngineShutdown, VllmBackend
 from precision.backends.vllm_compat import device_type
 from precision.backends.vllm_platform import CPU_ENV_DEFAULTS, platform_record
 from precision.capture.sites import CaptureSelection
 from precision.errors import BackendError, PrecisionError
 from precision.model import ModelInfo
+from precision.serving import preemption
 
 log = logging.getLogger(__name__)
 
 SERVING_WORKER_EXTENSION = "precision.serving.worker.ServingWorkerExtension"
-WORKLOADS = ("alone", "cobatch", "warm-prefix")
+WORKLOADS = ("alone", "cobatch", "warm-prefix", "preempt")
 WORKLOAD_KEY = "workload"
 """A configuration's own key (not an engine argument) naming its workload; default "alone"."""
 COMPANIONS_KEY = "companions"
@@ -107,13 +113,14 @@ class ServingConfig:
         return any(int(self.engine_args.get(key, 1) or 1) > 1 for key in MULTIPROCESS_KEYS)
 
 
-class ServingBackend(Backend):
+class ServingBackend(EngineShutdown, Backend):
     """vLLM with the capture-safe baseline settings, then a serving configuration's engine arguments over them.
 
     The baseline settings and the head padding come from the capture backend (precision.backends.vllm), used as
     a helper: the engine itself is started here, with this package's worker extension."""
 
     name = "vllm"
+    REMOVE_HOOKS_RPC = "parity_remove_hooks"
 
     def __init__(self, model: ModelInfo, serving: ServingConfig, options: BackendOptions | None = None,
                  companions: Sequence[Sequence[int]] = ()) -> None:
@@ -123,6 +130,7 @@ class ServingBackend(Backend):
         self.evidence: list[dict[str, Any]] = []
         self._baseline = VllmBackend(self.spec, model, self.options)
         self._env_set: dict[str, str] = {}
+        self._preemption: preemption.PreemptionPlan | None = None
 
     def validate(self) -> None:
         self._baseline.validate()
@@ -132,8 +140,18 @@ class ServingBackend(Backend):
             raise BackendError(f"serving configuration {self.serving.name!r}: unknown vLLM engine setting(s) {unknown}; "
                                "see vLLM's EngineArgs for the names")
 
+    def preemption_plan(self) -> preemption.PreemptionPlan:
+        """The preempt workload's KV cache, step budget and companions, sized from the plan's sequences."""
+        if self._preemption is None:
+            max_len = self._baseline.engine_kwargs()["max_model_len"]
+            lengths = [len(c) for c in self.companions] or [max_len - 1]
+            block_size = int(self.serving.engine_args.get("block_size", preemption.DEFAULT_BLOCK_SIZE))
+            self._preemption = preemption.plan_preemption(lengths, max_len, block_size, self.model.max_position_embeddings)
+        return self._preemption
+
     def engine_kwargs(self) -> dict[str, Any]:
-        kwargs = {**self._baseline.engine_kwargs(), **self.serving.engine_args}
+        workload = self.preemption_plan().engine_settings() if self.serving.workload == "preempt" else {}
+        kwargs = {**self._baseline.engine_kwargs(), **workload, **self.serving.engine_args}
         if self.serving.workload == "cobatch" and "max_num_batched_tokens" not in self.serving.engine_args:
             # The baseline's budget (one sequence per step) would let the sequence share its step with a sliver of
             # one companion at most: room for all of them prefilling together.
@@ -194,20 +212,6 @@ class ServingBackend(Backend):
                 os.environ[key] = value
         self._saved_env, self._env_set = {}, {}
 
-    def _deactivate_impl(self) -> None:
-        llm = getattr(self, "_llm", None)
-        self._llm = None
-        if llm is not None:
-            try:
-                vllm_compat.rpc(llm, "parity_remove_hooks")
-                vllm_compat.shutdown(llm)
-            except Exception as exc:  # shutting down must not hide the error that brought us here
-                log.debug("vLLM shutdown: %s", exc)
-            del llm
-            gc.collect()
-            log.info("vLLM engine torn down: %s", vllm_preflight.tear_down_globals(getattr(self, "_device", "cpu")))
-        self._restore_environment()
-
     def _generate_impl(self, token_ids: list[int], max_new_tokens: int) -> Sequence[int]:
         params = vllm_compat.greedy_params(max_tokens=max_new_tokens, ignore_eos=True,
                                            stop_token_ids=list(self.model.stop_token_ids), seed=self.options.seed)
@@ -243,6 +247,8 @@ class ServingBackend(Backend):
                 params = [one] + [vllm_compat.greedy_params(max_tokens=COMPANION_NEW_TOKENS)] * len(others)
                 outputs = vllm_compat.generate_many(self._llm, [token_ids, *others], params)
                 served["companion_lengths"] = [len(o) for o in others]
+            elif self.serving.workload == "preempt":
+                outputs = self._serve_preempted(token_ids, one, served)
             elif self.serving.workload == "warm-prefix":
                 outputs = vllm_compat.generate_many(self._llm, [token_ids], [one])
                 outputs += vllm_compat.generate_many(self._llm, [token_ids], [one])
@@ -260,8 +266,23 @@ class ServingBackend(Backend):
                                f"{rank0['missing_positions']}); nothing comparable was captured")
         now = rank0["compilation_counters"]["now"]
         served["engine_compilations"] = {k: v - self._counters_before.get(k, 0) for k, v in now.items()}
-        self.evidence.append({**{k: rank0[k] for k in ("level", "calls", "requests", "steps", "positions_from_earlier_requests", "compilation_counters")},
+        self.evidence.append({**{k: rank0[k] for k in ("level", "calls", "requests", "steps", "positions_from_earlier_requests",
+                                                       "recomputation", "compilation_counters")},
                               **served, "sequence_length": len(token_ids)})
+
+    def _serve_preempted(self, token_ids: list[int], one: Any, served: dict[str, Any]) -> list[tuple[list[int], int | None]]:
+        """The companion first, then the sequence (the scheduler preempts the last running request); what vLLM
+        itself counted goes into ``served``."""
+        plan = self.preemption_plan()
+        companion = plan.companions.get(len(token_ids)) or preemption.companion_for(len(token_ids), plan)
+        ids = preemption.companion_tokens(token_ids, self.companions, companion.prompt_length)
+        params = [vllm_compat.greedy_params(max_tokens=companion.new_tokens), one]
+        outputs = vllm_compat.generate_many_with_preemptions(self._llm, [ids, token_ids], params)
+        served["companion"] = {"prompt_length": companion.prompt_length, "new_tokens": companion.new_tokens,
+                               "predicted_positions_before_preemption": companion.predicted_positions_before_preemption}
+        served["engine_preemptions"] = outputs[-1][2]
+        served["companion_preemptions"] = outputs[0][2]
+        return [(tokens, cached) for tokens, cached, _ in outputs]
 
     def levels(self) -> set[str]:
         return {e["level"] for e in self.evidence}
@@ -274,5 +295,6 @@ class ServingBackend(Backend):
             "model_transform": self._transform,
             "model_class": self._model_class,
             **platform_record(self._device),
-            "serving": {**self.serving.to_json(), "evidence": self.evidence},
+            "serving": {**self.serving.to_json(), "evidence": self.evidence,
+                        **({"preemption_plan": self.preemption_plan().to_json()} if self.serving.workload == "preempt" else {})},
         }

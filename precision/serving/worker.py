@@ -9,7 +9,12 @@ serving configuration breaks that on purpose, so this worker keeps rows by *requ
   request that filled the prefix cache); unrelated co-batched requests are skipped;
 - each row is stored under its absolute position (the decoder layers' ``positions`` input), so chunked prefill
   (several steps), co-batching (part of a step) and a prefix-cache hit (positions computed by an earlier request,
-  the rest now) all assemble into one row per position; which request computed each position is recorded.
+  the rest now) all assemble into one row per position; which request computed each position is recorded;
+- a position computed again (a preempted request recomputed from scratch, or a warm request recomputing the tail
+  of a block the cold one computed) keeps its LAST computation, the one the request's output derives from, and the
+  recomputation is recorded: rows computed again per site, whether each was bitwise the earlier computation (and
+  the largest absolute difference), and the restarts seen (the same request's rows starting again at or below a
+  position it had already computed: vLLM recomputes a preempted request from position 0).
 
 Two levels of detail come out of the same hooks: where the decoder layers' Python hooks fire (eager modes),
 every site; where the model body runs as a compiled graph (torch.compile: the layers' hooks never fire), only the
@@ -59,6 +64,9 @@ class ServingWorkerExtension:
         self._parity_errors: list[str] = []
         self._parity_requests: list[str] = []
         self._parity_steps: list[list[list]] = []
+        self._parity_recomputed: dict[str, dict[str, Any]] = {}
+        self._parity_highest: dict[str, int] = {}
+        self._parity_restarts = 0
 
     def _parity_matching(self) -> list[tuple[str, int, int, int]]:
         """(request id, prompt length, first row, end row) of this step's requests whose prompt is a prefix of
@@ -75,12 +83,40 @@ class ServingWorkerExtension:
         for req_id, prompt_length, start, end in self._parity_matching():
             if req_id not in self._parity_requests:
                 self._parity_requests.append(req_id)
+            if name == OUTER:
+                self._parity_note_restart(req_id, [int(positions[row]) for row in range(start, end)])
             for row in range(start, end):
                 position = int(positions[row])
                 if position < prompt_length:  # a decode step's row holds a token the engine chose, not the sequence's
-                    store[position] = tensor[row].detach().to("cpu").clone()
+                    value = tensor[row].detach().to("cpu").clone()
+                    if position in store:
+                        self._parity_note_recomputed(name, position, store[position], value)
+                    store[position] = value
                     if name == OUTER:
                         self._parity_source[position] = req_id
+
+    def _parity_note_restart(self, req_id: str, step_positions: list[int]) -> None:
+        """A request whose rows start at or below a position it computed before was restarted (preempted, then
+        readmitted: vLLM resets its computed tokens to 0)."""
+        if not step_positions:
+            return
+        highest = self._parity_highest.get(req_id)
+        restarted = highest is not None and min(step_positions) <= highest
+        self._parity_restarts += int(restarted)
+        self._parity_highest[req_id] = max(step_positions) if highest is None or restarted else max(highest, *step_positions)
+
+    def _parity_note_recomputed(self, name: str, position: int, earlier: Any, now: Any) -> None:
+        """Bitwise equality of a position's new computation with its earlier one (chained over several recomputations,
+        so all equal means all equal the first) and the largest absolute difference, in float64."""
+        import torch
+
+        entry = self._parity_recomputed.setdefault(name, {"rows": 0, "positions": set(), "bitwise_equal": True, "max_abs_difference": 0.0})
+        entry["rows"] += 1
+        entry["positions"].add(position)
+        if not torch.equal(earlier, now):
+            entry["bitwise_equal"] = False
+            difference = (now.to(torch.float64) - earlier.to(torch.float64)).abs().max().item()
+            entry["max_abs_difference"] = max(entry["max_abs_difference"], float(difference))
 
     def _parity_hook(self, name: str, site_tensor, positions_arg: int | None):
         def hook(_module, inputs, output):
@@ -160,6 +196,7 @@ class ServingWorkerExtension:
                        "own_rows": sum(n for r, n in step if r in self._parity_requests)} for step in self._parity_steps],
             "positions_from_earlier_requests": sorted(p for p, r in source.items() if r != final_request),
             "missing_positions": {name: length - len(store) for name, store in rows.items() if len(store) != length},
+            "recomputation": self._parity_recomputation(),
             "compilation_counters": {"now": after, "during_capture": {k: after[k] - self._parity_counters_before.get(k, 0) for k in after}},
         }
         if level is not None and not result["errors"]:
@@ -173,6 +210,16 @@ class ServingWorkerExtension:
                 result["path"] = self._parity_path
         self._parity_reset([], None)
         return result
+
+    def _parity_recomputation(self) -> dict[str, Any]:
+        """Positions of the sequence computed more than once (at any site), the restarts seen, and per site the
+        rows computed again and whether every recomputation was bitwise the earlier computation."""
+        recomputed = self._parity_recomputed
+        positions = set().union(*(entry["positions"] for entry in recomputed.values()))
+        return {"positions": len(positions), "restarts": self._parity_restarts,
+                "rows": {name: entry["rows"] for name, entry in recomputed.items()},
+                "bitwise_equal": {name: entry["bitwise_equal"] for name, entry in recomputed.items()},
+                "max_abs_difference": {name: entry["max_abs_difference"] for name, entry in recomputed.items()}}
 
     def parity_counters(self) -> dict[str, int]:
         return vllm_compat.compilation_counters()
