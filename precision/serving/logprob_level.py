@@ -45,6 +45,8 @@ DETAIL_PROMPT_LOGPROBS = DETAILS[1]
 """The level's name, as ServingConfig.detail spells it ("prompt-logprobs")."""
 DEFAULT_TOP_K = 20
 """K when the configuration does not set ``max_logprobs``: vLLM's default max_logprobs, the most it returns."""
+LOGPROB_WORKLOADS = ("alone", "cobatch", "warm-prefix")
+"""The workloads served at this level (another workload's schedule is not reproduced here: refused, not served alone)."""
 FORCED = "forced by the configuration (detail = prompt-logprobs)"
 FALLBACK = "fallback: no hook saw every position"
 
@@ -76,6 +78,17 @@ class LogprobLevelBackend(ServingBackend):
         self.top_k = top_k_for(self.serving.engine_args, self.model.vocab_size)
         self.fallback_reason: str | None = None
 
+    def validate(self) -> None:
+        super().validate()
+        if self.serving.detail == DETAIL_PROMPT_LOGPROBS:
+            self._check_workload()
+
+    def _check_workload(self) -> None:
+        if self.serving.workload not in LOGPROB_WORKLOADS:
+            raise BackendError(f"serving configuration {self.serving.name!r}: workload {self.serving.workload!r} is not served at the "
+                               f"prompt-logprobs level (only {', '.join(LOGPROB_WORKLOADS)}); drop detail = \"prompt-logprobs\" "
+                               "or choose one of those workloads")
+
     def _capture_impl(self, token_ids: list[int], selection: CaptureSelection, path: Path) -> None:
         if self.serving.detail == DETAIL_PROMPT_LOGPROBS:
             return self._capture_logprobs(token_ids, selection, path, FORCED)
@@ -94,6 +107,7 @@ class LogprobLevelBackend(ServingBackend):
     def _serve(self, token_ids: list[int], params: Any) -> tuple[Any, dict[str, Any]]:
         """The sequence served by the configuration's workload with ``params``; its RequestOutput and what the
         serving recorded (companion lengths, cached tokens)."""
+        self._check_workload()
         served: dict[str, Any] = {}
         if self._kwargs.get("enable_prefix_caching"):
             served["prefix_cache_reset"] = vllm_compat.reset_prefix_cache(self._llm)

@@ -23,6 +23,11 @@ largest member's difference from the reference at the same site (the envelope ra
 WARN, as for the cross-engine envelope rule). The layer replay (local error) is not run: the configuration and
 the baseline are the same engine, and the replay explains a target against the reference, which the cross-engine
 run already does for the baseline.
+
+A configuration captured at the prompt-logprobs level (precision.serving.logprob_level: forced by its ``detail`` key,
+or the fallback when no hook saw every position) holds no site: it is compared on the engine's top-K logprobs by
+precision.serving.logprob_compare, with the same scale (R against FP32 truth, the envelope's same statistic, the
+near-tie bound), and its row says why it got that level; its bisection trials are captured at that level too.
 """
 
 from __future__ import annotations

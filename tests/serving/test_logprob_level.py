@@ -204,3 +204,13 @@ def test_the_parity_report_names_the_level_and_why(monkeypatch, stories, stories
     assert "R_topk" in markdown and "The prompt-logprobs level's metrics" in markdown
     html = paths["report.html"].read_text(encoding="utf-8")
     assert "n/a (logprobs only)" in html and "forced by the configuration" in html
+
+
+def test_a_workload_this_level_does_not_serve_is_refused_not_served_alone(monkeypatch, stories, stories_reference):
+    from precision.errors import BackendError
+
+    backend, _ = _stand_in_backend(monkeypatch, stories, stories_reference, DETAIL_PROMPT_LOGPROBS, False)
+    backend._check_workload()  # "alone" is served
+    object.__setattr__(backend.serving, "workload", "a-workload-of-the-future")
+    with pytest.raises(BackendError, match="not served at the prompt-logprobs level"):
+        backend._check_workload()
