@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 from precision import names
 from precision.analysis.theory import BF16_U
@@ -92,6 +92,8 @@ class PromptVerdict:
     id: str
     status: Status
     findings: tuple[Finding, ...]
+    site_findings: tuple[Finding, ...] = ()
+    """Every per-site rule's finding at every site where it fires (site_findings); ``findings`` holds one of each."""
 
 
 @dataclass(frozen=True)
@@ -196,110 +198,128 @@ def _judge_analysis(analysis: Analysis | None, sites: list[PooledSite], th: Thre
 
 
 def _judge_prompt(prompt: PromptComparison, th: Thresholds) -> PromptVerdict:
-    findings: list[Finding] = []
-    findings += _non_finite_findings(prompt)
-    findings += _flip_findings(prompt)
-    hidden = [s for s in prompt.sites if s.site != names.LOGITS]
+    """The prompt's findings: each per-site rule (site_findings) once, at the site that represents it (the first
+    non-finite site, the logits, the hidden layer with the largest R, the site with the largest relative L2)."""
     logits = next((s for s in prompt.sites if s.site == names.LOGITS), None)
     has_truth = logits is not None and logits.truth is not None
+    per_site = site_findings(prompt, th)
+
+    def at(rule: str, site: str | None) -> list[Finding]:
+        return [f for f in per_site if f.rule == rule and f.site == site]
+
+    findings: list[Finding] = []
+    target_bad, reference_only = [f for f in per_site if f.rule == "non-finite"], [f for f in per_site if f.rule == "non-finite-ref"]
+    if target_bad:
+        more = f"; {len(target_bad) - 1} later site(s) too" if len(target_bad) > 1 else ""
+        findings.append(replace(target_bad[0], message=target_bad[0].message + more))
+    if reference_only:
+        findings.append(replace(reference_only[0], message=f"{reference_only[0].message}; {len(reference_only)} site(s) so"))
+    findings += at("real-flip", names.LOGITS) + _near_tie_findings(prompt)
+    hidden = [s for s in prompt.sites if s.site != names.LOGITS]
     if has_truth:
-        r = logits.truth.R
-        if r > th.r_logits_fail:
-            findings.append(Finding("r-logits", Status.FAIL,
-                f"at the logits the target is {r:.2f}x as far from FP32 truth as the reference "
-                f"({logits.truth.actual_vs_truth:.2e} vs {logits.truth.expected_vs_truth:.2e}); the limit is {th.r_logits_fail}"))
+        findings += at("r-logits", names.LOGITS)
         worst_layer = max(hidden, key=lambda s: s.truth.R, default=None)
-        if worst_layer is not None and worst_layer.truth.R > th.r_layer_warn:
-            t = worst_layer.truth
-            findings.append(Finding("r-layer", Status.WARN,
-                f"at {worst_layer.site} the target is {t.R:.2f}x as far from FP32 truth as the reference "
-                f"({t.actual_vs_truth:.2e} vs {t.expected_vs_truth:.2e}); the limit is {th.r_layer_warn}"))
+        findings += at("r-layer", worst_layer.site if worst_layer is not None else None)
     finite_sites = [s for s in prompt.sites if math.isfinite(s.metrics.relative_l2)]
     biggest = max(finite_sites, key=lambda s: s.metrics.relative_l2, default=None)
     if biggest is not None:
-        err = biggest.metrics.relative_l2
-        if err > th.rel_l2_fail:
-            findings.append(Finding("gross-error", Status.FAIL,
-                f"relative L2 error {err:.2e} at {biggest.site} exceeds {th.rel_l2_fail}, far beyond BF16 rounding (unit roundoff {BF16_U:.1e})"))
-        elif err > th.rel_l2_warn and not has_truth:
-            findings.append(Finding("large-error", Status.WARN,
-                f"relative L2 error {err:.2e} at {biggest.site} exceeds {th.rel_l2_warn}; capture an FP32 truth to tell whether the target or the reference is off"))
+        findings += at("gross-error", biggest.site) + at("large-error", biggest.site)
     if not any(f.status is not Status.PASS for f in findings):
         largest = f"largest relative L2 error {biggest.metrics.relative_l2:.2e} at {biggest.site}" if biggest else "no finite site"
         r_text = f", R at the logits {logits.truth.R:.2f}" if has_truth else ""
         top1 = prompt.logits.top1_agreement if prompt.logits else None
         top1_text = f", teacher-forced top-1 agreement {top1:.1%}" if top1 is not None and math.isfinite(top1) else ""
         findings.append(Finding("self-check", Status.PASS, f"{largest}{r_text}{top1_text}"))
-    return PromptVerdict(prompt.id, worst(f.status for f in findings), tuple(findings))
+    return PromptVerdict(prompt.id, worst(f.status for f in findings), tuple(findings), tuple(per_site))
 
 
-def _non_finite_findings(prompt: PromptComparison) -> list[Finding]:
-    """Every site, element by element where the comparison measured it.
+def site_findings(prompt: PromptComparison, th: Thresholds) -> list[Finding]:
+    """Every per-site rule at every site of the prompt where it fires, in site order, each finding with its site
+    (msprobe_compare.csv's Result per row; the prompt's findings take one of each rule, see _judge_prompt)."""
+    logits = next((s for s in prompt.sites if s.site == names.LOGITS), None)
+    has_truth = logits is not None and logits.truth is not None
+    findings: list[Finding] = []
+    for entry in prompt.sites:
+        findings += _non_finite_findings(entry)
+        if entry.truth is not None and has_truth:
+            r = entry.truth.R
+            if entry.site == names.LOGITS and r > th.r_logits_fail:
+                findings.append(Finding("r-logits", Status.FAIL,
+                    f"at the logits the target is {r:.2f}x as far from FP32 truth as the reference "
+                    f"({entry.truth.actual_vs_truth:.2e} vs {entry.truth.expected_vs_truth:.2e}); the limit is {th.r_logits_fail}", entry.site))
+            elif entry.site != names.LOGITS and r > th.r_layer_warn:
+                findings.append(Finding("r-layer", Status.WARN,
+                    f"at {entry.site} the target is {r:.2f}x as far from FP32 truth as the reference "
+                    f"({entry.truth.actual_vs_truth:.2e} vs {entry.truth.expected_vs_truth:.2e}); the limit is {th.r_layer_warn}", entry.site))
+        err = entry.metrics.relative_l2
+        if math.isfinite(err) and err > th.rel_l2_fail:
+            findings.append(Finding("gross-error", Status.FAIL,
+                f"relative L2 error {err:.2e} at {entry.site} exceeds {th.rel_l2_fail}, far beyond BF16 rounding (unit roundoff {BF16_U:.1e})", entry.site))
+        elif math.isfinite(err) and err > th.rel_l2_warn and not has_truth:
+            findings.append(Finding("large-error", Status.WARN,
+                f"relative L2 error {err:.2e} at {entry.site} exceeds {th.rel_l2_warn}; capture an FP32 truth to tell whether the target or the reference is off",
+                entry.site))
+        if entry.site == names.LOGITS:
+            findings += _real_flip_findings(prompt)
+    return findings
+
+
+def _non_finite_findings(entry: SiteComparison) -> list[Finding]:
+    """One site, element by element where the comparison measured it.
 
     A site's ``non_finite`` counts, when present, ``actual_only`` (target NaN/Inf where the reference is finite)
     and ``mismatched`` (both non-finite, different values: NaN vs Inf, +Inf vs -Inf), each with its first
     [row, column]; either FAILs. Comparisons written before those counts existed are judged on per-kind counts:
     more target NaN (or Inf) than reference NaN (or Inf) means at least one target element is non-finite where
     the reference is not. What is non-finite in the reference alone is a WARN: nothing to compare there."""
-    target_fail: list[tuple[SiteComparison, str]] = []
-    reference_only: list[SiteComparison] = []
-    for entry in prompt.sites:
-        nf = entry.metrics.non_finite
-        target_bad, reference_bad = nf.actual_nan + nf.actual_inf, nf.expected_nan + nf.expected_inf
-        if nf.actual_only is not ABSENT:
-            if nf.actual_only:
-                target_fail.append((entry, f"{nf.actual_only} NaN/Inf value(s) where the reference is finite, "
-                                           f"first at [row, column] {nf.actual_only_first_index}"))
-            elif nf.mismatched:
-                target_fail.append((entry, f"{nf.mismatched} element(s) non-finite on both sides with different values "
-                                           f"(NaN vs Inf or +Inf vs -Inf), first at [row, column] {nf.mismatched_first_index}"))
-            elif reference_bad:
-                reference_only.append(entry)
-        elif target_bad and (nf.actual_nan > nf.expected_nan or nf.actual_inf > nf.expected_inf):
-            target_fail.append((entry, f"{nf.actual_nan} NaN and {nf.actual_inf} Inf values against "
-                                       f"{nf.expected_nan} NaN and {nf.expected_inf} Inf in the reference, first non-finite "
-                                       f"at [row, column] {nf.first_index}"))
-        elif reference_bad:
-            reference_only.append(entry)
-    findings = []
-    if target_fail:
-        entry, text = target_fail[0]
-        more = f"; {len(target_fail) - 1} later site(s) too" if len(target_fail) > 1 else ""
-        findings.append(Finding("non-finite", Status.FAIL, f"at {entry.site} the target has {text}{more}", entry.site))
-    if reference_only:
-        entry = reference_only[0]
-        nf = entry.metrics.non_finite
-        findings.append(Finding("non-finite-ref", Status.WARN,
+    nf = entry.metrics.non_finite
+    target_bad, reference_bad = nf.actual_nan + nf.actual_inf, nf.expected_nan + nf.expected_inf
+    text = None
+    if nf.actual_only is not ABSENT:
+        if nf.actual_only:
+            text = f"{nf.actual_only} NaN/Inf value(s) where the reference is finite, first at [row, column] {nf.actual_only_first_index}"
+        elif nf.mismatched:
+            text = (f"{nf.mismatched} element(s) non-finite on both sides with different values "
+                    f"(NaN vs Inf or +Inf vs -Inf), first at [row, column] {nf.mismatched_first_index}")
+    elif target_bad and (nf.actual_nan > nf.expected_nan or nf.actual_inf > nf.expected_inf):
+        text = (f"{nf.actual_nan} NaN and {nf.actual_inf} Inf values against {nf.expected_nan} NaN and {nf.expected_inf} Inf in the "
+                f"reference, first non-finite at [row, column] {nf.first_index}")
+    if text is not None:
+        return [Finding("non-finite", Status.FAIL, f"at {entry.site} the target has {text}", entry.site)]
+    if reference_bad:
+        return [Finding("non-finite-ref", Status.WARN,
             f"the reference itself has {nf.expected_nan} NaN and {nf.expected_inf} Inf values at {entry.site}, first at "
-            f"{nf.first_index} (nothing to compare against there; the target is not non-finite anywhere the reference is finite); "
-            f"{len(reference_only)} site(s) so", entry.site))
-    return findings
+            f"{nf.first_index} (nothing to compare against there; the target is not non-finite anywhere the reference is finite)", entry.site)]
+    return []
 
 
-def _flip_findings(prompt: PromptComparison) -> list[Finding]:
-    """Real flips FAIL, near-ties are reported (precision.analysis.near_tie: the bound is the stored logits'
-    rounding plus z sqrt(2) sigma, sigma the logit noise of the position's other tokens)."""
-    flips = prompt.logits.flips if prompt.logits else []
+def _flip_margin(f: Flip) -> float:  # comparisons written before flip_margin existed carry only the reference's margin
+    return f.expected_margin if f.flip_margin is ABSENT else f.flip_margin
 
-    def margin(f: Flip) -> float:  # comparisons written before flip_margin existed carry only the reference's margin
-        return f.expected_margin if f.flip_margin is ABSENT else f.flip_margin
 
-    real = [f for f in flips if not f.near_tie]
-    findings = []
-    if real:
-        f = real[0]
-        bound_text = (f"the near-tie bound {f.bound:.3g} ({f.rounding_allowance:.3g} for the stored logits' rounding + "
-                      f"z {f.z:.2f} x sqrt(2) x the other tokens' logit noise {f.other_rms:.3g})") if f.bound is not ABSENT else \
-                     f"a logit noise of {f.logit_noise:.3g}"
-        findings.append(Finding("real-flip", Status.FAIL,
-            f"{len(real)} teacher-forced top-1 flip(s) beyond the near-tie bound; first at position {f.position}: "
-            f"token {f.expected_token} -> {f.actual_token}, which the reference ranks {margin(f):.3g} logits lower, against "
-            f"{bound_text}", names.LOGITS))
-    near = [f for f in flips if f.near_tie]
-    if near:
-        widest = max(near, key=margin)
-        detail = (f"; largest margin {widest.flip_margin:.3g} against its bound {widest.bound:.3g}" if widest.bound is not ABSENT else "")
-        findings.append(Finding("near-tie-flip", Status.PASS,
-            f"{len(near)} teacher-forced top-1 flip(s) at near-ties (reference margin within what the position's rounding noise "
-            f"produces){detail}"))
-    return findings
+def _real_flip_findings(prompt: PromptComparison) -> list[Finding]:
+    """Real flips FAIL (precision.analysis.near_tie: the bound is the stored logits' rounding plus z sqrt(2) sigma,
+    sigma the logit noise of the position's other tokens)."""
+    real = [f for f in (prompt.logits.flips if prompt.logits else []) if not f.near_tie]
+    if not real:
+        return []
+    f = real[0]
+    bound_text = (f"the near-tie bound {f.bound:.3g} ({f.rounding_allowance:.3g} for the stored logits' rounding + "
+                  f"z {f.z:.2f} x sqrt(2) x the other tokens' logit noise {f.other_rms:.3g})") if f.bound is not ABSENT else \
+                 f"a logit noise of {f.logit_noise:.3g}"
+    return [Finding("real-flip", Status.FAIL,
+        f"{len(real)} teacher-forced top-1 flip(s) beyond the near-tie bound; first at position {f.position}: "
+        f"token {f.expected_token} -> {f.actual_token}, which the reference ranks {_flip_margin(f):.3g} logits lower, against "
+        f"{bound_text}", names.LOGITS)]
+
+
+def _near_tie_findings(prompt: PromptComparison) -> list[Finding]:
+    """Near-ties are reported, not failed."""
+    near = [f for f in (prompt.logits.flips if prompt.logits else []) if f.near_tie]
+    if not near:
+        return []
+    widest = max(near, key=_flip_margin)
+    detail = (f"; largest margin {widest.flip_margin:.3g} against its bound {widest.bound:.3g}" if widest.bound is not ABSENT else "")
+    return [Finding("near-tie-flip", Status.PASS,
+        f"{len(near)} teacher-forced top-1 flip(s) at near-ties (reference margin within what the position's rounding noise "
+        f"produces){detail}", names.LOGITS)]

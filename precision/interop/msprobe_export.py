@@ -14,12 +14,15 @@ reference (expected). One row per (prompt, site), in comparison order:
   dump.json statistics, computed by torch in the tensor's own dtype, so its mean and l2norm can differ in the
   last digits); NaN or Inf anywhere propagates as it does in msprobe.
 - Requires_grad columns: False, False, True (a capture holds no autograd state).
-- Result: this tool's verdict judged at the row's site (site_results): "error" (a FAIL there), "warning" (a WARN),
-  "pass". msprobe's own Result column applies msprobe's thresholds; ours applies precision-check's rules. msprobe
+- Result: this tool's verdict at the row's site (site_results, from the verdict's findings, each naming its site):
+  "error" (a FAIL there), "warning" (a WARN), "pass". msprobe's own Result column applies msprobe's thresholds; ours applies precision-check's rules. msprobe
   26.2.0 has no "Accuracy Reached or Not" column in this layout (older releases did); Result is where its
   spreadsheets read the judgement.
 - Err_message: a JSON list of "<level>: <rule>: <sentence>" for every finding at the row, "[]" for a pass.
 - NPU_Stack_Info: "N/A". Data_name: the two tensor files, as msprobe lists its two .pt files.
+Sites only one capture holds (an msprobe import compared on the sites both hold: precision.interop.msprobe_compare)
+have rows of their own, in model order: the other side's columns "N/A", Result "N/A", Err_message msprobe's
+["No bench data matched."] (a site only the target holds) or ["No NPU data matched."] (only the reference).
 Where the captures are not on this machine, the metric columns come from comparison.json when it was computed in
 the msprobe convention and are "N/A" otherwise, and the statistics are "N/A"; Err_message says so.
 """
@@ -53,58 +56,25 @@ _BLOCK_ELEMENTS = 4 << 20  # rows are read in blocks of about this many elements
 
 
 def site_results(comparison: dict, verdict) -> dict[tuple[str, str], tuple[str, list[str]]]:
-    """(prompt id, site) -> (worst status, the messages of the findings there), by the verdict's rules applied per site
-    with the verdict's thresholds:
-    FAIL: the target is non-finite where the reference is finite, or both are with different values; relative L2 >
-    rel_l2_fail; at the logits, R > r_logits_fail or a teacher-forced top-1 flip beyond the near-tie bound; a
-    run-level FAIL finding (local R, local gain, local envelope) at the site.
-    WARN: the reference alone is non-finite; at a hidden site, R > r_layer_warn; without FP32 truth, relative L2 >
-    rel_l2_warn; a run-level WARN finding (envelope) at the site.
-    The worst row of a prompt is that prompt's verdict (the prompt rules FAIL or WARN exactly when one of its sites
-    does); run-level findings that name no site (nondeterminism) belong to no row."""
-    th = verdict.thresholds
-    run_level: dict[str, list[tuple[str, str]]] = {}
+    """(prompt id, site) -> (worst status, the messages of the findings there), from the verdict's own findings:
+    each prompt's per-site findings (precision.analysis.verdict.site_findings: every site where a per-site rule
+    fires, with the verdict's thresholds) and the run-level findings that name the site (local R, local gain,
+    local envelope, envelope). The worst row of a prompt is that prompt's verdict (the prompt's findings are one of
+    each per-site rule); run-level findings that name no site (nondeterminism) belong to no row."""
+    found_at: dict[tuple[str | None, str | None], list[tuple[str, str]]] = {}
     for finding in verdict.findings:
         if finding.site is not None and finding.status.value != "PASS":
-            run_level.setdefault(finding.site, []).append((finding.status.value, f"{finding.rule}: {finding.message}"))
+            found_at.setdefault((None, finding.site), []).append((finding.status.value, f"{finding.rule}: {finding.message}"))
+    for prompt in verdict.prompts:
+        for finding in prompt.site_findings:
+            found_at.setdefault((prompt.id, finding.site), []).append((finding.status.value, f"{finding.rule}: {finding.message}"))
     results = {}
     for prompt in comparison["prompts"]:
-        has_truth = any(entry.get("truth") for entry in prompt["sites"] if entry["site"] == names.LOGITS)
         for entry in prompt["sites"]:
-            found = list(run_level.get(entry["site"], []))
-            found += _site_findings(prompt, entry, th, has_truth)
+            found = found_at.get((None, entry["site"]), []) + found_at.get((prompt["id"], entry["site"]), [])
             status = max((s for s, _ in found), key=("PASS", "WARN", "FAIL").index, default="PASS")
             results[(prompt["id"], entry["site"])] = (status, [f"{RESULT_LEVELS[s]}: {text}" for s, text in found])
     return results
-
-
-def _site_findings(prompt: dict, entry: dict, th, has_truth: bool) -> list[tuple[str, str]]:
-    site, metrics, truth = entry["site"], entry["metrics"], entry.get("truth")
-    found = []
-    nf = metrics[names.NON_FINITE]
-    if "actual_only" in nf:
-        target_bad = bool(nf["actual_only"] or nf["mismatched"])
-    else:  # comparisons written before the per-element counts: more target NaN (or Inf) than reference NaN (or Inf)
-        target_bad = nf["actual_nan"] > nf["expected_nan"] or nf["actual_inf"] > nf["expected_inf"]
-    if target_bad:
-        found.append(("FAIL", f"non-finite: the target has NaN/Inf at {site} where the reference has none or other ones"))
-    elif nf["expected_nan"] + nf["expected_inf"]:
-        found.append(("WARN", f"non-finite-ref: the reference has NaN/Inf at {site}"))
-    err = metrics[names.RELATIVE_L2]
-    if math.isfinite(err) and err > th.rel_l2_fail:
-        found.append(("FAIL", f"gross-error: relative L2 error {err:.2e} at {site} exceeds {th.rel_l2_fail}"))
-    elif math.isfinite(err) and err > th.rel_l2_warn and not has_truth:
-        found.append(("WARN", f"large-error: relative L2 error {err:.2e} at {site} exceeds {th.rel_l2_warn} (no FP32 truth)"))
-    if truth is not None:
-        limit, status, rule = (th.r_logits_fail, "FAIL", "r-logits") if site == names.LOGITS else (th.r_layer_warn, "WARN", "r-layer")
-        if truth["R"] > limit:
-            found.append((status, f"{rule}: at {site} the target is {truth['R']:.2f}x as far from FP32 truth as the reference; the limit is {limit}"))
-    if site == names.LOGITS:
-        real = [f for f in (prompt.get(names.LOGITS) or {}).get("flips", []) if not f.get(names.NEAR_TIE)]
-        if real:
-            found.append(("FAIL", f"real-flip: {len(real)} teacher-forced top-1 flip(s) beyond the near-tie bound, first at position "
-                                  f"{real[0]['position']}"))
-    return found
 
 
 def msprobe_rows(comparison: dict, verdict) -> list[dict[str, str]]:
@@ -139,7 +109,52 @@ def msprobe_rows(comparison: dict, verdict) -> list[dict[str, str]]:
         status, messages = results[(prompt_id, entry["site"])]
         found = (files, next(figures)) if files is not None else None
         rows.append(_row(comparison, prompt_id, entry, status, messages, found, unavailable))
-    return rows
+    return _with_one_sided_rows(comparison, rows, cells) if unavailable is None else rows
+
+
+def _with_one_sided_rows(comparison: dict, rows: list[dict[str, str]], cells: list) -> list[dict[str, str]]:
+    """``rows`` with a row for every site only one capture holds (compared on the sites both hold: an msprobe
+    import, precision.interop.msprobe_compare), in model order within its prompt: the missing side's columns
+    "N/A", Result "N/A" and Err_message msprobe's "No bench data matched." (or "No NPU data matched." for a site
+    only the reference holds: msprobe lists only NPU modules), the present side's statistics as for any row."""
+    from precision.capture.sites import site_order
+
+    compared: dict[str, list[str]] = {}
+    files_of: dict[str, tuple] = {}
+    for prompt_id, entry, files in cells:
+        compared.setdefault(prompt_id, []).append(entry["site"])
+        files_of[prompt_id] = files
+    by_prompt: dict[str, dict[str, dict[str, str]]] = {}
+    for (prompt_id, entry, _), row in zip(cells, rows):
+        by_prompt.setdefault(prompt_id, {})[entry["site"]] = row
+    result = []
+    for prompt in comparison["prompts"]:
+        e_file, a_file = files_of[prompt["id"]]
+        held = {"Bench": set(e_file.names()) - {names.POSITIONS}, "NPU": set(a_file.names()) - {names.POSITIONS}}
+        prompt_rows = by_prompt.get(prompt["id"], {})
+        for site in site_order(sorted(held["Bench"] | held["NPU"] | set(prompt_rows))):
+            if site in prompt_rows:
+                result.append(prompt_rows[site])
+            elif site in held["Bench"] or site in held["NPU"]:
+                result.append(_one_sided_row(prompt["id"], site, "NPU" if site in held["NPU"] else "Bench",
+                                             a_file if site in held["NPU"] else e_file))
+    return result
+
+
+def _one_sided_row(prompt_id: str, site: str, side: str, file) -> dict[str, str]:
+    other = "Bench" if side == "NPU" else "NPU"
+    row = {column: "N/A" for column in MSPROBE_COLUMNS}
+    row.update({f"{side} Name": f"{prompt_id}.{site}", f"{side} Dtype": _torch_dtype(file.dtype_name(site)),
+                f"{side} Tensor Shape": str(list(file.shape(site))), f"{side} Requires_grad": "False",
+                "Err_message": json.dumps([f"No {'bench' if other == 'Bench' else 'NPU'} data matched."]),
+                "Data_name": str([str(file.path), "N/A"] if side == "NPU" else ["N/A", str(file.path)])})
+    stats = _Statistics()
+    rows_per_block = max(1, _BLOCK_ELEMENTS // max(int(np.prod(file.shape(site)[1:], dtype=np.int64)), 1))
+    for start in range(0, file.shape(site)[0], rows_per_block):
+        stats.add(file.rows(site, start, min(start + rows_per_block, file.shape(site)[0])))
+    for label, value in zip(("max", "min", "mean", "l2norm"), stats.result()):
+        row[f"{side} {label}"] = _number(value, "nan")
+    return row
 
 
 def _row(comparison: dict, prompt_id: str, entry: dict, status: str, messages: list[str], found, unavailable) -> dict[str, str]:

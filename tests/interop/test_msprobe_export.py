@@ -160,3 +160,26 @@ def test_without_the_captures_the_metrics_come_from_an_msprobe_convention_compar
     own = read_result_json(comparison_dir / "comparison.json")
     own["actual"]["path"] = str(tmp_path / "moved-away")
     assert {row["Cosine"] for row in msprobe_rows(own, judge(own))} == {"N/A"}
+
+
+def test_each_row_is_judged_by_the_verdicts_findings_at_its_site(stories, stories_reference, tmp_path):
+    """Layer 3's MLP weight x 1.5: the relative L2 error exceeds 0.1 from some layer on. The verdict's per-site
+    findings (each naming its site) put 'gross-error' at exactly the sites over the limit and none below it; the
+    prompt's finding names its largest site; the CSV's Result is 'error' at exactly those rows."""
+    from precision.backends import BackendOptions, create_backend
+    from precision.capture.writer import CapturePlan, capture
+
+    faulty = capture(create_backend("hf:cpu:bf16", stories, BackendOptions(variants=("fault:scale-weight:3:1.5",))),
+                     CapturePlan.following(stories_reference), tmp_path / "scaled", show_progress=False)
+    assert main(["-q", "compare", str(stories_reference.path), str(faulty.path), "--out", str(tmp_path / "cmp")]) == 0
+    comparison = read_result_json(tmp_path / "cmp" / "comparison.json")
+    verdict = judge(comparison)
+    _, rows = _read_csv(tmp_path / "cmp" / CSV_NAME)
+    result = {row["NPU Name"]: row["Result"] for row in rows}
+    for prompt, judged in zip(comparison["prompts"], verdict.prompts):
+        over = {s["site"] for s in prompt["sites"] if s["metrics"]["relative_l2"] > 0.1}
+        assert over and "embed" not in over and "layer.0" not in over  # fires at some sites, not at others
+        assert {f.site for f in judged.site_findings if f.rule == "gross-error"} == over
+        gross = next(f for f in judged.findings if f.rule == "gross-error")
+        assert gross.site == max(prompt["sites"], key=lambda s: s["metrics"]["relative_l2"])["site"]
+        assert {s["site"] for s in prompt["sites"] if result[f"{prompt['id']}.{s['site']}"] == "error"} == over
