@@ -53,7 +53,7 @@ from precision.planning import plan_from_prompts
 from precision.prompts import DEFAULT_MAX_NEW_TOKENS
 from precision.reference_side import DEFAULT_REFERENCE, DEFAULT_TRUTH, CapturedReference, CaptureSettings, capture_role, resolve_model
 from precision.serving.config import serving_configurations  # noqa: F401  (re-exported for the CLI)
-from precision.serving.engine import ServingBackend, ServingConfig
+from precision.serving.engine import ServingConfig
 from precision.serving.invariance import site_invariance
 from precision.serving.logprob_level import DETAIL_PROMPT_LOGPROBS, LogprobLevelBackend, served_level
 
@@ -165,7 +165,7 @@ def check_serving_tables(tables: dict, model) -> tuple[ServingConfig, ...]:
     configs = tuple(ServingConfig.from_mapping(name, values) for name, values in tables.items())
     _validate(ParityConfig(prompts=Path("."), out=Path("."), serving=configs))
     for serving in configs:
-        ServingBackend(model, serving).validate()
+        LogprobLevelBackend(model, serving).validate()
     return configs
 
 
