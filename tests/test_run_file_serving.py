@@ -98,6 +98,11 @@ def test_each_configuration_gets_the_run_targets_engine_arguments_with_its_table
     expected_length = min(plan.max_tokens_needed + 1, model.max_position_embeddings)
     assert {k["max_model_len"] for k in kwargs.values()} == {expected_length}
     assert stage_options(BackendOptions(engine_args=run_args), plan, model).max_model_len == expected_length
+    # A workload that sizes its engine by the sequences served beside it (preempt) keeps the run's other settings.
+    companions = [list(p.prompt_ids) + list(p.continuation_ids or ()) for p in plan.prompts]
+    preempt = configuration_engine_kwargs({"preempt": {"workload": "preempt"}}, model,
+                                          BackendOptions(engine_args={**run_args, "max_logprobs": 7}), plan, companions)["preempt"]
+    assert preempt["max_logprobs"] == 7 and preempt["num_gpu_blocks_override"] >= 1 and preempt["max_num_seqs"] == 2
     # Without engine arguments of the run, the configurations get none of those: the run's are what reached them.
     bare = configuration_engine_kwargs(tables, model, BackendOptions(), plan)
     assert "disable_log_stats" not in bare["warm"] and bare["warm"]["max_num_batched_tokens"] == expected_length

@@ -42,13 +42,15 @@ def stage_options(target_options: BackendOptions, plan: CapturePlan, model) -> B
     return dataclasses.replace(target_options, max_model_len=min(plan.max_tokens_needed + 1, model.max_position_embeddings or 1 << 30))
 
 
-def configuration_engine_kwargs(tables: dict[str, dict], model, options: BackendOptions, plan: CapturePlan) -> dict[str, dict[str, Any]]:
-    """name -> the LLM(...) arguments each configuration's engine gets (no engine starts): what the stage records."""
-    return _engine_kwargs(serving_configs(tables), model, stage_options(options, plan, model))
+def configuration_engine_kwargs(tables: dict[str, dict], model, options: BackendOptions, plan: CapturePlan,
+                                companions: list[list[int]] | tuple = ()) -> dict[str, dict[str, Any]]:
+    """name -> the LLM(...) arguments each configuration's engine gets (no engine starts): what the stage records.
+    ``companions``: the teacher-forced sequences parity serves beside a sequence (a workload sizes its engine by them)."""
+    return _engine_kwargs(serving_configs(tables), model, stage_options(options, plan, model), companions)
 
 
-def _engine_kwargs(configs: tuple[ServingConfig, ...], model, options: BackendOptions) -> dict[str, dict[str, Any]]:
-    return {serving.name: ServingBackend(model, serving, options).engine_kwargs() for serving in configs}
+def _engine_kwargs(configs: tuple[ServingConfig, ...], model, options: BackendOptions, companions) -> dict[str, dict[str, Any]]:
+    return {serving.name: ServingBackend(model, serving, options, companions=companions).engine_kwargs() for serving in configs}
 
 
 def check_stage(tables: dict[str, dict], target_spec: str, model, options: BackendOptions) -> None:
@@ -76,7 +78,8 @@ def run_serving_stage(run_config, model, target_options: BackendOptions, cpu, ba
               "max_new_tokens": config.max_new_tokens, "truth": config.truth, "serving": [s.to_json() for s in config.serving],
               "bisect": config.bisect, "command": config.command, "baseline_capture": str(baseline.path),
               "run_engine_args": dict(target_options.engine_args),
-              "engine_kwargs": _engine_kwargs(config.serving, model, options)}
+              # parity's engines get the baseline's sequences as companions (precision.serving.parity._Context)
+              "engine_kwargs": _engine_kwargs(config.serving, model, options, [list(r.forced_ids) for r in baseline.prompts])}
     with claim_output_dir(out, "run", force=True, complete_marker="summary.json", inputs=[model.path, run_config.prompts]):
         write_json_atomic(out / "run.json", record)
         return parity_document(config, model, options, cpu, baseline, out)
