@@ -190,16 +190,13 @@ def _envelope(reference: CaptureReader, members: dict[str, CaptureReader], envel
               top_k: int) -> dict:
     ref_by_id = {r.id: r for r in reference.prompts}
     wanted = [p for p in prompts if p["id"] in set(envelope_prompts)]
+    rows_by_id = {p["id"]: np.asarray(p["rows"], dtype=np.int64) for p in wanted}
     per_member = {}
     for name, member in members.items():
-        largest = 0.0
-        for record in member.prompts:
-            if record.id not in {p["id"] for p in wanted}:
-                continue
-            served_rows = np.asarray(next(p["rows"] for p in wanted if p["id"] == record.id), dtype=np.int64)
-            largest = max(largest, member_topk_max(_logits_rows(reference, ref_by_id[record.id], served_rows),
-                                                   _logits_rows(member, record, served_rows), top_k))
-        per_member[name] = largest
+        # The member's statistic on the rows the configuration was compared on, so both sides cover the same positions.
+        per_member[name] = max((member_topk_max(_logits_rows(reference, ref_by_id[record.id], rows_by_id[record.id]),
+                                                _logits_rows(member, record, rows_by_id[record.id]), top_k)
+                                for record in member.prompts if record.id in rows_by_id), default=0.0)
     envelope_max = max(per_member.values(), default=0.0)
     configuration = max((p["topk_max"] for p in wanted), default=0.0)
     return {"prompts": [p["id"] for p in wanted], "members": per_member, ENVELOPE_TOPK_MAX: envelope_max,
