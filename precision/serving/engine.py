@@ -282,6 +282,12 @@ class ServingBackend(EngineShutdown, Backend):
                                "predicted_positions_before_preemption": companion.predicted_positions_before_preemption}
         served["engine_preemptions"] = outputs[-1][2]
         served["companion_preemptions"] = outputs[0][2]
+        if not served["engine_preemptions"]:
+            # Recorded as measured (a configuration may give the cache room on purpose); said, since the workload's
+            # name promises a preemption.
+            log.warning("serving configuration %s: vLLM reports %s preemption(s) of the %d-token sequence (its KV cache: %s)",
+                        self.serving.name, served["engine_preemptions"], len(token_ids),
+                        {k: self._kwargs.get(k) for k in ("num_gpu_blocks_override", "block_size", "max_num_batched_tokens")})
         return [(tokens, cached) for tokens, cached, _ in outputs]
 
     def levels(self) -> set[str]:

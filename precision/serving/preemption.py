@@ -8,9 +8,11 @@ position it had computed is computed again when it is readmitted. A waiting requ
 prompt fits in the free blocks (``scheduler_reserve_full_isl``, on by default): a request is never preempted by its
 own admission, only by the growth of the requests ahead of it.
 
-So the workload serves each sequence with one companion submitted before it, on a KV cache of ``pool`` usable blocks
-(``num_gpu_blocks_override``; one more block is vLLM's null block), with a token budget per step of ``budget``
-(chunked prefill):
+The KV cache's size: on the CPU build it comes from ``VLLM_CPU_KVCACHE_SPACE`` (GiB) or ``kv_cache_memory_bytes``;
+``num_gpu_blocks_override`` (vllm/v1/core/kv_cache_utils.py, ``may_override_num_blocks``) caps the number of blocks
+below either, on every platform, and vLLM refuses fewer blocks than one ``max_model_len`` request needs plus its null
+block. So the workload serves each sequence with one companion submitted before it, on a KV cache of ``pool`` usable
+blocks (``num_gpu_blocks_override = pool + 1``), with a token budget per step of ``budget`` (chunked prefill):
 
 - the companion's prompt takes ``pool - blocks(sequence)`` blocks, so the sequence, admitted in the step the
   companion's prefill ends, fits exactly;
