@@ -24,8 +24,9 @@ manifest's hash. The comparison is precision.serving.logprob_compare.
 
 vLLM facts this relies on (vLLM 0.32): prompt_logprobs are computed from the same logits the sampler sees (float32
 log_softmax); ``max_logprobs`` (default 20) caps K; a request that asks for prompt_logprobs is not served from the
-prefix cache (the KV cache manager skips the lookup for it), so a warm-prefix workload at this level recomputes
-its cached blocks, which the evidence shows (cached tokens 0).
+prefix cache (``SamplingParams.skip_reading_prefix_cache`` defaults to True for it: cached positions would have no
+prompt logprobs), so a warm-prefix workload at this level recomputes its cached blocks, which the evidence shows
+(the cached tokens vLLM reports).
 """
 
 from __future__ import annotations
@@ -191,6 +192,9 @@ def evidence_summary(served: CaptureReader) -> dict:
     why = (f"{level_reason(served)}; the engine's own prompt_logprobs, top {top_k} per position and the teacher-forced token's, "
            f"were compared with the baseline's full logits; no layer is visible at this level; vLLM's compilation counters since "
            f"this engine started: {counted}")
+    if served.manifest["backend"]["serving"].get("workload") == "warm-prefix":
+        why += (f"; vLLM reads no prefix cache for a request that asks for prompt_logprobs (SamplingParams.skip_reading_prefix_cache), "
+                f"so the warm request computed every position (cached tokens reported: {[e.get('cached_tokens') for e in evidence]})")
     return {"why": why, "hook_calls": {}, "compilations": sum(v for k, v in counters.items() if "compile" in k or "artifacts_loaded" in k),
             "compilation_counters": counters, "positions_from_cache": 0,
             "cached_tokens_reported": [e.get("cached_tokens") for e in evidence], "requests_per_sequence": [1 for _ in evidence],

@@ -130,7 +130,7 @@ class _StandIn:
         return SimpleNamespace(prompt_logprobs=entries, request_id="0", num_cached_tokens=0)
 
 
-def _stand_in_backend(monkeypatch, stories, reference, detail: str, hook_error: bool):
+def _stand_in_backend(monkeypatch, stories, reference, detail: str, hook_error: bool, workload: str = "alone"):
     from precision.serving import logprob_level
 
     calls = {"hooks": 0}
@@ -145,7 +145,7 @@ def _stand_in_backend(monkeypatch, stories, reference, detail: str, hook_error: 
     monkeypatch.setattr(ServingBackend, "_capture_impl", hook_capture)
     monkeypatch.setattr(logprob_level.vllm_compat, "greedy_params", lambda **kw: kw)
     monkeypatch.setattr(logprob_level.vllm_compat, "rpc", lambda llm, method, *args: [{"num_aot_compiles": 0}])
-    backend = LogprobLevelBackend(stories, ServingConfig.from_mapping("c", {"detail": detail}))
+    backend = LogprobLevelBackend(stories, ServingConfig.from_mapping("c", {"detail": detail, "workload": workload}))
     def activate():
         backend._counters_before, backend._kwargs, backend._llm = {}, {}, None
 
@@ -214,3 +214,13 @@ def test_a_workload_this_level_does_not_serve_is_refused_not_served_alone(monkey
     object.__setattr__(backend.serving, "workload", "a-workload-of-the-future")
     with pytest.raises(BackendError, match="not served at the prompt-logprobs level"):
         backend._check_workload()
+
+
+def test_a_warm_prefix_workload_at_this_level_says_the_cache_was_not_read(monkeypatch, stories, stories_reference, tmp_path):
+    from precision.capture.writer import CapturePlan, capture
+    from precision.serving.logprob_level import evidence_summary
+
+    backend, _ = _stand_in_backend(monkeypatch, stories, stories_reference, DETAIL_PROMPT_LOGPROBS, False, workload="warm-prefix")
+    served = capture(backend, CapturePlan.following(stories_reference), tmp_path / "served", show_progress=False)
+    why = evidence_summary(served)["why"]
+    assert "reads no prefix cache" in why and "cached tokens reported: [0, 0]" in why
