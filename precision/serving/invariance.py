@@ -5,6 +5,9 @@
 - Cache state: the same figures apart for the positions whose rows came from an earlier request (served from the
   prefix cache in the request under test) and the positions the request computed itself, per prompt as the
   worker recorded them (``positions_from_earlier_requests``).
+- Recompute: the same figures apart for the positions the configuration computed more than once (a preempted
+  request recomputed from scratch; the capture holds the last computation) and those it computed once, per prompt
+  as the worker recorded them (``recomputation.recomputed_positions``).
 The first site, in model order, where the state stops being bitwise identical, and the first where its relative
 error exceeds ``relative_limit``, are named.
 """
@@ -31,15 +34,19 @@ def _accumulate(table: dict, site: str, group: str, expected: np.ndarray, actual
 
 
 def site_invariance(baseline: CaptureReader, served: CaptureReader, relative_limit: float = 0.0) -> dict:
-    """Per site and position group ("all", and with a prefix-cache hit "cached" / "computed"): rows compared, bitwise
+    """Per site and position group ("all"; with a prefix-cache hit "cached" / "computed"; with a recomputation
+    "recomputed" / "computed_once"): rows compared, bitwise
     identical or not, pooled relative L2; and the first sites that differ bitwise and beyond ``relative_limit``."""
     evidence = served.manifest["backend"].get("serving", {}).get("evidence", [])
     table: dict[str, dict] = {}
     for index, (e_rec, a_rec) in enumerate(zip(baseline.prompts, served.prompts)):
-        cached = set(evidence[index]["positions_from_earlier_requests"]) if index < len(evidence) else set()
+        entry = evidence[index] if index < len(evidence) else {}
+        cached = set(entry.get("positions_from_earlier_requests", ()))
+        recomputed = set((entry.get("recomputation") or {}).get("recomputed_positions", ()))
         eh, ah = baseline.arrays(e_rec), served.arrays(a_rec)
         positions = eh.array(POSITIONS).tolist()
         from_cache = np.array([p in cached for p in positions], dtype=bool)
+        again = np.array([p in recomputed for p in positions], dtype=bool)
         for site in a_rec.sites:
             expected = eh.array(site).astype(np.float64)
             actual = ah.array(site).astype(np.float64)
@@ -47,6 +54,9 @@ def site_invariance(baseline: CaptureReader, served: CaptureReader, relative_lim
             if cached:
                 _accumulate(table, site, "cached", expected[from_cache], actual[from_cache])
                 _accumulate(table, site, "computed", expected[~from_cache], actual[~from_cache])
+            if recomputed:
+                _accumulate(table, site, "recomputed", expected[again], actual[again])
+                _accumulate(table, site, "computed_once", expected[~again], actual[~again])
     rows = []
     for site in site_order(list(table)):
         groups = {}

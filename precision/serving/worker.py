@@ -216,7 +216,7 @@ class ServingWorkerExtension:
         rows computed again and whether every recomputation was bitwise the earlier computation."""
         recomputed = self._parity_recomputed
         positions = set().union(*(entry["positions"] for entry in recomputed.values()))
-        return {"positions": len(positions), "restarts": self._parity_restarts,
+        return {"positions": len(positions), "restarts": self._parity_restarts, "recomputed_positions": sorted(positions),
                 "rows": {name: entry["rows"] for name, entry in recomputed.items()},
                 "bitwise_equal": {name: entry["bitwise_equal"] for name, entry in recomputed.items()},
                 "max_abs_difference": {name: entry["max_abs_difference"] for name, entry in recomputed.items()}}

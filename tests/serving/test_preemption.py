@@ -56,7 +56,7 @@ def test_a_restarted_request_is_counted_and_its_last_computation_kept(monkeypatc
     fake.step([("seq", SEQUENCE, [6, 7, 8, 9], [7.0, 8.0, 9.0, 10.0])])
     found = fake.recomputation()
     assert found["restarts"] == 1
-    assert found["positions"] == 7  # positions 0..6 were computed twice
+    assert found["positions"] == 7 and found["recomputed_positions"] == list(range(7))  # 0..6 were computed twice
     assert found["rows"] == {EMBED: 7, layer_site(0): 7, OUTER: 7}
     assert found["bitwise_equal"] == {EMBED: False, layer_site(0): False, OUTER: False}
     assert found["max_abs_difference"][layer_site(0)] == 0.5
@@ -79,7 +79,7 @@ def test_chunked_prefill_and_decode_steps_are_no_restart(monkeypatch):
     fake.step([("other", [7, 7], [2], [9.0]), ("seq", SEQUENCE, [5, 6, 7, 8, 9], [6.0, 7.0, 8.0, 9.0, 10.0])])
     fake.step([("seq", SEQUENCE, [10], [11.0])])  # a decode step: the engine's own token, not stored
     found = fake.recomputation()
-    assert found == {"positions": 0, "restarts": 0, "rows": {}, "bitwise_equal": {}, "max_abs_difference": {}}
+    assert found == {"positions": 0, "restarts": 0, "recomputed_positions": [], "rows": {}, "bitwise_equal": {}, "max_abs_difference": {}}
     assert sorted(fake.worker._parity_rows[OUTER]) == list(range(10))
 
 
@@ -151,3 +151,27 @@ def test_the_summary_reports_preemptions_and_the_recomputation_both_ways():
     assert summary["recomputation_bitwise_equal"] is False and summary["sites_recomputed_differently"] == ["layer.0"]
     assert "different from the first computation at layer.0" in preemption.sentence(summary)
     assert preemption.summarize([{"calls": {}}]) is None
+
+
+class WithEvidence:
+    """A real capture as a served one whose worker recorded ``recomputed`` positions for each prompt."""
+
+    def __init__(self, capture, recomputed):
+        self._capture, self.prompts = capture, capture.prompts
+        evidence = [{"positions_from_earlier_requests": [], "recomputation": {"recomputed_positions": recomputed}} for _ in capture.prompts]
+        self.manifest = {**capture.manifest, "backend": {**capture.manifest["backend"], "serving": {"evidence": evidence}}}
+
+    def arrays(self, record):
+        return self._capture.arrays(record)
+
+
+def test_invariance_compares_recomputed_positions_apart_both_ways(stories_reference, stories_truth):
+    from precision.serving.invariance import site_invariance
+
+    same = site_invariance(stories_reference, WithEvidence(stories_reference, [0, 1, 2]))
+    first = same["sites"][0]
+    assert first["recomputed"]["rows"] == 3 * len(stories_reference.prompts) and first["recomputed"]["bitwise_identical"]
+    assert first["computed_once"]["rows"] == first["all"]["rows"] - first["recomputed"]["rows"]
+    other = site_invariance(stories_reference, WithEvidence(stories_truth, [0, 1, 2]))
+    assert not other["sites"][0]["recomputed"]["bitwise_identical"] and other["sites"][0]["recomputed"]["relative_l2"] > 0
+    assert "recomputed" not in site_invariance(stories_reference, WithEvidence(stories_reference, []))["sites"][0]

@@ -49,6 +49,11 @@ def test_recomputation_is_bitwise_and_the_configuration_passes(preempt_run):
         assert all(entry["recomputation"]["bitwise_equal"].values())  # measured on this build: recompute is invariant
     row = rows["preempt"]
     assert row["verdict"] == "PASS" and row["level"] == "layers" and row["bitwise_identical"]
+    recomputed = sum(entry["recomputation"]["positions"] for entry in evidence("preempt"))
+    once = sum(entry["sequence_length"] for entry in evidence("preempt")) - recomputed
+    for site in row["invariance"]["sites"]:  # the recomputed positions against the eager baseline, apart
+        assert site["recomputed"]["rows"] == recomputed and site["recomputed"]["bitwise_identical"]
+        assert site["computed_once"]["rows"] == once
     assert code == 0
 
 
@@ -56,5 +61,7 @@ def test_a_cache_with_room_for_both_requests_preempts_nothing(preempt_run):
     _code, rows, evidence = preempt_run
     for entry in evidence("roomy"):
         assert entry["engine_preemptions"] == 0
-        assert entry["recomputation"] == {"positions": 0, "restarts": 0, "rows": {}, "bitwise_equal": {}, "max_abs_difference": {}}
+        assert entry["recomputation"] == {"positions": 0, "restarts": 0, "recomputed_positions": [], "rows": {}, "bitwise_equal": {},
+                                          "max_abs_difference": {}}
+    assert "recomputed" not in rows["roomy"]["invariance"]["sites"][0]
     assert rows["roomy"]["verdict"] == "PASS"
