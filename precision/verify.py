@@ -3,8 +3,9 @@
 1. Every capture's manifest is the one the comparison was made from (its sha256 is recorded in comparison.json),
    and every tensor file matches the sha256 its manifest records: a swapped or edited capture is detected.
 2. The comparison (and its analysis) is recomputed from the captures and must equal comparison.json.
-3. report.html, summary.md and summary.json are rendered again from that comparison and must equal the files:
-   an edited report is detected.
+3. Every file the report writes (report.html, summary.md, summary.json, msprobe_compare.csv: whatever
+   precision.report.write_report returns) is rendered again from that comparison and must equal the run's file:
+   an edited report or export is detected.
 Returns the list of problems, each naming what does not match; an empty list means the run verifies.
 """
 
@@ -21,6 +22,12 @@ from precision.errors import PrecisionError
 from precision.io import read_result_json
 
 _ROLES = {"expected": "reference", "actual": "target", "truth": "truth"}
+_TOKENIZER, _CAPTURES = "the model's tokenizer", "the captures at their recorded paths"
+_RENDERED_FROM = {"report.html": (_TOKENIZER, _CAPTURES), "summary.md": (_TOKENIZER, _CAPTURES), "msprobe_compare.csv": (_CAPTURES,)}
+"""What each file precision.report.write_report renders needs besides comparison.json (report.html and summary.md
+quote decoded texts and the manifests; the CSV's statistics and msprobe metrics are read from the captures): where
+it is not on this machine the file cannot be rendered byte for byte again and is listed in the notes. Every other
+file write_report writes (summary.json) is rendered from comparison.json alone and always checked."""
 _VOLATILE = {"created_at", "path"}
 _RELATIVE_TOLERANCE = 1e-9
 
@@ -168,16 +175,16 @@ def _verify_run(run_dir: Path, notes: list[str]) -> list[str]:
         return problems
     thresholds = Thresholds.from_mapping(summary["verdict"]["thresholds"])
     verdict = judge(stored, thresholds)
-    # report.html and summary.md quote the decoded texts and the manifests at their recorded places: where those
-    # are not on this machine the files cannot be re-rendered byte for byte, and only summary.json is checked.
     recorded_here = all(Path(stored[role]["path"]).is_dir() for role in _ROLES if stored.get(role))
-    rendered = ("report.html", "summary.md", "summary.json") if model_here and recorded_here else ("summary.json",)
-    if len(rendered) == 1:
-        notes.append("report.html and summary.md were not re-rendered: the model's tokenizer or the captures at their recorded paths "
-                     "are not on this machine (summary.json was checked)")
     with tempfile.TemporaryDirectory() as scratch:
-        write_report(Path(scratch), stored, verdict, command=run.get("command"))
-        for name in rendered:
-            if (Path(scratch) / name).read_bytes() != (run_dir / name).read_bytes():
+        rendered = write_report(Path(scratch), stored, verdict, command=run.get("command"))
+        for name, path in rendered.items():
+            missing = [what for what, here in ((_TOKENIZER, model_here), (_CAPTURES, recorded_here)) if what in _RENDERED_FROM.get(name, ()) and not here]
+            if missing:
+                notes.append(f"{name} was not re-rendered: {' and '.join(missing)} it is rendered from are not on this machine "
+                             "(summary.json was checked)")
+            elif not (run_dir / name).is_file():
+                problems.append(f"{name} is missing: the run writes it, so it was removed")
+            elif path.read_bytes() != (run_dir / name).read_bytes():
                 problems.append(f"{name} differs from what the comparison renders to: it was edited, or written by another precision-check version")
     return problems

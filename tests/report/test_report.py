@@ -3,6 +3,8 @@ by `precision-check verify` against edits and swapped captures."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import re
@@ -57,6 +59,39 @@ def test_verify_detects_an_edited_report(run_dir, tmp_path):
     (copy / "report.html").write_text(html.replace("R = ", "R = 0", 1))
     problems = verify_run(copy)
     assert any("report.html differs" in p for p in problems)
+
+
+@pytest.mark.parametrize("edit", ["result", "number", "removed"])
+def test_verify_detects_an_edited_msprobe_csv(run_dir, tmp_path, edit):
+    """msprobe_compare.csv is rendered from the comparison like the report: a row's Result turned to pass, one
+    figure changed, or the file removed, and verify names it (the untouched run verifies: test above)."""
+    copy = tmp_path / "csv"
+    shutil.copytree(run_dir, copy)
+    csv_path = copy / "msprobe_compare.csv"
+    text = csv_path.read_text()
+    if edit == "removed":
+        csv_path.unlink()
+    else:
+        rows = list(csv.DictReader(io.StringIO(text)))
+        first = dict(rows[0])
+
+        def written(table: list[dict]) -> str:
+            buffer = io.StringIO()
+            writer = csv.DictWriter(buffer, fieldnames=list(first), lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(table)
+            return buffer.getvalue()
+
+        assert written(rows) == text  # the edit below is the only difference
+        if edit == "result":
+            rows[0]["Result"] = "error" if first["Result"] == "pass" else "pass"
+        else:
+            rows[0]["Cosine"] = repr(float(first["Cosine"]) * 0.5)
+        assert rows[0] != first
+        csv_path.write_text(written(rows))
+    problems = verify_run(copy)
+    expected = "msprobe_compare.csv is missing" if edit == "removed" else "msprobe_compare.csv differs"
+    assert any(expected in p for p in problems), problems
 
 
 def test_verify_detects_an_edited_number(run_dir, tmp_path):
