@@ -170,12 +170,12 @@ def companion_tokens(sequence: Sequence[int], others: Sequence[Sequence[int]], l
 
 
 def summarize(evidence: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
-    """The preemption evidence of a capture's prompts (None when no prompt carries any): vLLM's own count of the
+    """The preemption evidence of a capture's prompts (None unless the preempt workload served them): vLLM's own count of the
     sequence's preemptions (RequestOutput.metrics.num_preemptions), the restarts the worker saw (the same request's
     rows starting again at an earlier position), the positions computed more than once and, per site, whether the
     recomputation was bitwise the first computation. The rows kept are the last computation's (the one the
     request's output derives from)."""
-    entries = [e for e in evidence if "recomputation" in e]
+    entries = [e for e in evidence if "engine_preemptions" in e and "recomputation" in e]
     if not entries:
         return None
     sites: dict[str, bool] = {}
@@ -185,7 +185,7 @@ def summarize(evidence: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     return {
         "engine_preemptions": [e.get("engine_preemptions") for e in entries],
         "restarts": [e["recomputation"]["restarts"] for e in entries],
-        "recomputed_positions": [e["recomputation"]["positions"] for e in entries],
+        "positions_computed_again": [e["recomputation"]["positions"] for e in entries],
         "recomputation_bitwise_equal": all(sites.values()) if sites else None,
         "sites_recomputed_differently": [s for s, equal in sites.items() if not equal],
     }
@@ -199,5 +199,5 @@ def sentence(summary: dict[str, Any] | None) -> str | None:
     engine = f"vLLM counted {sum(counted)} preemption(s) of the sequences under test" if counted else "vLLM's preemption counts were not available"
     equal = ("bitwise equal to the first computation at every site" if summary["recomputation_bitwise_equal"]
              else f"different from the first computation at {', '.join(summary['sites_recomputed_differently']) or 'some site'}")
-    return (f"{engine}; the worker saw {sum(summary['restarts'])} restart(s) and {sum(summary['recomputed_positions'])} position(s) "
+    return (f"{engine}; the worker saw {sum(summary['restarts'])} restart(s) and {sum(summary['positions_computed_again'])} position(s) "
             f"computed twice or more, the recomputation {equal}; the rows compared are the last computation's")
