@@ -177,7 +177,8 @@ def _verify_run(run_dir: Path, notes: list[str]) -> list[str]:
     verdict = judge(stored, thresholds)
     recorded_here = all(Path(stored[role]["path"]).is_dir() for role in _ROLES if stored.get(role))
     with tempfile.TemporaryDirectory() as scratch:
-        rendered = write_report(Path(scratch), stored, verdict, command=run.get("command"))
+        own_manifests = {role: reader.manifest for role, reader in readers.items() if reader is not None}  # checked by sha256 above
+        rendered = write_report(Path(scratch), stored, verdict, command=run.get("command"), manifests=own_manifests)
         for name, path in rendered.items():
             missing = [what for what, here in ((_TOKENIZER, model_here), (_CAPTURES, recorded_here)) if what in _RENDERED_FROM.get(name, ()) and not here]
             if missing:

@@ -36,3 +36,34 @@ class PerformanceRecord:
     repeats: int = described("Timed runs per wall-clock measurement; the median is kept.")
     definitions: dict[str, str] = described("Each number's written definition, as the code computed it.")
     prompts: list[PromptTiming] = described("One timing per prompt, in the order the capture ran them.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CategoryPerformance:
+    """One row of the report's "Performance (not precision)" table (precision.report.performance)."""
+
+    category: str = described('The prompt category, or "all prompts" for the row over every timed prompt.')
+    prompts: int = described("Timed prompts in the category.")
+    prompt_tokens: int = described("Sum of P, the prompts' token counts.")
+    new_tokens: int = described("Sum of n, the tokens each timed generate produced.")
+    ttft_ms: float = described("Median over the category's prompts of the time to first token (definitions.ttft_s), milliseconds.")
+    prefill_tokens_per_s: float | None = described(
+        "Pooled: sum of P / sum of prefill seconds (each prompt's P / its prefill_tokens_per_s); null when no prompt has a prefill rate.")
+    decode_tokens_per_s: float | None = described(
+        "Pooled: sum of (n - 1) / sum of decode seconds over the prompts with a decode rate; null when none has one (n < 2).")
+    sources: list[str] = described('Where the timings came from: "vllm request metrics" and/or "wall clock".')
+
+
+@dataclass(frozen=True, kw_only=True)
+class PerformanceSummary:
+    """summary.json's performance section: the target's speed as its capture manifest recorded it (PerformanceRecord),
+    per prompt category. Performance, not precision: no verdict reads it."""
+
+    measured: bool = described("Whether the target's capture holds timings (vLLM targets only).")
+    reason: str | None = described("Why not, when not measured; null otherwise.")
+    label: str | None = described("The device and engine settings the timings were taken under.")
+    method: str | None = described("PerformanceRecord.method: how the timed pass ran.")
+    repeats: int | None = described("PerformanceRecord.repeats: timed runs per wall-clock measurement (median kept).")
+    definitions: dict[str, str] = described("Each number's written definition (PerformanceRecord.definitions); empty when not measured.")
+    categories: list[CategoryPerformance] = described("One row per prompt category, in the order the capture ran them.")
+    all_prompts: CategoryPerformance | None = described("The row over every timed prompt; null when not measured.")

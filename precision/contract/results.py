@@ -9,6 +9,7 @@ from typing import Any, Literal
 from precision.contract.capture import ModelRecord, Selection, TokenizerRecord
 from precision.contract.comparison import CaptureRef, Flip, PooledSite, SkippedPrompt
 from precision.contract.codec import described, optional_key
+from precision.contract.performance import PerformanceSummary
 
 Status = Literal["PASS", "WARN", "FAIL"]
 
@@ -73,6 +74,8 @@ class Summary:
     sites: list[PooledSite]
     prompts: list[PromptSummary]
     skipped_prompts: list[SkippedPrompt]
+    performance: PerformanceSummary = optional_key("The target's speed per prompt category (not precision: no verdict reads it); "
+                                                   "absent from summaries written before it was added.")
 
 
 @dataclass(frozen=True, kw_only=True)

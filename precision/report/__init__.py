@@ -32,8 +32,13 @@ def _environment(template_dir: Path, *, markdown: bool = False):
     )
 
 
-def summary_json(comparison: dict, verdict: Verdict) -> dict:
-    """summary.json (schema_version 1): the verdict, the per-site pooled table and per-prompt key numbers."""
+def summary_json(comparison: dict, verdict: Verdict, manifests: dict[str, dict] | None = None) -> dict:
+    """summary.json (schema_version 1): the verdict, the per-site pooled table, per-prompt key numbers and the
+    target's performance (precision.report.performance.performance_summary, from the target's capture manifest:
+    ``manifests["actual"]``, read from the comparison's recorded path when not given)."""
+    from precision.report.performance import performance_summary
+
+    manifests = _load_manifests(comparison) if manifests is None else manifests
     return {
         "schema_version": SUMMARY_SCHEMA_VERSION,
         "format": "precision-check-summary",
@@ -57,6 +62,7 @@ def summary_json(comparison: dict, verdict: Verdict) -> dict:
             for p in comparison["prompts"]
         ],
         "skipped_prompts": comparison.get("skipped_prompts", []),
+        "performance": performance_summary(manifests),
     }
 
 
@@ -71,10 +77,12 @@ def _load_manifests(comparison: dict) -> dict[str, dict]:
 
 
 def write_report(out_dir: str | Path, comparison: dict, verdict: Verdict, *, command: str | None = None,
-                 template_dir: Path = TEMPLATE_DIR) -> dict[str, Path]:
-    """Write report.html, summary.md, summary.json and msprobe_compare.csv into ``out_dir``; returns their paths."""
+                 template_dir: Path = TEMPLATE_DIR, manifests: dict[str, dict] | None = None) -> dict[str, Path]:
+    """Write report.html, summary.md, summary.json and msprobe_compare.csv into ``out_dir``; returns their paths.
+    ``manifests`` ({"expected", "actual", "truth"}: the captures' manifest contents) default to the manifests at
+    the comparison's recorded paths; verify passes those of the run's own captures (checked by their sha256)."""
     out_dir = Path(out_dir)
-    manifests = _load_manifests(comparison)
+    manifests = _load_manifests(comparison) if manifests is None else manifests
     model_path = manifests.get("expected", {}).get("model", {}).get("path")
     view = build_view(comparison, verdict, decode=load_decoder(model_path), command=command, manifests=manifests)
     env = _environment(template_dir)
@@ -85,7 +93,7 @@ def write_report(out_dir: str | Path, comparison: dict, verdict: Verdict, *, com
     from precision.interop.msprobe_export import CSV_NAME, write_msprobe_csv  # msprobe's compare result layout, for its tooling
 
     paths[CSV_NAME] = write_msprobe_csv(out_dir, comparison, verdict)
-    write_json_atomic(paths["summary.json"], summary_json(comparison, verdict))  # last: a run with it is complete
+    write_json_atomic(paths["summary.json"], summary_json(comparison, verdict, manifests))  # last: a run with it is complete
     return paths
 
 

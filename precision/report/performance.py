@@ -68,3 +68,14 @@ def performance_view(manifests: dict[str, dict]) -> dict[str, Any]:
         "rows": rows,
         "all": _category_row("all prompts", list(record["prompts"])),
     }
+
+
+def performance_summary(manifests: dict[str, dict]) -> dict[str, Any]:
+    """summary.json's performance section (precision.contract.performance.PerformanceSummary): performance_view's
+    numbers and definitions, with every key present (null or empty when not measured)."""
+    view = performance_view(manifests)
+    if not view["measured"]:
+        return {"measured": False, "reason": view["reason"], "label": None, "method": None, "repeats": None, "definitions": {},
+                "categories": [], "all_prompts": None}
+    return {"measured": True, "reason": None, "label": view["label"], "method": view["method"], "repeats": view["repeats"],
+            "definitions": dict(view["definitions"]), "categories": view["rows"], "all_prompts": view["all"]}

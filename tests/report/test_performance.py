@@ -3,6 +3,7 @@ stories260K, and its "Performance (not precision)" section in report.html and su
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 
@@ -90,3 +91,36 @@ def test_report_says_performance_was_not_measured_for_a_transformers_target(capt
     for text in (summary, html):
         assert "Performance (not precision)" in text and f"{NOT_MEASURED} (hf:cpu:fp16)" in text
         assert "TTFT (ms" not in text
+
+
+def _summary_performance(out) -> dict:
+    from precision.contract import load
+
+    assert load(out / "summary.json").performance  # the typed document holds it (checked against the contract)
+    return json.loads((out / "summary.json").read_text(encoding="utf-8"))["performance"]
+
+
+@requires_vllm
+@pytest.mark.vllm
+def test_summary_json_holds_the_performance_section_with_its_definitions(vllm_target, stories_reference, tmp_path):
+    """summary.json's performance: the report table's numbers, recomputed here from the manifest's timings."""
+    _report(stories_reference.path, vllm_target.path, tmp_path / "cmp")
+    performance = _summary_performance(tmp_path / "cmp")
+    timings = vllm_target.manifest["backend"]["performance"]["prompts"]
+    assert performance["measured"] is True and performance["reason"] is None
+    assert performance["definitions"] == DEFINITIONS and "hooks removed" in performance["method"] and "bfloat16" in performance["label"]
+    everything = performance["all_prompts"]
+    assert everything["prompts"] == len(timings) and everything["category"] == "all prompts"
+    assert everything["ttft_ms"] == pytest.approx(1000 * statistics.median(t["ttft_s"] for t in timings), rel=1e-12)
+    assert everything["prefill_tokens_per_s"] == pytest.approx(sum(t["prompt_tokens"] for t in timings) / sum(t["ttft_s"] for t in timings), rel=1e-12)
+    decode_seconds = sum((t["new_tokens"] - 1) / t["decode_tokens_per_s"] for t in timings)
+    assert everything["decode_tokens_per_s"] == pytest.approx(sum(t["new_tokens"] - 1 for t in timings) / decode_seconds, rel=1e-12)
+    assert {row["category"] for row in performance["categories"]} == {p.category for p in vllm_target.prompts}
+    assert sum(row["prompts"] for row in performance["categories"]) == len(timings)
+
+
+def test_summary_json_says_performance_was_not_measured_for_a_transformers_target(capture_pair, tmp_path):
+    _report(capture_pair["ref"], capture_pair["tgt"], tmp_path / "cmp")
+    performance = _summary_performance(tmp_path / "cmp")
+    assert performance["measured"] is False and performance["reason"].startswith(f"{NOT_MEASURED} (hf:cpu:fp16)")
+    assert (performance["categories"], performance["all_prompts"], performance["definitions"]) == ([], None, {})
