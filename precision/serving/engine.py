@@ -93,6 +93,9 @@ class ServingConfig:
     def from_mapping(cls, name: str, values: dict[str, Any]) -> "ServingConfig":
         values = dict(values)
         workload = values.pop(WORKLOAD_KEY, "alone")
+        if workload == "preempt" and COMPANIONS_KEY in values:
+            raise PrecisionError(f"serving configuration {name!r}: the preempt workload serves each sequence with one companion sized "
+                                 "to the KV cache (precision/serving/preemption.py); remove companions, or use workload=cobatch")
         companions = values.pop(COMPANIONS_KEY, 7)
         detail = values.pop(DETAIL_KEY, "auto")
         if workload == "cobatch" and "max_num_seqs" not in values:

@@ -141,6 +141,14 @@ def test_the_preempt_workload_sets_its_engine_defaults_and_the_configuration_ove
     assert ServingBackend(stories, ServingConfig.from_mapping("a", {}), BackendOptions(max_model_len=39)).engine_kwargs().get("num_gpu_blocks_override") is None
 
 
+def test_companions_are_refused_with_the_preempt_workload():
+    from precision.errors import PrecisionError
+
+    with pytest.raises(PrecisionError, match="one companion"):
+        ServingConfig.from_mapping("p", {"workload": "preempt", "companions": 3})
+    assert ServingConfig.from_mapping("p", {"workload": "preempt"}).workload == "preempt"
+
+
 def test_the_summary_reports_preemptions_and_the_recomputation_both_ways():
     equal = {"positions": 21, "restarts": 1, "rows": {"layer.0": 21}, "bitwise_equal": {"layer.0": True}, "max_abs_difference": {"layer.0": 0.0}}
     differs = {**equal, "bitwise_equal": {"layer.0": False}, "max_abs_difference": {"layer.0": 0.25}}
