@@ -99,11 +99,11 @@ def _stats(e: np.ndarray, a: np.ndarray, *, bf16_bits: bool, floor: float = 0.0,
     rows = np.flatnonzero(finite_rows)
     if rows.size:
         top5_overlap[rows] = (top_e[rows, :, None] == top_a[rows, None, :]).any(axis=2).sum(axis=1) / k
-        ranked = _values(e[rows], top_e[rows], bf16_bits)
+        ranked = _values(e, rows, top_e[rows], bf16_bits)
         if width > 1:
             expected_margin[rows] = ranked[:, 0] - ranked[:, 1]
         e_i = ranked[:, 0]
-        e_j = _values(e[rows], top_a[rows, :1], bf16_bits)[:, 0]
+        e_j = _values(e, rows, top_a[rows, :1], bf16_bits)[:, 0]
         flip_margin[rows] = e_i - e_j
         flip_scale[rows] = np.maximum(np.abs(e_i), np.abs(e_j))
         others = width - 1 - (top_e[rows, 0] != top_a[rows, 0])
@@ -114,9 +114,10 @@ def _stats(e: np.ndarray, a: np.ndarray, *, bf16_bits: bool, floor: float = 0.0,
                        other_rms=other_rms, flip_scale=flip_scale, finite_rows=finite_rows), sums
 
 
-def _values(x: np.ndarray, ids: np.ndarray, bf16_bits: bool) -> np.ndarray:
-    """float64 values of ``x`` at ``ids`` per row (bf16 bits decoded)."""
-    picked = np.take_along_axis(x, ids, axis=1)
+def _values(x: np.ndarray, rows: np.ndarray, ids: np.ndarray, bf16_bits: bool) -> np.ndarray:
+    """float64 values of ``x`` at ``ids`` (one row of ids per entry of ``rows``), bf16 bits decoded. Only those
+    elements are read: ``x[rows]`` would copy whole rows (8 MB for 25 rows of 166144 bf16 logits, per side)."""
+    picked = x[rows[:, None], ids]
     if bf16_bits:
         return bf16_tables()[0][picked]
     return picked.astype(np.float64)
