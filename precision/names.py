@@ -36,9 +36,9 @@ NEAR_TIE = "near_tie"
 TOKEN_MATCH_RATE = "token_match_rate"
 MATCHING_PREFIX = "matching_prefix"
 FIRST_DIVERGENCE = "first_divergence"
-DETAIL_LAYERS, DETAIL_LOGITS = "layers", LOGITS
-"""A serving configuration's level of detail (precision.serving): every site captured, or only what runs outside a
-compiled graph (final norm and logits)."""
+DETAIL_LAYERS, DETAIL_LOGITS, DETAIL_PROMPT_LOGPROBS = "layers", LOGITS, "prompt-logprobs"
+"""A serving configuration's level of detail (precision.serving): every site captured, only what runs outside a
+compiled graph (final norm and logits), or only the engine's own prompt_logprobs top-K."""
 
 # Three-way comparison against the FP32 truth, and the per-step (local) analysis.
 EXPECTED_VS_TRUTH = "expected_vs_truth"

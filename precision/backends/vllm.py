@@ -57,7 +57,8 @@ _REFUSED = {
     "enable_prefix_caching": (True, "cached prefix tokens are not recomputed, so their hidden states would be missing"),
 }
 KV_CACHE_SPACE_VARIABLE = "VLLM_CPU_KVCACHE_SPACE"
-_OWNED = ("model", "tokenizer", "skip_tokenizer_init", "worker_extension_cls")
+OWNED_SETTINGS = ("model", "tokenizer", "skip_tokenizer_init", "worker_extension_cls")
+"""Engine arguments precision-check passes itself (the model under test and the capture worker): never the user's."""
 IN_PROCESS_VARIABLE = "VLLM_ENABLE_V1_MULTIPROCESSING"
 
 
@@ -166,7 +167,7 @@ class VllmBackend(PlainPassPerformance, EngineShutdown, Backend):
                 raise BackendError(f"engine setting {key}={user[key]!r} cannot be captured: {why}; remove it")
         if user.get("speculative_config"):
             raise BackendError("speculative decoding (speculative_config) changes which forward passes run; remove it for a capture")
-        owned = [k for k in _OWNED if k in user]
+        owned = [k for k in OWNED_SETTINGS if k in user]
         if owned:
             raise BackendError(f"engine setting(s) {owned} are set by precision-check itself; use --model instead")
         _check_known_engine_args(user)

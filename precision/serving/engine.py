@@ -10,8 +10,8 @@ the configuration allows (see precision.serving.worker):
              fire): the final-norm state of every position from the outer model's output and the full-vocabulary
              logits from compute_logits, which runs in Python after the graph.
 
-A configuration without either is refused with the reason (vLLM's prompt_logprobs top-K would be the next level;
-not implemented, see the parity report's notes).
+A configuration without either raises NoHookLevelError, and precision.serving.logprob_level captures it at the
+third level, the engine's own prompt_logprobs top-K (also what ``detail = "prompt-logprobs"`` asks for).
 
 Workloads (how each teacher-forced sequence is served):
     alone       the sequence is the only request;
@@ -40,12 +40,13 @@ from typing import Any, Sequence
 
 from precision.backends import vllm_compat
 from precision.backends.base import Backend, BackendOptions, BackendSpec
-from precision.backends.vllm import KV_CACHE_SPACE_VARIABLE, EngineShutdown, VllmBackend
+from precision.backends.vllm import KV_CACHE_SPACE_VARIABLE, OWNED_SETTINGS, EngineShutdown, VllmBackend
 from precision.backends.vllm_compat import device_type
 from precision.backends.vllm_platform import CPU_ENV_DEFAULTS, platform_record
 from precision.capture.sites import CaptureSelection
 from precision.errors import BackendError, PrecisionError
 from precision.model import ModelInfo
+from precision.names import DETAIL_PROMPT_LOGPROBS
 from precision.serving import preemption
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ COMPANIONS_KEY = "companions"
 DETAIL_KEY = "detail"
 """A configuration's own key: "auto" (the best level the engine allows: layers, else logits) or "prompt-logprobs"
 (the engine's own prompt_logprobs top-K only, the level for engines whose model output cannot be reached)."""
-DETAILS = ("auto", "prompt-logprobs")
+DETAILS = ("auto", DETAIL_PROMPT_LOGPROBS)
 COMPANION_NEW_TOKENS = 4
 """Tokens each co-batched companion generates: its decode steps share steps with the sequence under test."""
 MULTIPROCESS_KEYS = ("tensor_parallel_size", "pipeline_parallel_size")
@@ -142,13 +143,18 @@ class ServingBackend(EngineShutdown, Backend):
         if unknown:
             raise BackendError(f"serving configuration {self.serving.name!r}: unknown vLLM engine setting(s) {unknown}; "
                                "see vLLM's EngineArgs for the names")
+        reserved = sorted(set(self.serving.engine_args) & set(OWNED_SETTINGS))
+        if reserved:
+            raise BackendError(f"serving configuration {self.serving.name!r}: {reserved} are set by precision-check itself "
+                               "(the model under test and the capture worker); remove them from the configuration")
 
     def preemption_plan(self) -> preemption.PreemptionPlan:
         """The preempt workload's KV cache, step budget and companions, sized from the plan's sequences."""
         if self._preemption is None:
             max_len = self._baseline.engine_kwargs()["max_model_len"]
             lengths = [len(c) for c in self.companions] or [max_len - 1]
-            block_size = int(self.serving.engine_args.get("block_size", preemption.DEFAULT_BLOCK_SIZE))
+            settings = {**self._baseline.engine_kwargs(), **self.serving.engine_args}
+            block_size = int(settings.get("block_size", preemption.DEFAULT_BLOCK_SIZE))
             self._preemption = preemption.plan_preemption(lengths, max_len, block_size, self.model.max_position_embeddings)
         return self._preemption
 

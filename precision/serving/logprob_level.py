@@ -38,11 +38,10 @@ from precision.backends import vllm_compat
 from precision.capture.reader import CaptureReader
 from precision.capture.sites import CaptureSelection
 from precision.errors import BackendError
-from precision.names import POSITIONS
-from precision.serving.engine import COMPANION_NEW_TOKENS, DETAILS, NoHookLevelError, ServingBackend
+from precision.names import DETAIL_PROMPT_LOGPROBS, POSITIONS
+from precision.serving.engine import COMPANION_NEW_TOKENS, NoHookLevelError, ServingBackend
 from precision.serving.logprob_compare import ServedLogprobs
 
-DETAIL_PROMPT_LOGPROBS = DETAILS[1]
 """The level's name, as ServingConfig.detail spells it ("prompt-logprobs")."""
 DEFAULT_TOP_K = 20
 """K when the configuration does not set ``max_logprobs``: vLLM's default max_logprobs, the most it returns."""

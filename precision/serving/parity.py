@@ -52,8 +52,8 @@ from precision.outputs import claim_output_dir
 from precision.planning import plan_from_prompts
 from precision.prompts import DEFAULT_MAX_NEW_TOKENS
 from precision.reference_side import DEFAULT_REFERENCE, DEFAULT_TRUTH, CapturedReference, CaptureSettings, capture_role, resolve_model
-from precision.serving.config import serving_configurations  # noqa: F401  (re-exported for the CLI)
 from precision.serving.engine import ServingConfig
+from precision.serving import preemption
 from precision.serving.invariance import site_invariance
 from precision.serving.logprob_level import DETAIL_PROMPT_LOGPROBS, LogprobLevelBackend, served_level
 
@@ -167,22 +167,6 @@ def check_serving_tables(tables: dict, model) -> tuple[ServingConfig, ...]:
     for serving in configs:
         LogprobLevelBackend(model, serving).validate()
     return configs
-
-
-def serving_stage(run_config, model, cpu, baseline: CaptureReader, out: Path) -> dict:
-    """``run``'s serving stage: the run's eager vLLM target is the baseline, its CPU side the scale; the parity
-    document of the run configuration's [serving.NAME] tables, written into ``out`` (a directory of its own)."""
-    config = ParityConfig(prompts=run_config.prompts, out=out, model=run_config.model, max_new_tokens=run_config.max_new_tokens,
-                          serving=tuple(ServingConfig.from_mapping(name, values) for name, values in run_config.serving.items()),
-                          thresholds=run_config.thresholds, force=True, show_progress=run_config.show_progress, command=run_config.command)
-    _validate(config)
-    if baseline.manifest["backend"].get("engine") != "vllm":
-        raise PrecisionError(f"the run's [serving.NAME] tables need the vLLM target as their eager baseline; this run's target is "
-                             f"{baseline.manifest['backend'].get('spec')}: use --target vllm or drop the [serving] tables")
-    options = BackendOptions(max_model_len=min(cpu.following.max_tokens_needed + 1, model.max_position_embeddings or 1 << 30))
-    with claim_output_dir(out, "run", force=True, complete_marker="summary.json", inputs=[model.path, run_config.prompts]):
-        write_json_atomic(out / "run.json", _record(config, model))
-        return parity_document(config, model, options, cpu, baseline, out)
 
 
 def _record(config: ParityConfig, model) -> dict:
@@ -373,8 +357,11 @@ def _evidence_summary(served: CaptureReader, level: str) -> dict:
         steps = max((e["calls"].get("outer_model", 0) for e in evidence), default=0)
         why = (f"the decoder layers' Python hooks fired ({layer_calls} calls over {outer} forward steps, up to {steps} step(s) per "
                f"sequence), so every site of every position was captured; vLLM's compilation counters since this engine started: {counted}")
+    preempted = preemption.summarize(evidence)
+    if preempted is not None:
+        why += "; " + preemption.sentence(preempted)
     cached = [len(e["positions_from_earlier_requests"]) for e in evidence]
-    return {"why": why, "hook_calls": calls, "compilations": compiled, "compilation_counters": counters,
+    return {"why": why, "preemption": preempted, "hook_calls": calls, "compilations": compiled, "compilation_counters": counters,
             "positions_from_cache": sum(cached), "cached_tokens_reported": [e.get("cached_tokens") for e in evidence],
             "requests_per_sequence": [len(e["requests"]) for e in evidence],
             "steps_per_sequence": [len(e.get("steps", [])) for e in evidence],

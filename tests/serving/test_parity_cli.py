@@ -66,3 +66,15 @@ def test_run_refuses_a_bad_serving_table_before_any_model_runs(tmp_path, short_p
     with pytest.raises(PrecisionError, match="workload"):
         run(config)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("setting", ["model", "tokenizer", "worker_extension_cls"])
+def test_run_refuses_a_serving_table_naming_a_setting_precision_check_owns(tmp_path, short_prompts, stories_path, setting):
+    """Such a table would otherwise collide at engine start, after the whole CPU side was captured."""
+    from precision.pipeline import RunConfig, run
+
+    config = RunConfig(prompts=short_prompts, out=tmp_path / "run", model=stories_path, target="vllm",
+                       serving={"prod": {"max_num_seqs": 4, setting: "x"}})
+    with pytest.raises(PrecisionError, match="set by precision-check itself"):
+        run(config)
+    assert not (tmp_path / "run").exists()
