@@ -101,3 +101,33 @@ def narrow_intrinsics():
         return types.int16(types.int16, types.int16, types.int64), codegen
 
     return ordered_key, magnitude, larger, distance, count_equal
+
+
+@functools.cache
+def prefetch_intrinsic():
+    """numba intrinsic prefetch(array, index): asks the CPU to bring the cache line holding element ``index``
+    (counted in the flat order of a C-contiguous array) towards the L1 cache for reading, without waiting for
+    it (llvm.prefetch; it never faults, and callers keep ``index`` inside the array). A kernel that consumes
+    memory faster than the hardware prefetcher brings it issues these a block or two ahead."""
+    from llvmlite import ir
+    from numba import types
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def prefetch(typingctx, array, index):
+        if not isinstance(array, types.Array) or not isinstance(index, types.Integer):
+            return None
+
+        def codegen(context, builder, signature, args):
+            data = context.make_array(signature.args[0])(context, builder, args[0]).data
+            byte_pointer = ir.IntType(8).as_pointer()
+            address = builder.bitcast(builder.gep(data, [args[1]]), byte_pointer)
+            i32 = ir.IntType(32)
+            function = builder.module.declare_intrinsic(
+                "llvm.prefetch", [byte_pointer], ir.FunctionType(ir.VoidType(), [byte_pointer, i32, i32, i32]))
+            # read (0), keep in all cache levels (locality 3), data cache (1)
+            builder.call(function, [address, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+            return context.get_dummy_value()
+        return types.none(array, index), codegen
+
+    return prefetch

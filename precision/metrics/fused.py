@@ -25,6 +25,10 @@ N_ULP_BUCKETS = 5
 """Slots of ``ulp``: bf16 distance 0, 1, 2, >2, and both sides overflowing to bf16 Inf (ULP_BUCKETS in tensor.py)."""
 SUM_BLOCK = 4096
 """Elements per block sum (see _kernel); at most bits.BLOCK_COUNT_LIMIT (the bf16 kernel counts a block in 16 bits)."""
+PREFETCH_BLOCKS = 2
+"""How many blocks ahead the bf16 kernel asks for memory (1 and 2 measured alike, 4 slower)."""
+LINE_ELEMENTS = 32
+"""bf16 elements per 64-byte cache line."""
 BF16_INF_MAGNITUDE = 0x7F80
 """|ordered bits| of bf16 +-Inf: float32 values at or above (2 - 2^-8) * 2^127 round to it."""
 
@@ -107,6 +111,12 @@ def _kernel_bf16(eb, ab, floor, low, high, out, ulp):
         # LLVM cannot prove non-negative (start + i) it computes that per lane, so the loads become scalar
         # (measured: 2.9 -> 1.45 ns per element pair)
         eblock, ablock = eb[start:stop], ab[start:stop]
+        # ask for the block PREFETCH_BLOCKS ahead now: the two loops below consume a block faster than the
+        # hardware prefetcher brings the next from memory (measured on one hidden site: 1.75 -> 1.0 ns per pair)
+        ahead = start + PREFETCH_BLOCKS * SUM_BLOCK
+        for line in range(ahead, min(ahead + SUM_BLOCK, n), LINE_ELEMENTS):
+            _prefetch(eb, line)
+            _prefetch(ab, line)
         e2 = a2 = d2 = ea = sum_abs = 0.0
         max_abs = max_rel = 0  # float64 bits
         below_low = below_high = 0
@@ -192,6 +202,7 @@ def bf16_accumulate(eb: np.ndarray, ab: np.ndarray, floor: float, thresholds: tu
     """fused_accumulate of two 1-D uint16 arrays of bf16 bits, or None when either holds NaN or Inf (the caller
     then widens them and takes the general path, which counts and locates those)."""
     global _compiled_bf16, _bf16_value, _float64_bits, _bits_float64, _ordered_key, _magnitude, _larger, _distance, _count_equal
+    global _prefetch
     low, high = ERR_RATIO_THRESHOLDS if thresholds is None else thresholds
     if _compiled_bf16 is None:
         with COMPILE_LOCK:
@@ -199,10 +210,11 @@ def bf16_accumulate(eb: np.ndarray, ab: np.ndarray, floor: float, thresholds: tu
                 _compile()
                 import numba
 
-                from precision.metrics.bits import intrinsics, narrow_intrinsics
+                from precision.metrics.bits import intrinsics, narrow_intrinsics, prefetch_intrinsic
 
                 _bf16_value, _float64_bits, _bits_float64 = intrinsics()
                 _ordered_key, _magnitude, _larger, _distance, _count_equal = narrow_intrinsics()
+                _prefetch = prefetch_intrinsic()
                 # fastmath in full: the sums of a pair with a non-finite element are discarded (see _kernel_bf16);
                 # numpy's error model: a division by zero (which the floor rules out) would otherwise be a branch
                 # that stops vectorization
