@@ -20,6 +20,9 @@ def add_command(subparsers) -> None:
                    help="a serving configuration: engine arguments over the baseline's (values are JSON when they parse), plus "
                         "workload=alone|cobatch|warm-prefix and companions=N; repeatable")
     p.add_argument("--config", help="TOML file with [serving.NAME] tables (and [thresholds])")
+    p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="engine argument of the eager baseline, under every configuration's own (vLLM LLM(...)); repeatable")
+    p.add_argument("--additional-config", metavar="JSON", help="vllm-ascend additional_config of the baseline, as a JSON object")
     p.add_argument("--max-new-tokens", type=int, default=None, help="tokens the reference generates per prompt (default: the prompt set's)")
     p.add_argument("--no-truth", action="store_true", help="skip the FP32 truth (R is then not measured)")
     p.add_argument("--envelope", choices=("default", "none"), default="default", help="implementation envelope members (default: default)")
@@ -35,7 +38,7 @@ def handle(args: argparse.Namespace) -> int:
 
     from precision import DEFAULT_ENVELOPE, ParityConfig, run_parity, serving_configurations
     from precision.cli.parser import EXIT_FAILED, EXIT_OK
-    from precision.cli.values import thresholds
+    from precision.cli.values import engine_args, thresholds
 
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise PrecisionError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
@@ -45,7 +48,7 @@ def handle(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, truth=not args.no_truth,
         envelope=DEFAULT_ENVELOPE if args.envelope == "default" else (), bisect=not args.no_bisect,
         thresholds=thresholds(args.config, args.threshold), force=args.force, show_progress=False,
-        command=getattr(args, "command_line", None),
+        command=getattr(args, "command_line", None), engine_args=engine_args(args.engine_arg, args.additional_config),
     )
     result = run_parity(config)
     print("\n".join(result.lines()))

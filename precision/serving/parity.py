@@ -83,6 +83,9 @@ class ParityConfig:
     force: bool = False
     show_progress: bool = False
     command: str | None = None
+    engine_args: dict[str, Any] = field(default_factory=dict)
+    """Engine arguments of the eager baseline (e.g. vllm-ascend's additional_config); every configuration starts from
+    them, its own settings over them, as ``run``'s serving stage starts from the run target's."""
 
 
 @dataclass(frozen=True)
@@ -125,7 +128,8 @@ def run_parity(config: ParityConfig) -> ParityResult:
     started = time.perf_counter()
     model = resolve_model(config.model)
     plan = plan_from_prompts(config.prompts, model, max_new_tokens=config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
-    options = BackendOptions(max_model_len=min(plan.max_tokens_needed + 1, model.max_position_embeddings or 1 << 30))
+    options = BackendOptions(max_model_len=min(plan.max_tokens_needed + 1, model.max_position_embeddings or 1 << 30),
+                             engine_args=dict(config.engine_args))
     for serving in config.serving:
         LogprobLevelBackend(model, serving, options).validate()  # unknown engine settings fail before anything runs
     settings = CaptureSettings(selection=CaptureSelection(), trust_remote_code=False, resume=False, show_progress=config.show_progress)
@@ -172,7 +176,7 @@ def check_serving_tables(tables: dict, model) -> tuple[ServingConfig, ...]:
 def _record(config: ParityConfig, model) -> dict:
     return {"format": PARITY_FORMAT, "schema_version": PARITY_SCHEMA_VERSION, "prompts": str(config.prompts), "model": model.path,
             "max_new_tokens": config.max_new_tokens, "truth": config.truth, "serving": [s.to_json() for s in config.serving],
-            "bisect": config.bisect, "command": config.command}
+            "bisect": config.bisect, "command": config.command, "engine_args": dict(config.engine_args)}
 
 
 SCALE_TEXT = ("each configuration is compared with the eager baseline (vLLM, one request at a time, the whole prompt in one eager step) "

@@ -78,3 +78,15 @@ def test_run_refuses_a_serving_table_naming_a_setting_precision_check_owns(tmp_p
     with pytest.raises(PrecisionError, match="set by precision-check itself"):
         run(config)
     assert not (tmp_path / "run").exists()
+
+
+def test_parity_engine_args_reach_the_baseline_and_are_checked_before_any_capture(tmp_path, short_prompts, stories_path, capsys):
+    """--engine-arg is the eager baseline's (and so every configuration's starting point): an unknown one is refused
+    by the engine's own setting names before anything is captured."""
+    out = tmp_path / "out"
+    code = main(["-q", "parity", "--model", str(stories_path), "--prompts", str(short_prompts), "--out", str(out),
+                 "--serving", "a:max_num_seqs=2", "--engine-arg", "no_such_engine_setting=1"])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "unknown vLLM engine setting(s): 'no_such_engine_setting'" in error
+    assert not out.exists()
