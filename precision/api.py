@@ -6,11 +6,14 @@ codes.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from precision.errors import PrecisionError
+
+log = logging.getLogger(__name__)
 
 PROMPT_SETS = Path(__file__).resolve().parent / "prompt_sets"
 """The shipped prompt sets (package data; the repository's golden/ is a link to this directory): the default
@@ -148,6 +151,13 @@ def _compare_into(out: Path, expected, actual, truth, envelope_dir, replay: bool
     if envelope_dir:
         members = {p.name: CaptureReader(p) for p in sorted(Path(envelope_dir).iterdir()) if p.is_dir()}
         envelope_ids = sorted(set.intersection(*({r.id for r in m.prompts} for m in members.values()))) if members else None
+    from precision.interop.msprobe_compare import comparable_captures
+
+    # An msprobe import is compared on the sites both sides hold; captures of this tool must hold the same sites.
+    captures = comparable_captures(expected, actual, truth, members=members or None)
+    expected, actual, truth, members = captures.expected, captures.actual, captures.truth, captures.members
+    for line in captures.one_sided_lines():
+        log.warning("not compared (one side only): %s", line)
     replayer = Replayer(expected.manifest["model"]["path"], expected.dtype) if replay else None
     comparison = analysed_comparison(expected, actual, truth, members=members or None, envelope_prompts=envelope_ids, replay=False,
                                      replayer=replayer, show_progress=show_progress, metric_convention=metric_convention)

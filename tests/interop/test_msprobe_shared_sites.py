@@ -87,3 +87,19 @@ def test_captures_of_this_tool_with_other_sites_are_still_refused(stories, stori
     assert captures.alignment is None and captures.expected is stories_reference
     with pytest.raises(MismatchedCapturesError, match="--layers"):
         compare_captures(captures.expected, captures.actual)
+
+
+def test_the_compare_command_compares_an_import_on_the_shared_sites(stories_reference, partial_import, tmp_path, caplog):
+    """Through the CLI: the import is not refused, the sites only the reference holds are named, the CSV lists them."""
+    from precision.cli import main
+
+    out = tmp_path / "cmp"
+    with caplog.at_level("WARNING"):
+        code = main(["-q", "compare", str(stories_reference.path), str(partial_import), "--out", str(out)])
+    assert code == 0
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert all(LOGITS not in [s["site"] for s in p["sites"]] for p in comparison["prompts"])
+    assert any(f"only the reference holds {layer_site(DROPPED_LAYER)}, {LOGITS}" in r.getMessage() for r in caplog.records)
+    with (out / CSV_NAME).open(newline="") as f:
+        results = [row["Result"] for row in csv.DictReader(f)]
+    assert "N/A" in results
