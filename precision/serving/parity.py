@@ -43,27 +43,25 @@ from precision.analysis.envelope import DEFAULT_MAX_TOKENS, DEFAULT_MEMBERS
 from precision.analysis.verdict import Status, Thresholds, judge, worst
 from precision.backends import BackendOptions
 from precision.capture.reader import CaptureReader
-from precision.capture.sites import CaptureSelection, layer_index, site_order
+from precision.capture.sites import CaptureSelection
 from precision.capture.writer import CapturePlan, capture
 from precision.errors import PrecisionError
 from precision.io import write_json_atomic
-from precision.names import DETAIL_LAYERS, DETAIL_LOGITS, FINAL_NORM, FIRST_DIVERGENCE, LOGITS, NEAR_TIE, RELATIVE_L2
+from precision.names import DETAIL_LOGITS, RELATIVE_L2
 from precision.outputs import claim_output_dir
 from precision.planning import plan_from_prompts
 from precision.prompts import DEFAULT_MAX_NEW_TOKENS
 from precision.reference_side import DEFAULT_REFERENCE, DEFAULT_TRUTH, CapturedReference, CaptureSettings, capture_role, resolve_model
 from precision.serving.engine import ServingConfig
-from precision.serving import preemption
 from precision.serving.invariance import site_invariance
-from precision.serving.logprob_level import DETAIL_PROMPT_LOGPROBS, LogprobLevelBackend, served_level
+from precision.serving.logprob_level import DETAIL_PROMPT_LOGPROBS, LogprobLevelBackend
+from precision.serving.rows import LOGITS_SITES, configuration_row, first_site, level_of, served_level_of, write_comparison
 
 log = logging.getLogger(__name__)
 
 PARITY_FORMAT = "precision-check-parity"
 PARITY_SCHEMA_VERSION = 1
 BASELINE = "baseline"
-LOGITS_SITES = [FINAL_NORM, LOGITS]
-"""What a configuration whose model body ran as a compiled graph is compared on."""
 
 
 @dataclass(frozen=True)
@@ -214,7 +212,7 @@ class _Context:
     def compare(self, served: CaptureReader, prompt_ids: list[str] | None = None) -> tuple[dict, Any, str]:
         """The comparison of ``served`` with the baseline (restricted to the sites ``served`` holds), and its verdict;
         at the prompt-logprobs level, that level's document (precision.serving.logprob_compare)."""
-        level = _level(served)
+        level = served_level_of(served)
         if level == DETAIL_PROMPT_LOGPROBS:
             document, verdict = self._compare_logprobs(served, prompt_ids)
             return document, verdict, level
@@ -258,8 +256,8 @@ class _Context:
                 row["bisection"] = self.bisect(serving, comparison, verdict)
             return row
         destination = self.out / f"configuration-{serving.name}"
-        _write_comparison(destination, comparison, verdict)
-        row = _row(serving, served, comparison, verdict, level)
+        write_comparison(destination, comparison, verdict)
+        row = configuration_row(serving, served, comparison, verdict, level)
         row["invariance"] = site_invariance(self.view(BASELINE, self.baseline, LOGITS_SITES if level == DETAIL_LOGITS else None), served)
         if self.config.bisect and verdict.status is Status.FAIL:
             row["bisection"] = self.bisect(serving, comparison, verdict)
@@ -275,8 +273,8 @@ class _Context:
         plan = self.cpu.following.subset(prompt_ids)
         # The configuration itself: its own capture already failed on these prompts (bisect_settings is told so and
         # runs no engine for it); recorded first, apart from the trials.
-        trials: list[dict] = [{"settings": dict(serving.engine_args), "verdict": verdict.status.value, "level": _level_of(comparison),
-                               "first_bitwise_site": _first_site(comparison, lambda s: s[RELATIVE_L2] > 0), "from": "the configuration's own run"}]
+        trials: list[dict] = [{"settings": dict(serving.engine_args), "verdict": verdict.status.value, "level": level_of(comparison),
+                               "first_bitwise_site": first_site(comparison, lambda s: s[RELATIVE_L2] > 0), "from": "the configuration's own run"}]
 
         def fails(subset: dict[str, Any]) -> bool | None:
             name = f"{serving.name}-trial{len(trials)}"
@@ -288,7 +286,7 @@ class _Context:
                 return None
             trial_comparison, trial_verdict, level = self.compare(served, prompt_ids)
             trials.append({"settings": subset, "verdict": trial_verdict.status.value, "level": level,
-                           "first_bitwise_site": _first_site(trial_comparison, lambda s: s[RELATIVE_L2] > 0)})
+                           "first_bitwise_site": first_site(trial_comparison, lambda s: s[RELATIVE_L2] > 0)})
             return trial_verdict.status is Status.FAIL
 
         baseline_settings = self.baseline.manifest["backend"].get("settings") or {}
@@ -302,105 +300,3 @@ class _Context:
         return {"prompts": prompt_ids, "responsible": result.responsible, "culprit": result.culprit, "required": result.required,
                 "sentence": result.describe(), "trials": trials,
                 "first_bitwise_site": culprit_trial.get("first_bitwise_site") if culprit_trial else None}
-
-
-def _level_of(comparison: dict) -> str:
-    if comparison.get("level") == DETAIL_PROMPT_LOGPROBS:
-        return DETAIL_PROMPT_LOGPROBS
-    sites = {s["site"] for s in comparison["sites"]}
-    return DETAIL_LOGITS if sites <= set(LOGITS_SITES) else DETAIL_LAYERS
-
-
-def _level(served: CaptureReader) -> str:
-    if served_level(served) is not None:
-        return DETAIL_PROMPT_LOGPROBS
-    levels = {e["level"] for e in served.manifest["backend"]["serving"]["evidence"]}
-    return DETAIL_LOGITS if DETAIL_LOGITS in levels else DETAIL_LAYERS
-
-
-def _write_comparison(destination: Path, comparison: dict, verdict) -> None:
-    from precision.report import write_report
-
-    with claim_output_dir(destination, "comparison", force=True, complete_marker="summary.json"):
-        write_json_atomic(destination / "comparison.json", comparison)
-        write_report(destination, comparison, verdict)
-
-
-def _first_site(comparison: dict, predicate) -> str | None:
-    """The first site in model order (embed, layers, final norm, logits) whose pooled figures satisfy ``predicate``."""
-    if "sites" not in comparison:
-        return None  # the prompt-logprobs level sees no site
-    by_site = {s["site"]: s for s in comparison["sites"]}
-    return next((site for site in site_order(list(by_site)) if predicate(by_site[site])), None)
-
-
-def _evidence_summary(served: CaptureReader, level: str) -> dict:
-    """How the level of detail was established, from the worker's own counts over every captured prompt."""
-    evidence = served.manifest["backend"]["serving"]["evidence"]
-    calls: dict[str, int] = {}
-    for entry in evidence:
-        for name, count in entry["calls"].items():
-            calls[name] = calls.get(name, 0) + count
-    layer_calls = sum(c for n, c in calls.items() if layer_index(n) is not None)
-    # Counted from this configuration's engine start (precision.serving.engine), not the process's earlier engines.
-    # vLLM 0.32 compiles ahead of time on CPU (num_aot_compiles) rather than through num_backend_compilations: every
-    # counter that moved is reported.
-    counters: dict[str, int] = {}
-    for entry in evidence:
-        for name, value in entry["engine_compilations"].items():
-            if value:
-                counters[name] = max(counters.get(name, 0), value)
-    compiled = sum(v for k, v in counters.items() if "compile" in k or "artifacts_loaded" in k)
-    counted = ", ".join(f"{k} {v}" for k, v in sorted(counters.items())) or "none moved"
-    outer = calls.get("outer_model", 0)
-    if level == DETAIL_LOGITS:
-        why = (f"the model body ran as a compiled graph: the decoder layers' Python hooks fired {layer_calls} times while the outer "
-               f"forward ran {outer} time(s) over the captures, and vLLM's compilation counters since this engine started read "
-               f"{counted}; final-norm states and full-vocabulary logits of every position were taken outside the graph")
-    else:
-        steps = max((e["calls"].get("outer_model", 0) for e in evidence), default=0)
-        why = (f"the decoder layers' Python hooks fired ({layer_calls} calls over {outer} forward steps, up to {steps} step(s) per "
-               f"sequence), so every site of every position was captured; vLLM's compilation counters since this engine started: {counted}")
-    preempted = preemption.summarize(evidence)
-    if preempted is not None:
-        why += "; " + preemption.sentence(preempted)
-    cached = [len(e["positions_from_earlier_requests"]) for e in evidence]
-    return {"why": why, "preemption": preempted, "hook_calls": calls, "compilations": compiled, "compilation_counters": counters,
-            "positions_from_cache": sum(cached), "cached_tokens_reported": [e.get("cached_tokens") for e in evidence],
-            "requests_per_sequence": [len(e["requests"]) for e in evidence],
-            "steps_per_sequence": [len(e.get("steps", [])) for e in evidence],
-            "largest_shared_step": max((step["requests"] for e in evidence for step in e.get("steps", [])), default=None),
-            "companion_lengths": evidence[0].get("companion_lengths") if evidence else None}
-
-
-def _row(serving: ServingConfig, served: CaptureReader, comparison: dict, verdict, level: str) -> dict:
-    sites = comparison["sites"]
-    envelope = (comparison.get("analysis") or {}).get("envelope") or {}
-    env_rows = envelope.get("sites") or []
-    largest = max(sites, key=lambda s: s[RELATIVE_L2])
-    # A site where the configuration equals the baseline has ratio 0/0 = 1 by compare.ratio's convention; it is not a
-    # difference to size, so the largest ratio is taken over the sites that differ (0 when none does).
-    differing = [r for r in env_rows if r["target"] > 0]
-    worst_envelope = max(differing, key=lambda r: r["ratio"]) if differing else None
-    logits = next((s for s in sites if s["site"] == LOGITS), None)
-    flips = [f for p in comparison["prompts"] for f in (p.get(LOGITS) or {}).get("flips", [])]
-    return {
-        "name": serving.name, "settings": serving.to_json(), "verdict": verdict.status.value, "summary": verdict.summary,
-        "findings": [f.message for p in verdict.prompts for f in p.findings if f.status is not Status.PASS][:5]
-                    + [f.message for f in verdict.findings if f.status is not Status.PASS],
-        "level": level, "evidence": _evidence_summary(served, level),
-        "bitwise_identical": all(s[RELATIVE_L2] == 0.0 for s in sites),
-        "first_bitwise_site": _first_site(comparison, lambda s: s[RELATIVE_L2] > 0),
-        "largest": {"site": largest["site"], RELATIVE_L2: largest[RELATIVE_L2]},
-        "logits_relative_l2": logits[RELATIVE_L2] if logits else None,
-        "logits_R": logits.get("R") if logits else None,
-        "envelope_ratio": ({"site": None, "ratio": 0.0, "configuration": 0.0, "envelope_max": None} if env_rows else None)
-        if worst_envelope is None else {"site": worst_envelope["site"], "ratio": worst_envelope["ratio"],
-                                                               "configuration": worst_envelope["target"], "envelope_max": worst_envelope["max"]},
-        "first_site_beyond_envelope": next((r["site"] for r in sorted(env_rows, key=lambda r: site_order([x["site"] for x in env_rows]).index(r["site"]))
-                                            if r["target"] > 0 and r["ratio"] > 1.0), None),
-        "flips": {"total": len(flips), "real": sum(1 for f in flips if not f.get(NEAR_TIE, True))},
-        "tokens": [{"id": p["id"], FIRST_DIVERGENCE: p["tokens"].get(FIRST_DIVERGENCE), "match_rate": p["tokens"].get("match_rate")}
-                   for p in comparison["prompts"]],
-        "comparison": f"configuration-{serving.name}/comparison.json",
-    }
