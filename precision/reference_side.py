@@ -150,7 +150,8 @@ class CapturedReference:
     def capture_envelope(self, reference: CaptureReader, model: ModelInfo, following: CapturePlan, out: Path,
                          settings: CaptureSettings) -> tuple[dict[str, CaptureReader], list[str]]:
         """The reference re-run with each envelope member, on the prompts short enough for all of them."""
-        from precision.backends.layerwise import ModelSteps, lending
+        from precision.backends.layerwise import lending
+        from precision.backends.model_steps import ModelSteps
 
         ids = envelope_prompt_ids(reference, self.envelope_max_tokens)
         if not self.envelope or not ids:

@@ -156,7 +156,7 @@ class Replayer:
     def __init__(self, model_path: str, dtype_name: str = "bfloat16", *, streamed: bool = False) -> None:
         import torch
 
-        from precision.backends.layerwise import ModelSteps
+        from precision.backends.model_steps import ModelSteps
 
         self.steps = ModelSteps(model_path, dtype_name, streamed=streamed)
         self.dtype = getattr(torch, dtype_name)

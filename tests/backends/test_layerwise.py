@@ -9,7 +9,7 @@ import torch
 
 from precision.analysis.replay import Replayer
 from precision.backends import BackendOptions, create_backend
-from precision.backends.layerwise import ModelSteps
+from precision.backends.model_steps import ModelSteps
 from precision.backends.variants import apply_variants
 from precision.capture.writer import CapturePlan, capture
 from precision.errors import BackendError
