@@ -17,8 +17,6 @@ pipeline never imports the golden store (precision.run opens --reference STORE f
 
 from __future__ import annotations
 
-import dataclasses
-
 import importlib.util
 import logging
 from dataclasses import dataclass, field
@@ -216,10 +214,9 @@ def run(config: RunConfig, source: ReferenceSource | None = None) -> RunResult:
             from precision.serving.run_stage import STAGE_DIRECTORY, run_serving_stage
 
             serving = run_serving_stage(config, target_model, target_options, cpu, actual, config.out / STAGE_DIRECTORY)
-        result = compare_and_report(cpu.reference, actual, cpu.truth, config.out, members=cpu.members, envelope_prompts=cpu.envelope_prompts,
+        return compare_and_report(cpu.reference, actual, cpu.truth, config.out, members=cpu.members, envelope_prompts=cpu.envelope_prompts,
                                   replay=config.replay, thresholds=config.thresholds, command=config.command, show_progress=config.show_progress,
-                                  metric_convention=config.metric_convention, streamed=config.layer_streamed)
-        return dataclasses.replace(result, serving=serving)
+                                  metric_convention=config.metric_convention, streamed=config.layer_streamed, serving=serving)
 
 
 def analysed_comparison(expected: CaptureReader, actual: CaptureReader, truth: CaptureReader | None, *,
@@ -242,8 +239,10 @@ def analysed_comparison(expected: CaptureReader, actual: CaptureReader, truth: C
 def compare_and_report(expected: CaptureReader, actual: CaptureReader, truth: CaptureReader | None, out: Path, *,
                        members: dict[str, CaptureReader] | None = None, envelope_prompts: list[str] | None = None,
                        replay: bool = True, replayer=None, thresholds: Thresholds | None = None, command: str | None = None,
-                       show_progress: bool = True, metric_convention: str = "precision-check", streamed: bool = False) -> RunResult:
-    """Compare, analyse (with ``replayer``, or a new one when ``replay``), judge and write the report into ``out``."""
+                       show_progress: bool = True, metric_convention: str = "precision-check", streamed: bool = False,
+                       serving: dict | None = None) -> RunResult:
+    """Compare, analyse (with ``replayer``, or a new one when ``replay``), judge and write the report into ``out``;
+    ``serving``: the run's serving stage document, which the report summarizes (precision.report.serving)."""
     from precision.report import write_report
 
     comparison = analysed_comparison(expected, actual, truth, members=members, envelope_prompts=envelope_prompts, replay=replay,
@@ -251,6 +250,6 @@ def compare_and_report(expected: CaptureReader, actual: CaptureReader, truth: Ca
                                      streamed=streamed)
     write_json_atomic(out / "comparison.json", comparison)
     verdict = judge(comparison, thresholds)
-    files = write_report(out, comparison, verdict, command=command)
+    files = write_report(out, comparison, verdict, command=command, serving=serving)
     files["comparison.json"] = out / "comparison.json"
-    return RunResult(out=out, verdict=verdict, comparison=comparison, files=files)
+    return RunResult(out=out, verdict=verdict, comparison=comparison, files=files, serving=serving)

@@ -6,6 +6,13 @@
 3. Every file the report writes (report.html, summary.md, summary.json, msprobe_compare.csv: whatever
    precision.report.write_report returns) is rendered again from that comparison and must equal the run's file:
    an edited report or export is detected.
+4. A run with a serving stage ([serving.NAME] tables) renders those files with the stage's document,
+   RUN/serving/summary.json, which cannot be captured again here (it needs vLLM). What verify can check, it does:
+   the document is the one the stage wrote (its sha256 is recorded in the run's summary.json), names the run's
+   tables, has as baseline this run's target capture (already checked by its sha256) with its engine settings, its
+   status is the worst of its configurations' verdicts, and each configuration's stored comparison.json was made
+   against that capture (at the layers level) and judges, with the run's thresholds, to the configuration's verdict.
+   That the configurations' captures give those comparisons is not recomputed (listed in the notes).
 Returns the list of problems, each naming what does not match; an empty list means the run verifies.
 """
 
@@ -103,7 +110,8 @@ def verify_run(run_dir: str | Path, notes: list[str] | None = None) -> list[str]
     try:
         return _verify_run(Path(run_dir), notes if notes is not None else [])
     except (KeyError, TypeError, AttributeError) as exc:
-        raise PrecisionError(f"{run_dir} holds a damaged comparison.json, summary.json or run.json (missing or malformed {exc}); "
+        raise PrecisionError(f"{run_dir} holds a damaged comparison.json, summary.json, run.json or serving/summary.json "
+                             f"(missing or malformed {exc}); "
                              "it cannot be verified: rerun 'precision-check run'") from exc
 
 
@@ -175,10 +183,13 @@ def _verify_run(run_dir: Path, notes: list[str]) -> list[str]:
         return problems
     thresholds = Thresholds.from_mapping(summary["verdict"]["thresholds"])
     verdict = judge(stored, thresholds)
+    serving = _stage_document(run_dir, run, summary, stored, readers["actual"], thresholds, problems, notes)
+    if problems:
+        return problems
     recorded_here = all(Path(stored[role]["path"]).is_dir() for role in _ROLES if stored.get(role))
     with tempfile.TemporaryDirectory() as scratch:
         own_manifests = {role: reader.manifest for role, reader in readers.items() if reader is not None}  # checked by sha256 above
-        rendered = write_report(Path(scratch), stored, verdict, command=run.get("command"), manifests=own_manifests)
+        rendered = write_report(Path(scratch), stored, verdict, command=run.get("command"), manifests=own_manifests, serving=serving)
         for name, path in rendered.items():
             missing = [what for what, here in ((_TOKENIZER, model_here), (_CAPTURES, recorded_here)) if what in _RENDERED_FROM.get(name, ()) and not here]
             if missing:
@@ -189,3 +200,68 @@ def _verify_run(run_dir: Path, notes: list[str]) -> list[str]:
             elif path.read_bytes() != (run_dir / name).read_bytes():
                 problems.append(f"{name} differs from what the comparison renders to: it was edited, or written by another precision-check version")
     return problems
+
+
+def _stage_document(run_dir: Path, run: dict, summary: dict, stored: dict, target: CaptureReader, thresholds, problems: list[str],
+                    notes: list[str]) -> dict | None:
+    """The serving stage's document the run's report is rendered with (None for a run without the stage), after
+    the checks of the module docstring's point 4; what does not hold is appended to ``problems``."""
+    import hashlib
+
+    from precision.analysis.verdict import Status, judge, worst
+    from precision.names import DETAIL_LAYERS, RELATIVE_L2
+    from precision.report.serving import STAGE_DIRECTORY, STAGE_SUMMARY
+
+    recorded, tables = summary.get("serving"), run.get("serving") or {}
+    if recorded is None and not tables:
+        return None
+    directory = run_dir / STAGE_DIRECTORY
+    path = directory / STAGE_SUMMARY
+    if not path.is_file():
+        problems.append(f"{STAGE_DIRECTORY}/{STAGE_SUMMARY} is missing: the run had a serving stage, whose document its report summarizes")
+        return None
+    data = path.read_bytes()
+    document = _load_json(path)
+    where = f"{STAGE_DIRECTORY}/{STAGE_SUMMARY}"
+    if recorded is not None and hashlib.sha256(data).hexdigest() != recorded.get("summary_sha256"):
+        problems.append(f"{where} (sha256 {hashlib.sha256(data).hexdigest()[:12]}…) is not the document the serving stage wrote "
+                        f"(summary.json records {str(recorded.get('summary_sha256'))[:12]}…): it was edited or replaced")
+        return None
+    rows = document["configurations"]
+    if tables and [row["name"] for row in rows] != list(tables):
+        problems.append(f"{where} holds configurations {[row['name'] for row in rows]}, run.json's [serving.NAME] tables are {list(tables)}")
+    if not _same_capture(document["baseline"]["capture"], stored["actual"]["path"]):
+        problems.append(f"{where}'s baseline {document['baseline']['capture']} is not this run's target capture {stored['actual']['path']}")
+    elif document["baseline"].get("settings") != target.manifest["backend"].get("settings"):
+        problems.append(f"{where}'s baseline engine settings are not those of this run's target capture")
+    if document["status"] != worst(Status(row["verdict"]) for row in rows).value:
+        problems.append(f"{where}'s status {document['status']} is not the worst of its configurations' verdicts")
+    for row in rows:
+        if not row.get("comparison"):
+            continue  # the prompt-logprobs level keeps its comparison in the row (precision.serving.logprob_compare)
+        comparison_path = directory / row["comparison"]
+        if not comparison_path.is_file():
+            problems.append(f"{STAGE_DIRECTORY}/{row['comparison']} is missing: configuration {row['name']}'s comparison")
+            continue
+        comparison = _load_json(comparison_path)
+        if row["level"] == DETAIL_LAYERS and comparison["expected"]["manifest_sha256"] != stored["actual"]["manifest_sha256"]:
+            problems.append(f"configuration {row['name']} was compared with a capture other than this run's target")
+        judged = judge(comparison, thresholds).status.value
+        largest = max(s[RELATIVE_L2] for s in comparison["sites"])
+        if judged != row["verdict"] or largest != row["largest"][RELATIVE_L2]:
+            problems.append(f"configuration {row['name']}: its comparison.json judges {judged} with largest relative L2 {largest!r}, "
+                            f"{where} says {row['verdict']} and {row['largest'][RELATIVE_L2]!r}")
+    notes.append(f"the serving stage's configurations were not captured again (that needs vLLM): {where} was checked against the "
+                 "run (its sha256, tables, baseline) and its configurations' stored comparisons, and the report rendered from it")
+    return document
+
+
+def _same_capture(recorded: str, target: str) -> bool:
+    """The stage records its baseline's path as the run was given it; the comparison records it resolved."""
+    import os
+
+    recorded_path = Path(os.path.normpath(recorded))
+    target_parts = Path(os.path.normpath(target)).parts
+    if recorded_path.is_absolute():
+        return recorded_path.parts == target_parts
+    return target_parts[-len(recorded_path.parts):] == recorded_path.parts

@@ -61,6 +61,47 @@ class PromptSummary:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ServingConfigurationSummary:
+    """One serving configuration of the run's serving stage, as its row of the stage document (RUN/serving/summary.json,
+    precision.serving.parity) gives it; every figure is the stage's, compared with the run's own eager vLLM target."""
+
+    name: str = described("The configuration's name: its [serving.NAME] table.")
+    verdict: Status = described("The configuration's verdict against the eager baseline (the cross-engine rules, precision.serving.parity).")
+    level: str = described('The level of detail it was compared at: "layers" (every site), "logits" (final norm and logits, '
+                           'taken outside a compiled graph) or "prompt-logprobs" (the engine\'s own top-K prompt logprobs).')
+    level_reason: str | None = described("Why the prompt-logprobs level (forced by the table, or the fallback's reason); null at the other levels.")
+    largest_metric: str = described('"relative_l2": the pooled relative L2 error ||c-b||/||b|| of the configuration c against the baseline b '
+                                    'at the site where it is largest; "topk_logprob_delta": the largest |logprob difference| over the '
+                                    "engine's top-K tokens of any teacher-forced position (precision.serving.logprob_compare).")
+    largest_value: float = described("The largest difference, in largest_metric's definition (0: bitwise identical at every compared site).")
+    largest_site: str | None = described("Where it is largest: a site, or \"prompt_logprobs top-K\" at the prompt-logprobs level.")
+    envelope_ratio: float | None = described("The configuration's difference from the baseline divided by the largest difference any "
+                                             "implementation variant of the reference makes at the same site, at the site where that "
+                                             "ratio is largest (0 when the configuration differs nowhere); null when the run measured no envelope.")
+    envelope_ratio_site: str | None = described("The site of envelope_ratio; null when the configuration differs nowhere or no envelope was measured.")
+    bitwise_identical: bool | None = described("Whether every compared site equals the baseline bit for bit; null at the prompt-logprobs level.")
+    first_differing_site: str | None = described("The first site in model order (embed, decoder layers, final norm, logits) whose state "
+                                                 "differs from the baseline's in any bit; null when none does or at the prompt-logprobs level.")
+    responsible: dict[str, Any] | None = described("The settings bisection found responsible (the smallest subset of the table's settings that "
+                                                   "still fails); null when the configuration did not fail, bisection named none or could not run.")
+    bisection: str | None = described("Bisection's own sentence (or why it did not run); null when the configuration did not fail.")
+    comparison: str | None = described("The configuration's comparison.json, relative to the run directory; null at the prompt-logprobs level.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServingSummary:
+    """summary.json's serving section: what the run's serving stage ([serving.NAME] tables) found, from its own document."""
+
+    status: Status = described("The serving stage's status: the worst verdict of its configurations (the stage document's status).")
+    overall_status: Status = described("The worst of verdict.status (the cross-engine comparison) and status (the serving stage): what "
+                                       "'precision-check run' exits by (FAIL: exit 1).")
+    summary: str = described("The stage's own document, relative to the run directory.")
+    report: str = described("The stage's report, relative to the run directory.")
+    summary_sha256: str = described("sha256 of the stage's document as the stage wrote it; 'precision-check verify' checks the file still has it.")
+    configurations: list[ServingConfigurationSummary] = described("One entry per configuration, in the run configuration file's order.")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Summary:
     """summary.json: the verdict, the pooled per-site table and each prompt's key numbers."""
 
@@ -76,6 +117,7 @@ class Summary:
     skipped_prompts: list[SkippedPrompt]
     performance: PerformanceSummary = optional_key("The target's speed per prompt category (not precision: no verdict reads it); "
                                                    "absent from summaries written before it was added.")
+    serving: ServingSummary = optional_key("The run's serving stage, present only when the run had [serving.NAME] tables.")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -32,14 +32,15 @@ def _environment(template_dir: Path, *, markdown: bool = False):
     )
 
 
-def summary_json(comparison: dict, verdict: Verdict, manifests: dict[str, dict] | None = None) -> dict:
+def summary_json(comparison: dict, verdict: Verdict, manifests: dict[str, dict] | None = None, serving: dict | None = None) -> dict:
     """summary.json (schema_version 1): the verdict, the per-site pooled table, per-prompt key numbers and the
     target's performance (precision.report.performance.performance_summary, from the target's capture manifest:
-    ``manifests["actual"]``, read from the comparison's recorded path when not given)."""
+    ``manifests["actual"]``, read from the comparison's recorded path when not given); with ``serving`` (the run's
+    serving stage document), its serving section (precision.report.serving.serving_summary)."""
     from precision.report.performance import performance_summary
 
     manifests = _load_manifests(comparison) if manifests is None else manifests
-    return {
+    summary = {
         "schema_version": SUMMARY_SCHEMA_VERSION,
         "format": "precision-check-summary",
         "created_at": comparison["created_at"],
@@ -64,6 +65,11 @@ def summary_json(comparison: dict, verdict: Verdict, manifests: dict[str, dict] 
         "skipped_prompts": comparison.get("skipped_prompts", []),
         "performance": performance_summary(manifests),
     }
+    if serving is not None:
+        from precision.report.serving import serving_summary
+
+        summary["serving"] = serving_summary(serving, verdict.status.value)
+    return summary
 
 
 def _load_manifests(comparison: dict) -> dict[str, dict]:
@@ -77,14 +83,16 @@ def _load_manifests(comparison: dict) -> dict[str, dict]:
 
 
 def write_report(out_dir: str | Path, comparison: dict, verdict: Verdict, *, command: str | None = None,
-                 template_dir: Path = TEMPLATE_DIR, manifests: dict[str, dict] | None = None) -> dict[str, Path]:
+                 template_dir: Path = TEMPLATE_DIR, manifests: dict[str, dict] | None = None, serving: dict | None = None) -> dict[str, Path]:
     """Write report.html, summary.md, summary.json and msprobe_compare.csv into ``out_dir``; returns their paths.
     ``manifests`` ({"expected", "actual", "truth"}: the captures' manifest contents) default to the manifests at
-    the comparison's recorded paths; verify passes those of the run's own captures (checked by their sha256)."""
+    the comparison's recorded paths; verify passes those of the run's own captures (checked by their sha256).
+    ``serving``: the run's serving stage document (RUN/serving/summary.json), when the run had one: the three files
+    then carry its "Serving configurations" section; without it they are what they were before the stage existed."""
     out_dir = Path(out_dir)
     manifests = _load_manifests(comparison) if manifests is None else manifests
     model_path = manifests.get("expected", {}).get("model", {}).get("path")
-    view = build_view(comparison, verdict, decode=load_decoder(model_path), command=command, manifests=manifests)
+    view = build_view(comparison, verdict, decode=load_decoder(model_path), command=command, manifests=manifests, serving=serving)
     env = _environment(template_dir)
     markdown_env = _environment(template_dir, markdown=True)
     paths = {"report.html": out_dir / "report.html", "summary.md": out_dir / "summary.md", "summary.json": out_dir / "summary.json"}
@@ -93,7 +101,7 @@ def write_report(out_dir: str | Path, comparison: dict, verdict: Verdict, *, com
     from precision.interop.msprobe_export import CSV_NAME, write_msprobe_csv  # msprobe's compare result layout, for its tooling
 
     paths[CSV_NAME] = write_msprobe_csv(out_dir, comparison, verdict)
-    write_json_atomic(paths["summary.json"], summary_json(comparison, verdict, manifests))  # last: a run with it is complete
+    write_json_atomic(paths["summary.json"], summary_json(comparison, verdict, manifests, serving))  # last: a run with it is complete
     return paths
 
 

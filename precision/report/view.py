@@ -16,6 +16,7 @@ from precision.analysis.theory import BF16_U, FP32_U, ONE_ROUNDING, ROUNDINGS_PE
 from precision.analysis.verdict import Status, Verdict
 from precision.report.explanation import NO_ENVELOPE, R_SAME_BAND, explain, layers_phrase, r_wording
 from precision.report.performance import performance_view
+from precision.report.serving import serving_view
 from precision.report.svg import Band, Series, bar_chart, line_chart
 
 Decoder = Callable[[list[int]], str]
@@ -263,7 +264,7 @@ def _report_definitions(has_truth: bool) -> dict[str, str]:
 
 
 def build_view(comparison: dict, verdict: Verdict, *, decode: Decoder | None = None, command: str | None = None,
-               manifests: dict[str, dict] | None = None) -> dict:
+               manifests: dict[str, dict] | None = None, serving: dict | None = None) -> dict:
     manifests = manifests or {}
     verdicts = {p.id: p for p in verdict.prompts}
     has_truth = comparison.get("truth") is not None
@@ -294,6 +295,7 @@ def build_view(comparison: dict, verdict: Verdict, *, decode: Decoder | None = N
         "report_definitions": _report_definitions(has_truth),
         "non_finite_rows": _non_finite_rows(comparison),
         "performance": performance_view(manifests),
+        "serving": serving_view(serving, verdict.status.value),
         "first_non_finite": analysis.get("first_non_finite"),
         "extra_site_columns": _extra_site_columns(sites),
         "ulp_buckets": ulp_buckets(sites),

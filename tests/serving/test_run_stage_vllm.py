@@ -82,6 +82,47 @@ def test_the_run_runs_its_serving_stage_and_exits_0_on_a_benign_configuration(se
     assert _document(served.out / "summary.json")["verdict"]["status"] in ("PASS", "WARN")  # the run's own report is there too
 
 
+def test_the_runs_own_summaries_carry_the_serving_section(served):
+    """RUN/summary.json, summary.md and report.html say what the stage found, every figure the stage document's."""
+    import hashlib
+
+    summary = _document(served.out / "summary.json")
+    stage_bytes = (served.out / "serving" / "summary.json").read_bytes()
+    stage = json.loads(stage_bytes)
+    section = summary["serving"]
+    assert section["status"] == stage["status"] == "PASS"
+    assert section["overall_status"] == summary["verdict"]["status"]  # a passing stage leaves the outcome the comparison's
+    assert (section["summary"], section["report"]) == ("serving/summary.json", "serving/report.html")
+    assert section["summary_sha256"] == hashlib.sha256(stage_bytes).hexdigest()  # the file as the stage wrote it
+    (entry,), (row,) = section["configurations"], stage["configurations"]
+    assert (entry["name"], entry["verdict"], entry["level"]) == ("chunked", row["verdict"], row["level"])
+    assert (entry["largest_value"], entry["largest_site"]) == (row["largest"]["relative_l2"], row["largest"]["site"])
+    assert entry["first_differing_site"] == row["first_bitwise_site"] and entry["bitwise_identical"] == row["bitwise_identical"]
+    assert entry["comparison"] == "serving/configuration-chunked/comparison.json" and (served.out / entry["comparison"]).is_file()
+    markdown = (served.out / "summary.md").read_text(encoding="utf-8")
+    assert f"**Overall: {summary['verdict']['status']}.**" in markdown and "### Serving configurations: PASS" in markdown
+    assert "| chunked |" in markdown and "[serving/report.html](serving/report.html)" in markdown
+    html = (served.out / "report.html").read_text(encoding="utf-8")
+    assert '<section id="serving">' in html and '<a href="serving/report.html">' in html
+
+
+def test_verify_passes_on_the_run_with_its_stage_and_fails_when_the_stage_document_is_edited(served):
+    copy = served.root / "verified"
+    shutil.copytree(served.out, copy, ignore=shutil.ignore_patterns(".precision-check.lock"))
+    code, stdout, _ = _main(["verify", str(copy)])
+    assert code == 0, stdout[-3000:]
+    assert "serving stage's configurations were not captured again" in stdout  # what verify cannot recompute, said
+    stage = copy / "serving" / "summary.json"
+    document = _document(stage)
+    document["configurations"][0]["verdict"] = "FAIL" if document["configurations"][0]["verdict"] != "FAIL" else "PASS"
+    stage.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
+    code, stdout, _ = _main(["verify", str(copy)])
+    assert code == 1 and "MISMATCH: serving/summary.json" in stdout and "not the document the serving stage wrote" in stdout
+    stage.unlink()
+    code, stdout, _ = _main(["verify", str(copy)])
+    assert code == 1 and "serving/summary.json is missing" in stdout
+
+
 def test_run_json_records_the_serving_tables(served):
     run = _document(served.out / "run.json")
     assert run["serving"] == {"chunked": {"max_num_batched_tokens": 8, "enable_chunked_prefill": True}}
@@ -128,6 +169,22 @@ def test_an_fp8_kv_cache_configuration_fails_the_stage_and_bisection_names_it(fa
     assert row["verdict"] == "FAIL" and row["first_bitwise_site"] is not None
     assert row["bisection"]["responsible"] == {"kv_cache_dtype": "fp8"}
     assert _document(failing_stage.out / "run.json")["engine_kwargs"]["kvfp8"]["disable_log_stats"] is False
+
+
+def test_the_runs_report_with_a_failing_stage_says_fail_overall(served, failing_stage, tmp_path):
+    """The run's report rendered with the real failing stage document: its comparison still passes, the outcome fails."""
+    from precision.analysis.verdict import judge
+    from precision.report import write_report
+
+    comparison = _document(served.out / "comparison.json")
+    verdict = judge(comparison)
+    write_report(tmp_path, comparison, verdict, serving=failing_stage.document)
+    summary = _document(tmp_path / "summary.json")
+    assert summary["verdict"]["status"] == verdict.status.value != "FAIL"
+    assert (summary["serving"]["status"], summary["serving"]["overall_status"]) == ("FAIL", "FAIL")
+    (entry,) = summary["serving"]["configurations"]
+    assert entry["responsible"] == {"kv_cache_dtype": "fp8"} and entry["first_differing_site"] == failing_stage.document["configurations"][0]["first_bitwise_site"]
+    assert "**Overall: FAIL.**" in (tmp_path / "summary.md").read_text(encoding="utf-8")
 
 
 def test_a_failing_stage_makes_run_exit_1(served, failing_stage, monkeypatch):
