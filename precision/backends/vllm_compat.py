@@ -36,7 +36,7 @@ their ``model.embed_tokens / layers / norm`` and calls their ``compute_logits``.
 
 VERSION_DEPENDENT_NAMES = (
     "_fntab", "collective_rpc", "llm_engine", "engine_core", "model_runner", "get_model", "compute_logits",
-    "current_platform", "device_type", "get_supported_head_sizes", "EngineArgs",
+    "current_platform", "device_type", "get_supported_head_sizes", "EngineArgs", "aot_compiled_fn",
 )
 """Attribute names of the private or version-dependent APIs below; only this module may spell them (tested)."""
 
@@ -278,6 +278,23 @@ def final_norm_output(output: Any) -> Any:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+def count_compiled_graph_calls(model: Any, on_call: Callable[[], None]) -> Callable[[], None] | None:
+    """Call ``on_call`` at each entry into the decoder body's compiled graph; returns the undo, or None where the body
+    has none (eager). vLLM's ``support_torch_compile`` runs ``body.aot_compiled_fn(body, *args)`` (vLLM 0.32, torch
+    >= 2.10: the AOT-compiled graph, compiled or loaded after warm-up) instead of the Python forward."""
+    decoder = require(f"{type(model).__name__}.model", model, "model")
+    compiled = getattr(decoder, "aot_compiled_fn", None)
+    if compiled is None:
+        return None
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        on_call()
+        return compiled(*args, **kwargs)
+
+    decoder.aot_compiled_fn = counted
+    return lambda: setattr(decoder, "aot_compiled_fn", compiled) if getattr(decoder, "aot_compiled_fn", None) is counted else None
+
+
 def compute_logits(model: Any, hidden: Any) -> Any:
     """Logits of final-norm rows: vLLM never calls lm_head as a module. In vLLM 0.32 ``compute_logits`` takes
     the hidden states alone (older releases also took sampling metadata); under tensor parallelism every rank
@@ -353,13 +370,6 @@ def step_request_rows(worker: Any) -> list[tuple[str, list[int] | None, int, int
     return rows
 
 
-def generate_many(llm: Any, sequences: list[list[int]], params: list[Any]) -> list[tuple[list[int], int | None]]:
-    """Several prompts (token ids) submitted together, so the scheduler may batch them into the same steps;
-    per prompt, (new token ids, the number of its prompt tokens served from the prefix cache, None if unknown)."""
-    outputs = llm.generate([{"prompt_token_ids": ids} for ids in sequences], params, use_tqdm=False)
-    return [(list(out.outputs[0].token_ids), getattr(out, "num_cached_tokens", None)) for out in outputs]
-
-
 def compilation_counters() -> dict[str, int]:
     """vLLM's process-wide compilation counters (``vllm.compilation.counter.compilation_counter``): how many
     graphs torch.compile saw and how many backend compilations ran. Read in the worker's process."""
@@ -375,15 +385,15 @@ def reset_prefix_cache(llm: Any) -> bool:
     return bool(require("LLM.reset_prefix_cache", llm, "reset_prefix_cache")())
 
 
-def generate_many_with_preemptions(llm: Any, sequences: list[list[int]], params: list[Any]) -> list[tuple[list[int], int | None, int | None]]:
-    """``generate_many``, with per prompt vLLM's own count of its preemptions: ``RequestOutput.metrics`` is vLLM's
-    ``RequestStateStats`` (``num_preemptions``, counted from the engine core's PREEMPTED events) when the engine keeps
-    request statistics (``disable_log_stats=False``), None otherwise (the offline LLM's default)."""
+def generate_many(llm: Any, sequences: list[list[int]], params: list[Any]) -> list[tuple[list[int], int | None, int | None]]:
+    """Several prompts (token ids) submitted together, so the scheduler may batch them into the same steps; per
+    prompt: its new token ids, how many of its prompt tokens came from the prefix cache, and vLLM's own count of its
+    preemptions (``RequestOutput.metrics.num_preemptions``, kept only with ``disable_log_stats=False``); None where
+    vLLM does not say."""
     outputs = llm.generate([{"prompt_token_ids": ids} for ids in sequences], params, use_tqdm=False)
     counted = []
     for out in outputs:
-        metrics = getattr(out, "metrics", None)
-        preemptions = getattr(metrics, "num_preemptions", None) if metrics is not None else None
+        preemptions = getattr(getattr(out, "metrics", None), "num_preemptions", None)
         counted.append((list(out.outputs[0].token_ids), getattr(out, "num_cached_tokens", None),
                         None if preemptions is None else int(preemptions)))
     return counted

@@ -267,8 +267,9 @@ class ServingBackend(EngineShutdown, Backend):
         finally:
             results = vllm_compat.rpc(self._llm, "parity_collect", keep, layers)
         rank0 = next((r for r in results if r["rank"] == 0), results[0])
-        if rank0["errors"]:
-            raise BackendError(" ".join(rank0["errors"]))
+        errors = [f"rank {r['rank']}: {e}" if len(results) > 1 else e for r in results for e in r["errors"]]
+        if errors:  # every rank's: a hook that failed on rank 1 alone still makes rank 0's rows suspect
+            raise BackendError(" ".join(errors))
         if rank0["level"] is None or rank0["path"] is None:
             raise NoHookLevelError(f"serving configuration {self.serving.name!r}: neither the decoder layers' hooks nor the outer model's "
                                f"forward saw every position of the sequence (hook calls {rank0['calls']}, positions missing "
@@ -277,16 +278,16 @@ class ServingBackend(EngineShutdown, Backend):
         served["engine_compilations"] = {k: v - self._counters_before.get(k, 0) for k, v in now.items()}
         self.evidence.append({**{k: rank0[k] for k in ("level", "calls", "requests", "steps", "positions_from_earlier_requests",
                                                        "recomputation", "compilation_counters")},
-                              **served, "sequence_length": len(token_ids)})
+                              **served, "ranks": sorted(r["rank"] for r in results), "sequence_length": len(token_ids)})
 
-    def _serve_preempted(self, token_ids: list[int], one: Any, served: dict[str, Any]) -> list[tuple[list[int], int | None]]:
+    def _serve_preempted(self, token_ids: list[int], one: Any, served: dict[str, Any]) -> list[tuple[list[int], int | None, int | None]]:
         """The companion first, then the sequence (the scheduler preempts the last running request); what vLLM
         itself counted goes into ``served``."""
         plan = self.preemption_plan()
         companion = plan.companions.get(len(token_ids)) or preemption.companion_for(len(token_ids), plan)
         ids = preemption.companion_tokens(token_ids, self.companions, companion.prompt_length)
         params = [vllm_compat.greedy_params(max_tokens=companion.new_tokens), one]
-        outputs = vllm_compat.generate_many_with_preemptions(self._llm, [ids, token_ids], params)
+        outputs = vllm_compat.generate_many(self._llm, [ids, token_ids], params)
         served["companion"] = {"prompt_length": companion.prompt_length, "new_tokens": companion.new_tokens,
                                "predicted_positions_before_preemption": companion.predicted_positions_before_preemption}
         served["engine_preemptions"] = outputs[-1][2]
@@ -297,7 +298,7 @@ class ServingBackend(EngineShutdown, Backend):
             log.warning("serving configuration %s: vLLM reports %s preemption(s) of the %d-token sequence (its KV cache: %s)",
                         self.serving.name, served["engine_preemptions"], len(token_ids),
                         {k: self._kwargs.get(k) for k in ("num_gpu_blocks_override", "block_size", "max_num_batched_tokens")})
-        return [(tokens, cached) for tokens, cached, _ in outputs]
+        return outputs
 
     def levels(self) -> set[str]:
         return {e["level"] for e in self.evidence}

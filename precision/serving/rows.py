@@ -14,6 +14,7 @@ from precision.outputs import claim_output_dir
 from precision.serving import preemption
 from precision.serving.engine import ServingConfig
 from precision.serving.logprob_level import served_level
+from precision.serving.worker import COMPILED_GRAPH
 
 LOGITS_SITES = [FINAL_NORM, LOGITS]
 """What a configuration whose model body ran as a compiled graph is compared on."""
@@ -68,10 +69,12 @@ def evidence_summary(served: CaptureReader, level: str) -> dict:
     compiled = sum(v for k, v in counters.items() if "compile" in k or "artifacts_loaded" in k)
     counted = ", ".join(f"{k} {v}" for k, v in sorted(counters.items())) or "none moved"
     outer = calls.get("outer_model", 0)
+    graph_calls = calls.get(COMPILED_GRAPH, 0)
     if level == DETAIL_LOGITS:
         why = (f"the model body ran as a compiled graph: the decoder layers' Python hooks fired {layer_calls} times while the outer "
-               f"forward ran {outer} time(s) over the captures, and vLLM's compilation counters since this engine started read "
-               f"{counted}; final-norm states and full-vocabulary logits of every position were taken outside the graph")
+               f"forward ran {outer} time(s) over the captures and entered the compiled graph {graph_calls} time(s), and vLLM's "
+               f"compilation counters since this engine started read {counted}; final-norm states and full-vocabulary logits of "
+               f"every position were taken outside the graph")
     else:
         steps = max((e["calls"].get("outer_model", 0) for e in evidence), default=0)
         why = (f"the decoder layers' Python hooks fired ({layer_calls} calls over {outer} forward steps, up to {steps} step(s) per "
@@ -81,6 +84,7 @@ def evidence_summary(served: CaptureReader, level: str) -> dict:
         why += "; " + preemption.sentence(preempted)
     cached = [len(e["positions_from_earlier_requests"]) for e in evidence]
     return {"why": why, "preemption": preempted, "hook_calls": calls, "compilations": compiled, "compilation_counters": counters,
+            "compiled_graph_calls": graph_calls, "ranks": sorted({r for e in evidence for r in e.get("ranks", [])}),
             "positions_from_cache": sum(cached), "cached_tokens_reported": [e.get("cached_tokens") for e in evidence],
             "requests_per_sequence": [len(e["requests"]) for e in evidence],
             "steps_per_sequence": [len(e.get("steps", [])) for e in evidence],

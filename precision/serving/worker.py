@@ -36,6 +36,11 @@ OUTER = "outer_model"
 final-norm state of every row, whether the body ran eagerly or as a compiled graph."""
 
 
+COMPILED_GRAPH = "compiled_graph"
+"""Entries into the decoder body's compiled graph while armed (vllm_compat.count_compiled_graph_calls): the proof
+that a captured forward ran the graph, beside the compilation counters that show it was built."""
+
+
 class ServingWorkerExtension:
     """Mixed into vLLM's Worker: ``self`` is the worker. State lives under ``_parity_*`` names, apart from the capture
     worker's (vLLM refuses an extension whose names the worker class already has, and one process may run both)."""
@@ -52,7 +57,12 @@ class ServingWorkerExtension:
         handles.append(norm.register_forward_hook(self._parity_hook(FINAL_NORM, vllm_compat.final_norm_output, None)))
         handles.append(model.register_forward_hook(self._parity_outer_hook, with_kwargs=True))
         self._parity_handles = handles
-        return {"num_layers": len(layers), "model_class": type(model).__name__}
+        self._parity_uncount = vllm_compat.count_compiled_graph_calls(model, self._parity_compiled_call)
+        return {"num_layers": len(layers), "model_class": type(model).__name__, "compiled_graph_counted": self._parity_uncount is not None}
+
+    def _parity_compiled_call(self) -> None:
+        if self._parity_armed:
+            self._parity_calls[COMPILED_GRAPH] = self._parity_calls.get(COMPILED_GRAPH, 0) + 1
 
     def _parity_reset(self, sequence: list[int], path: str | None) -> None:
         self._parity_sequence = list(sequence)
@@ -228,5 +238,8 @@ class ServingWorkerExtension:
         for handle in getattr(self, "_parity_handles", []):
             handle.remove()
         self._parity_handles = []
+        if getattr(self, "_parity_uncount", None) is not None:
+            self._parity_uncount()
+            self._parity_uncount = None
         self._parity_armed = False
         return True
