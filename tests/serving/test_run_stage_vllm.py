@@ -112,6 +112,14 @@ def test_verify_passes_on_the_run_with_its_stage_and_fails_when_the_stage_docume
     code, stdout, _ = _main(["verify", str(copy)])
     assert code == 0, stdout[-3000:]
     assert "serving stage's configurations were not captured again" in stdout  # what verify cannot recompute, said
+    comparison_path = copy / "serving" / "configuration-chunked" / "comparison.json"
+    stored = comparison_path.read_bytes()
+    comparison = json.loads(stored)
+    comparison["sites"][0]["relative_l2"] = 0.5  # the configuration's own comparison no longer gives its row
+    comparison_path.write_text(json.dumps(comparison, indent=1) + "\n", encoding="utf-8")
+    code, stdout, _ = _main(["verify", str(copy)])
+    assert code == 1 and "configuration chunked: its comparison.json judges" in stdout, stdout[-3000:]
+    comparison_path.write_bytes(stored)
     stage = copy / "serving" / "summary.json"
     document = _document(stage)
     document["configurations"][0]["verdict"] = "FAIL" if document["configurations"][0]["verdict"] != "FAIL" else "PASS"
