@@ -110,14 +110,17 @@ class EngineShutdown:
         llm = getattr(self, "_llm", None)
         self._llm = None
         if llm is not None:
+            identities: list = []
             try:
-                vllm_compat.rpc(llm, self.REMOVE_HOOKS_RPC)
+                identities = [answer.get("engine_identity") for answer in vllm_compat.rpc(llm, self.REMOVE_HOOKS_RPC)
+                              if isinstance(answer, dict)]
                 vllm_compat.shutdown(llm)
             except Exception as exc:  # shutting down must not hide the error that brought us here
                 log.debug("vLLM shutdown: %s", exc)
             del llm
             gc.collect()
             self._teardown = vllm_preflight.tear_down_globals(getattr(self, "_device", "cpu"))
+            self._teardown["shared_memory_removed"] = vllm_preflight.remove_shared_memory(identities)
             log.info("vLLM engine torn down: %s", self._teardown)
         self._restore_environment()  # each backend's own: the variables it set
 

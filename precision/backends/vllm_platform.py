@@ -12,6 +12,15 @@ import os
 import subprocess
 from typing import Any
 
+DIST_IDENT_VARIABLE = "VLLM_DIST_IDENT"
+"""Set by vLLM's CPU worker in its process to its engine's own identity (vllm/v1/worker/cpu_worker.py, 0.32); the
+engine's shared-memory files carry it (precision.backends.vllm_preflight.remove_shared_memory)."""
+
+
+def engine_identity() -> str | None:
+    """This worker process's engine identity: returned by the extensions' remove-hooks RPCs."""
+    return os.environ.get(DIST_IDENT_VARIABLE)
+
 
 # Environment defaults that make vLLM's CPU build stable and fast on small machines (measured: a 32-token
 # generate took 3-6 s erratically with vLLM's default thread binding on 2 cores, 0.07 s with these).

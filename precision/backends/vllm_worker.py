@@ -28,6 +28,7 @@ from __future__ import annotations
 from typing import Any
 
 from precision.backends import host_copy, vllm_compat
+from precision.backends.vllm_platform import engine_identity
 from precision.errors import BackendError
 from precision.names import EMBED, FINAL_NORM, LAYER_PREFIX, LOGITS, POSITIONS, layer_site
 
@@ -190,12 +191,12 @@ class CaptureWorkerExtension:
             checked.append(site)
         return checked
 
-    def precision_remove_hooks(self) -> bool:
+    def precision_remove_hooks(self) -> dict:
         for handle in [*getattr(self, "_precision_handles", []), *getattr(self, "_precision_check_handles", [])]:
             handle.remove()
         self._precision_handles, self._precision_check_handles = [], []
         self._precision_armed = False
-        return True
+        return {"engine_identity": engine_identity()}  # its shared memory is removed after shutdown
 
 
 def _layer_stream(module: Any, output: Any) -> Any:

@@ -28,6 +28,7 @@ from __future__ import annotations
 from typing import Any
 
 from precision.backends import vllm_compat
+from precision.backends.vllm_platform import engine_identity
 from precision.errors import BackendError
 from precision.names import DETAIL_LAYERS, DETAIL_LOGITS, EMBED, FINAL_NORM, LAYER_PREFIX, LOGITS, POSITIONS, layer_site
 
@@ -234,7 +235,7 @@ class ServingWorkerExtension:
     def parity_counters(self) -> dict[str, int]:
         return vllm_compat.compilation_counters()
 
-    def parity_remove_hooks(self) -> bool:
+    def parity_remove_hooks(self) -> dict:
         for handle in getattr(self, "_parity_handles", []):
             handle.remove()
         self._parity_handles = []
@@ -242,4 +243,4 @@ class ServingWorkerExtension:
             self._parity_uncount()
             self._parity_uncount = None
         self._parity_armed = False
-        return True
+        return {"engine_identity": engine_identity()}  # its shared memory is removed after shutdown

@@ -194,3 +194,17 @@ def test_graph_decision_on_vllms_real_configuration(stories_path, enforce_eager,
     worker = types.SimpleNamespace(vllm_config=config, model_runner=None)
     reasons = graph_mode_reasons(preflight_record(worker))
     assert bool(reasons) is graph, reasons
+
+
+def test_an_engines_shared_memory_files_are_removed_after_it_stops_and_no_one_elses(tmp_path):
+    """vLLM CPU's tensor-parallel buffers (<identity>-<group>-cpushm_<rank>) outlive the engine: only the stopped
+    engine's own are removed; another engine's, other files and an identity that is not a plain name are left."""
+    from precision.backends.vllm_preflight import remove_shared_memory
+
+    own = ["vllm_dist_aa-tp:0-[0-1]-cpushm_0", "vllm_dist_aa-tp:0-[0-1]-cpushm_1"]
+    others = ["vllm_dist_bb-tp:0-[0-1]-cpushm_0", "vllm_dist_aa-notes", "sem.loky-1-x"]
+    for name in own + others:
+        (tmp_path / name).write_bytes(b"x")
+    assert remove_shared_memory(["vllm_dist_aa", None, "vllm_dist_aa", "../etc"], directory=tmp_path) == sorted(own)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(others)
+    assert remove_shared_memory([None], directory=tmp_path) == []

@@ -204,7 +204,7 @@ def test_teardown_on_ascend_clears_the_ascend_config_and_the_distributed_state(f
     with backend:
         pass
     assert calls[-4:] == ["precision_remove_hooks", "shutdown", "cleanup_dist_env_and_memory", "clear_ascend_config"]
-    assert backend._teardown == {"cleanup_dist_env_and_memory": True, "clear_ascend_config": True}
+    assert backend._teardown == {"cleanup_dist_env_and_memory": True, "clear_ascend_config": True, "shared_memory_removed": []}
 
 
 def test_teardown_on_cpu_cleans_the_distributed_state_only(fake_vllm, stories):

@@ -20,6 +20,7 @@ pytestmark = [requires_vllm, pytest.mark.slow]
 MAX_NEW_TOKENS = 8
 TP2, COMPILED = "tp2", "compiled"
 CONFIGURATIONS = [f"{TP2}:tensor_parallel_size=2", f"{COMPILED}:enforce_eager=false"]
+SHARED_MEMORY = "/dev/shm"
 VLLM_PROCESS_MARKERS = ("VLLM::", "EngineCore", "Worker_TP")
 """vLLM names its engine-core and worker processes with these (setproctitle)."""
 
@@ -49,14 +50,17 @@ def parity_run(stories_path, short_prompts, tmp_path_factory):
     for spec in CONFIGURATIONS:
         argv += ["--serving", spec]
     earlier = set(vllm_processes_under(os.getpid()))  # another module's leftovers are not this run's
+    shared_before = set(os.listdir(SHARED_MEMORY))
     code = main(argv)
+    shared_left = sorted(name for name in set(os.listdir(SHARED_MEMORY)) - shared_before if "cpushm" in name)
     # An engine process still exiting is given a few seconds; one still there after that was left behind.
     deadline = time.monotonic() + 10
     while (left := sorted(set(vllm_processes_under(os.getpid())) - earlier)) and time.monotonic() < deadline:
         time.sleep(0.5)
     document = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     rows = {row["name"]: row for row in document["configurations"]}
-    return {"code": code, "out": out, "rows": rows, "document": document, "left_behind": left}
+    return {"code": code, "out": out, "rows": rows, "document": document, "left_behind": left,
+            "shared_memory_left": shared_left}
 
 
 def comparison(run, name: str) -> dict:
@@ -69,6 +73,7 @@ def test_both_modes_pass_and_no_engine_process_is_left_behind(parity_run):
     assert parity_run["document"]["status"] == "PASS" and parity_run["code"] == 0
     assert {name: row["verdict"] for name, row in parity_run["rows"].items()} == {TP2: "PASS", COMPILED: "PASS"}
     assert parity_run["left_behind"] == []
+    assert parity_run["shared_memory_left"] == []  # TP 2's rank-to-rank buffers are removed with the engine
 
 
 def test_compiled_mode_is_captured_at_the_logits_level_with_the_layer_hooks_silent(parity_run):
