@@ -201,8 +201,8 @@ def _compile():
 def bf16_accumulate(eb: np.ndarray, ab: np.ndarray, floor: float, thresholds: tuple[float, float] | None = None):
     """fused_accumulate of two 1-D uint16 arrays of bf16 bits, or None when either holds NaN or Inf (the caller
     then widens them and takes the general path, which counts and locates those)."""
-    global _compiled_bf16, _bf16_value, _float64_bits, _bits_float64, _ordered_key, _magnitude, _larger, _distance, _count_equal
-    global _prefetch
+    global _compiled_bf16, _bf16_value, _float64_bits, _bits_float64
+    global _ordered_key, _magnitude, _larger, _distance, _count_equal, _prefetch
     low, high = ERR_RATIO_THRESHOLDS if thresholds is None else thresholds
     if _compiled_bf16 is None:
         with COMPILE_LOCK:

@@ -40,7 +40,8 @@ def _pairs() -> tuple[np.ndarray, np.ndarray]:
         expected.append(FINITE[keep])
         actual.append(_from_ordered(moved[keep]))
     expected += [FINITE, FINITE, np.array([0x0000, 0x8000, LARGEST, 0xFF7F, 0x0001], np.uint16)]
-    actual += [FINITE ^ 0x8000, np.full(FINITE.size, 0xFF7F, np.uint16), np.array([0x8000, 0x0000, 0xFF7F, LARGEST, 0x8001], np.uint16)]
+    actual += [FINITE ^ 0x8000, np.full(FINITE.size, 0xFF7F, np.uint16),
+               np.array([0x8000, 0x0000, 0xFF7F, LARGEST, 0x8001], np.uint16)]
     return np.concatenate(expected), np.concatenate(actual)
 
 
