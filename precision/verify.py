@@ -7,12 +7,12 @@
    precision.report.write_report returns) is rendered again from that comparison and must equal the run's file:
    an edited report or export is detected.
 4. A run with a serving stage ([serving.NAME] tables) renders those files with the stage's document,
-   RUN/serving/summary.json, which cannot be captured again here (it needs vLLM). What verify can check, it does:
-   the document is the one the stage wrote (its sha256 is recorded in the run's summary.json), names the run's
-   tables, has as baseline this run's target capture (already checked by its sha256) with its engine settings, its
-   status is the worst of its configurations' verdicts, and each configuration's stored comparison.json was made
-   against that capture (at the layers level) and judges, with the run's thresholds, to the configuration's verdict.
-   That the configurations' captures give those comparisons is not recomputed (listed in the notes).
+   RUN/serving/summary.json. verify checks the document is the one the stage wrote (its sha256 is recorded in the
+   run's summary.json), names the run's tables, has as baseline this run's target capture (checked by its sha256
+   above) with its engine settings, and that its status is the worst of its configurations' verdicts; then each
+   configuration's row and comparison.json are computed again by the stage's own code from the configuration's
+   stored capture (its tensors checked by their hashes) against the run's target and CPU side. Not recomputed: that
+   the engine gives those captures, and the bisection's trials (both need vLLM; said in the notes).
 Returns the list of problems, each naming what does not match; an empty list means the run verifies.
 """
 
@@ -46,7 +46,8 @@ def _load_json(path: Path) -> Any:
         raise PrecisionError(f"cannot read {path}: {exc}; pass the directory written by 'precision-check run'") from exc
 
 
-def _differences(stored: Any, fresh: Any, where: str, out: list[str], limit: int = 5) -> None:
+def _differences(stored: Any, fresh: Any, where: str, out: list[str], limit: int = 5, file: str = "comparison.json") -> None:
+    """Appends to ``out`` where ``stored`` (read from ``file``) differs from ``fresh`` (what the captures give)."""
     if len(out) >= limit:
         return
     if isinstance(stored, dict) and isinstance(fresh, dict):
@@ -54,20 +55,20 @@ def _differences(stored: Any, fresh: Any, where: str, out: list[str], limit: int
             if key in _VOLATILE:
                 continue
             if key not in stored or key not in fresh:
-                out.append(f"{where}.{key} is {'missing' if key not in stored else 'extra'} in comparison.json")
+                out.append(f"{where}.{key} is {'missing' if key not in stored else 'extra'} in {file}")
             else:
-                _differences(stored[key], fresh[key], f"{where}.{key}", out, limit)
+                _differences(stored[key], fresh[key], f"{where}.{key}", out, limit, file)
     elif isinstance(stored, list) and isinstance(fresh, list):
         if len(stored) != len(fresh):
-            out.append(f"{where} has {len(stored)} entries, the captures give {len(fresh)}")
+            out.append(f"{where} has {len(stored)} entries in {file}, the captures give {len(fresh)}")
             return
         for index, (a, b) in enumerate(zip(stored, fresh)):
-            _differences(a, b, f"{where}[{index}]", out, limit)
+            _differences(a, b, f"{where}[{index}]", out, limit, file)
     elif isinstance(stored, (int, float)) and isinstance(fresh, (int, float)) and not isinstance(stored, bool):
         if not (math.isclose(stored, fresh, rel_tol=_RELATIVE_TOLERANCE, abs_tol=0.0) or (math.isnan(stored) and math.isnan(fresh))):
-            out.append(f"{where} is {stored!r} in comparison.json, the captures give {fresh!r}")
+            out.append(f"{where} is {stored!r} in {file}, the captures give {fresh!r}")
     elif stored != fresh:
-        out.append(f"{where} is {str(stored)[:60]!r} in comparison.json, the captures give {str(fresh)[:60]!r}")
+        out.append(f"{where} is {str(stored)[:60]!r} in {file}, the captures give {str(fresh)[:60]!r}")
 
 
 def _json_roundtrip(data: Any) -> Any:
@@ -183,7 +184,7 @@ def _verify_run(run_dir: Path, notes: list[str]) -> list[str]:
         return problems
     thresholds = Thresholds.from_mapping(summary["verdict"]["thresholds"])
     verdict = judge(stored, thresholds)
-    serving = _stage_document(run_dir, run, summary, stored, readers["actual"], thresholds, problems, notes)
+    serving = _stage_document(run_dir, run, summary, stored, readers, members, thresholds, problems, notes)
     if problems:
         return problems
     recorded_here = all(Path(stored[role]["path"]).is_dir() for role in _ROLES if stored.get(role))
@@ -202,14 +203,13 @@ def _verify_run(run_dir: Path, notes: list[str]) -> list[str]:
     return problems
 
 
-def _stage_document(run_dir: Path, run: dict, summary: dict, stored: dict, target: CaptureReader, thresholds, problems: list[str],
-                    notes: list[str]) -> dict | None:
+def _stage_document(run_dir: Path, run: dict, summary: dict, stored: dict, readers: dict, members: dict, thresholds,
+                    problems: list[str], notes: list[str]) -> dict | None:
     """The serving stage's document the run's report is rendered with (None for a run without the stage), after
     the checks of the module docstring's point 4; what does not hold is appended to ``problems``."""
     import hashlib
 
-    from precision.analysis.verdict import Status, judge, worst
-    from precision.names import DETAIL_LAYERS, RELATIVE_L2
+    from precision.analysis.verdict import Status, worst
     from precision.report.serving import STAGE_DIRECTORY, STAGE_SUMMARY
 
     recorded, tables = summary.get("serving"), run.get("serving") or {}
@@ -217,43 +217,80 @@ def _stage_document(run_dir: Path, run: dict, summary: dict, stored: dict, targe
         return None
     directory = run_dir / STAGE_DIRECTORY
     path = directory / STAGE_SUMMARY
-    if not path.is_file():
-        problems.append(f"{STAGE_DIRECTORY}/{STAGE_SUMMARY} is missing: the run had a serving stage, whose document its report summarizes")
-        return None
-    data = path.read_bytes()
-    document = _load_json(path)
     where = f"{STAGE_DIRECTORY}/{STAGE_SUMMARY}"
-    if recorded is not None and hashlib.sha256(data).hexdigest() != recorded.get("summary_sha256"):
-        problems.append(f"{where} (sha256 {hashlib.sha256(data).hexdigest()[:12]}…) is not the document the serving stage wrote "
+    if not path.is_file():
+        problems.append(f"{where} is missing: the run had a serving stage, whose document its report summarizes")
+        return None
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    document = _load_json(path)
+    if recorded is not None and digest != recorded.get("summary_sha256"):
+        problems.append(f"{where} (sha256 {digest[:12]}…) is not the document the serving stage wrote "
                         f"(summary.json records {str(recorded.get('summary_sha256'))[:12]}…): it was edited or replaced")
         return None
     rows = document["configurations"]
-    if tables and [row["name"] for row in rows] != list(tables):
+    if [row["name"] for row in rows] != list(tables):
         problems.append(f"{where} holds configurations {[row['name'] for row in rows]}, run.json's [serving.NAME] tables are {list(tables)}")
     if not _same_capture(document["baseline"]["capture"], stored["actual"]["path"]):
         problems.append(f"{where}'s baseline {document['baseline']['capture']} is not this run's target capture {stored['actual']['path']}")
-    elif document["baseline"].get("settings") != target.manifest["backend"].get("settings"):
+    elif document["baseline"].get("settings") != readers["actual"].manifest["backend"].get("settings"):
         problems.append(f"{where}'s baseline engine settings are not those of this run's target capture")
     if document["status"] != worst(Status(row["verdict"]) for row in rows).value:
         problems.append(f"{where}'s status {document['status']} is not the worst of its configurations' verdicts")
-    for row in rows:
-        if not row.get("comparison"):
-            continue  # the prompt-logprobs level keeps its comparison in the row (precision.serving.logprob_compare)
-        comparison_path = directory / row["comparison"]
-        if not comparison_path.is_file():
-            problems.append(f"{STAGE_DIRECTORY}/{row['comparison']} is missing: configuration {row['name']}'s comparison")
-            continue
-        comparison = _load_json(comparison_path)
-        if row["level"] == DETAIL_LAYERS and comparison["expected"]["manifest_sha256"] != stored["actual"]["manifest_sha256"]:
-            problems.append(f"configuration {row['name']} was compared with a capture other than this run's target")
-        judged = judge(comparison, thresholds).status.value
-        largest = max(s[RELATIVE_L2] for s in comparison["sites"])
-        if judged != row["verdict"] or largest != row["largest"][RELATIVE_L2]:
-            problems.append(f"configuration {row['name']}: its comparison.json judges {judged} with largest relative L2 {largest!r}, "
-                            f"{where} says {row['verdict']} and {row['largest'][RELATIVE_L2]!r}")
-    notes.append(f"the serving stage's configurations were not captured again (that needs vLLM): {where} was checked against the "
-                 "run (its sha256, tables, baseline) and its configurations' stored comparisons, and the report rendered from it")
+    if problems:
+        return None
+    problems += _recomputed_rows(directory, document, tables, readers, members, stored, thresholds)
+    notes.append(f"the serving stage's configurations were not captured again (that needs vLLM): each row of {where} was computed "
+                 "again from the configuration's stored capture against this run's target capture, apart from its bisection's trials")
     return document
+
+
+def _recomputed_rows(directory: Path, document: dict, tables: dict, readers: dict, members: dict, stored: dict, thresholds) -> list[str]:
+    """Each configuration's row (and comparison.json) computed again by the stage's own code (precision.serving.parity)
+    from the configuration's stored capture, with the run's CPU side and target capture as the stage had them; the
+    bisection is taken as stored (its trials would need the engine). The differences, named."""
+    from precision.names import DETAIL_LOGITS
+    from precision.reference_side import CpuSide
+    from precision.serving.engine import ServingConfig
+    from precision.serving.parity import ParityConfig, _Context
+
+    class StoredCaptures(_Context):
+        def capture_configuration(self, serving, plan, out):  # the capture the stage made, instead of the engine
+            return CaptureReader(directory / "captures" / f"serving-{serving.name}")
+
+    problems: list[str] = []
+    configs = tuple(ServingConfig.from_mapping(name, values) for name, values in tables.items())
+    envelope = (stored.get("analysis") or {}).get("envelope") or {}
+    cpu = CpuSide(readers["expected"], readers["truth"], members, list(envelope.get("prompts") or []))
+    with tempfile.TemporaryDirectory() as scratch:
+        config = ParityConfig(prompts=Path("."), out=Path(scratch), serving=configs, truth=readers["truth"] is not None, bisect=False,
+                              thresholds=thresholds)
+        context = StoredCaptures(config, None, None, cpu, readers["actual"], Path(scratch))
+        for index, (serving, row) in enumerate(zip(configs, document["configurations"])):
+            folder = directory / "captures" / f"serving-{serving.name}"
+            if not folder.is_dir():
+                problems.append(f"{folder} is missing: configuration {serving.name}'s row cannot be computed again without its capture")
+                continue
+            served = CaptureReader(folder)
+            try:
+                for record in served.prompts:
+                    served.verify(record)
+            except PrecisionError as exc:
+                problems.append(str(exc))
+                continue
+            fresh = context.check(serving)
+            if "bisection" in row:
+                fresh["bisection"] = row["bisection"]
+            found: list[str] = []
+            _differences(row, _json_roundtrip(fresh), f"configurations[{index}] ({serving.name})", found, file=f"{directory.name}/summary.json")
+            if row.get("comparison") and not found:
+                kept, again = _load_json(directory / row["comparison"]), _json_roundtrip(_load_json(Path(scratch) / row["comparison"]))
+                if row["level"] == DETAIL_LOGITS:  # compared with views the stage cut from the captures, whose manifests name their paths
+                    for side in ("expected", "truth"):
+                        for comparison in (kept, again):
+                            (comparison.get(side) or {}).pop("manifest_sha256", None)
+                _differences(kept, again, "comparison", found, file=f"{directory.name}/{row['comparison']}")
+            problems += found
+    return problems
 
 
 def _same_capture(recorded: str, target: str) -> bool:

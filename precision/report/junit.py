@@ -1,6 +1,7 @@
 """JUnit XML for CI systems (Jenkins, GitLab, GitHub Actions reporters): each prompt x check, each run-level
-finding and each regression row (prompt x site x metric) becomes a test case; FAIL is a <failure>, WARN passes with its message in
-<system-out>. The layout follows the Jenkins JUnit schema (testsuites > testsuite > testcase)."""
+finding, each serving configuration of a run's serving stage and each regression row (prompt x site x metric)
+becomes a test case; FAIL is a <failure>, WARN passes with its message in <system-out>. The layout follows the
+Jenkins JUnit schema (testsuites > testsuite > testcase)."""
 
 from __future__ import annotations
 
@@ -44,17 +45,34 @@ def regression_cases(regression: dict) -> list[tuple[str, str, str, str]]:
     return cases
 
 
-def junit_xml(verdict: Verdict | None, *, regression: dict | None = None, timestamp: str) -> bytes:
+def serving_cases(document: dict) -> list[tuple[str, str, str, str]]:
+    """One test case per configuration of a serving stage document (precision.serving.parity): its verdict, with its
+    summary and the findings that did not pass, and the setting bisection named when it failed."""
+    cases = []
+    for row in document["configurations"]:
+        message = "; ".join([row["summary"], *row["findings"]])
+        bisection = row.get("bisection") or {}
+        if bisection.get("sentence") or bisection.get("error"):
+            message += f"; bisection: {bisection.get('sentence') or bisection.get('error')}"
+        cases.append((f"serving.{row['name']}", "parity", row["verdict"], message))
+    return cases
+
+
+def junit_xml(verdict: Verdict | None, *, regression: dict | None = None, serving: dict | None = None, timestamp: str) -> bytes:
     root = ElementTree.Element("testsuites")
     if verdict is not None:
         cases = [(f"prompt.{p.id}", f.rule, f.status.value, f.message) for p in verdict.prompts for f in p.findings]
         cases += [("run", f.rule, f.status.value, f.message) for f in verdict.findings]
         _suite(root, "precision-check.verdict", cases, timestamp)
+    if serving is not None:
+        _suite(root, "precision-check.serving", serving_cases(serving), timestamp)
     if regression is not None:
         _suite(root, "precision-check.regress", regression_cases(regression), timestamp)
     ElementTree.indent(root)
     return b'<?xml version="1.0" encoding="UTF-8"?>\n' + ElementTree.tostring(root, encoding="utf-8")
 
 
-def write_junit(path: str | Path, verdict: Verdict | None, *, regression: dict | None = None, timestamp: str) -> None:
-    write_bytes_atomic(Path(path), junit_xml(verdict, regression=regression, timestamp=timestamp[:19]))
+def write_junit(path: str | Path, verdict: Verdict | None, *, regression: dict | None = None, serving: dict | None = None,
+                timestamp: str) -> None:
+    """``serving``: the run's serving stage document (RunResult.serving), whose configurations become test cases."""
+    write_bytes_atomic(Path(path), junit_xml(verdict, regression=regression, serving=serving, timestamp=timestamp[:19]))

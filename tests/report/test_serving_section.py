@@ -159,3 +159,22 @@ def test_the_names_written_twice_are_the_serving_packages():
     from precision.serving.run_stage import STAGE_DIRECTORY
 
     assert (section.STAGE_DIRECTORY, section.TOPK_DELTA) == (STAGE_DIRECTORY, TOPK_DELTA)
+
+
+def test_junit_has_one_case_per_serving_configuration_and_fails_the_failing_one(fp16_subset_run, tmp_path):
+    import xmlschema
+
+    from precision.report.junit import write_junit
+
+    document = _stage("fail")
+    comparison = read_result_json(fp16_subset_run / "comparison.json")
+    path = tmp_path / "junit.xml"
+    write_junit(path, judge(comparison), serving=document, timestamp=comparison["created_at"])
+    xmlschema.XMLSchema(str(Path(__file__).parents[1] / "data" / "junit.xsd")).validate(str(path))
+    text = path.read_text(encoding="utf-8")
+    suite = text[text.index('<testsuite name="precision-check.serving"'):]
+    assert 'tests="3" failures="1"' in suite
+    for row in document["configurations"]:
+        assert f'classname="serving.{row["name"]}" name="parity"' in suite
+    failure = suite[suite.index('classname="serving.kvfp8"'):]
+    assert "<failure" in failure.split("</testcase>")[0] and "bisection: setting kv_cache_dtype='fp8' alone" in failure.split("</testcase>")[0]

@@ -118,7 +118,7 @@ def test_verify_passes_on_the_run_with_its_stage_and_fails_when_the_stage_docume
     comparison["sites"][0]["relative_l2"] = 0.5  # the configuration's own comparison no longer gives its row
     comparison_path.write_text(json.dumps(comparison, indent=1) + "\n", encoding="utf-8")
     code, stdout, _ = _main(["verify", str(copy)])
-    assert code == 1 and "configuration chunked: its comparison.json judges" in stdout, stdout[-3000:]
+    assert code == 1 and "is 0.5 in serving/configuration-chunked/comparison.json, the captures give" in stdout, stdout[-3000:]
     comparison_path.write_bytes(stored)
     stage = copy / "serving" / "summary.json"
     document = _document(stage)
@@ -129,6 +129,32 @@ def test_verify_passes_on_the_run_with_its_stage_and_fails_when_the_stage_docume
     stage.unlink()
     code, stdout, _ = _main(["verify", str(copy)])
     assert code == 1 and "serving/summary.json is missing" in stdout
+
+
+def test_verify_computes_the_stage_rows_again_from_their_captures(served):
+    """A forgery consistent across the stage document and the run's report (the sha256 recorded anew) is caught by
+    computing the configuration's row again from its stored capture, as is a capture whose tensors were changed."""
+    from precision.analysis.verdict import judge
+    from precision.io import write_json_atomic
+    from precision.report import write_report
+
+    copy = served.root / "forged"
+    shutil.copytree(served.out, copy, ignore=shutil.ignore_patterns(".precision-check.lock"))
+    document = _document(copy / "serving" / "summary.json")
+    document["configurations"][0]["largest"]["relative_l2"] = 0.0123
+    write_json_atomic(copy / "serving" / "summary.json", document)
+    comparison = _document(copy / "comparison.json")
+    write_report(copy, comparison, judge(comparison), command=_document(copy / "run.json")["command"], serving=document)
+    code, stdout, _ = _main(["verify", str(copy)])
+    assert code == 1, stdout[-3000:]
+    assert "MISMATCH: configurations[0] (chunked).largest.relative_l2 is 0.0123 in serving/summary.json, the captures give" in stdout
+    tensors = sorted((served.out / "serving" / "captures" / "serving-chunked").rglob("*.safetensors"))
+    changed = copy / tensors[0].relative_to(served.out)
+    data = bytearray(changed.read_bytes())
+    data[-1] ^= 1
+    changed.write_bytes(bytes(data))
+    code, stdout, _ = _main(["verify", str(copy)])
+    assert code == 1 and f"{changed}: sha256" in stdout and "differs from the manifest's" in stdout
 
 
 def test_run_json_records_the_serving_tables(served):
