@@ -11,8 +11,9 @@
    run's summary.json), names the run's tables, has as baseline this run's target capture (checked by its sha256
    above) with its engine settings, and that its status is the worst of its configurations' verdicts; then each
    configuration's row and comparison.json are computed again by the stage's own code from the configuration's
-   stored capture (its tensors checked by their hashes) against the run's target and CPU side. Not recomputed: that
-   the engine gives those captures, and the bisection's trials (both need vLLM; said in the notes).
+   stored capture (its tensors checked by their hashes) against the run's target and CPU side, and its own report
+   files are rendered again from that comparison. Not recomputed: that the engine gives those captures, and the
+   bisection's trials (both need vLLM; said in the notes).
 Returns the list of problems, each naming what does not match; an empty list means the run verifies.
 """
 
@@ -238,13 +239,14 @@ def _stage_document(run_dir: Path, run: dict, summary: dict, stored: dict, reade
         problems.append(f"{where}'s status {document['status']} is not the worst of its configurations' verdicts")
     if problems:
         return None
-    problems += _recomputed_rows(directory, document, tables, readers, members, stored, thresholds)
+    problems += _recomputed_rows(directory, document, tables, readers, members, stored, thresholds, notes)
     notes.append(f"the serving stage's configurations were not captured again (that needs vLLM): each row of {where} was computed "
                  "again from the configuration's stored capture against this run's target capture, apart from its bisection's trials")
     return document
 
 
-def _recomputed_rows(directory: Path, document: dict, tables: dict, readers: dict, members: dict, stored: dict, thresholds) -> list[str]:
+def _recomputed_rows(directory: Path, document: dict, tables: dict, readers: dict, members: dict, stored: dict, thresholds,
+                     notes: list[str]) -> list[str]:
     """Each configuration's row (and comparison.json) computed again by the stage's own code (precision.serving.parity)
     from the configuration's stored capture, with the run's CPU side and target capture as the stage had them; the
     bisection is taken as stored (its trials would need the engine). The differences, named."""
@@ -289,8 +291,30 @@ def _recomputed_rows(directory: Path, document: dict, tables: dict, readers: dic
                         for comparison in (kept, again):
                             (comparison.get(side) or {}).pop("manifest_sha256", None)
                 _differences(kept, again, "comparison", found, file=f"{directory.name}/{row['comparison']}")
+                if not found:
+                    found += _configuration_files(directory / Path(row["comparison"]).parent, thresholds, notes)
             problems += found
     return problems
+
+
+def _configuration_files(folder: Path, thresholds, notes: list[str]) -> list[str]:
+    """A configuration's own report files (precision.serving.rows.write_comparison) rendered again from its verified
+    comparison.json as the stage rendered them (manifests and tokenizer at their recorded paths), compared byte for byte."""
+    from precision.analysis.verdict import judge
+    from precision.report import write_report
+
+    comparison = _load_json(folder / "comparison.json")
+    sides = [comparison[role] for role in _ROLES if comparison.get(role)]
+    manifest = _load_json(Path(sides[0]["path"]) / "manifest.json") if Path(sides[0]["path"]).is_dir() else {}
+    if not all(Path(side["path"]).is_dir() for side in sides) or not Path(str(manifest.get("model", {}).get("path"))).is_dir():
+        notes.append(f"{folder.parent.name}/{folder.name}'s report files were not rendered again: {_TOKENIZER} or {_CAPTURES} "
+                     "are not on this machine")
+        return []
+    with tempfile.TemporaryDirectory() as scratch:
+        rendered = write_report(Path(scratch), comparison, judge(comparison, thresholds))
+        return [f"{folder.parent.name}/{folder.name}/{name} differs from what its comparison renders to: it was edited, or written by "
+                "another precision-check version" for name, path in rendered.items()
+                if not (folder / name).is_file() or path.read_bytes() != (folder / name).read_bytes()]
 
 
 def _same_capture(recorded: str, target: str) -> bool:

@@ -120,6 +120,12 @@ def test_verify_passes_on_the_run_with_its_stage_and_fails_when_the_stage_docume
     code, stdout, _ = _main(["verify", str(copy)])
     assert code == 1 and "is 0.5 in serving/configuration-chunked/comparison.json, the captures give" in stdout, stdout[-3000:]
     comparison_path.write_bytes(stored)
+    report = copy / "serving" / "configuration-chunked" / "summary.md"
+    kept = report.read_bytes()
+    report.write_bytes(kept.replace(b"PASS", b"FAIL"))
+    code, stdout, _ = _main(["verify", str(copy)])
+    assert code == 1 and "MISMATCH: serving/configuration-chunked/summary.md differs from what its comparison renders to" in stdout
+    report.write_bytes(kept)
     stage = copy / "serving" / "summary.json"
     document = _document(stage)
     document["configurations"][0]["verdict"] = "FAIL" if document["configurations"][0]["verdict"] != "FAIL" else "PASS"
