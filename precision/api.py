@@ -39,7 +39,7 @@ def run(config, source=None, *, junit: str | Path | None = None):
     if junit:
         from precision.report.junit import write_junit
 
-        write_junit(junit, result.verdict, timestamp=result.comparison["created_at"])
+        write_junit(junit, result.verdict, serving=result.serving, timestamp=result.comparison["created_at"])
     return result
 
 
@@ -181,14 +181,34 @@ def render_report(comparison: str | Path, *, out: str | Path | None = None, thre
 
     path, document = read_comparison(comparison)
     out = Path(out) if out else path.parent
+    serving = _serving_stage_document(path.parent)
     with claim_for_update(out, ("run", "comparison", "selftest-case"), new_kind="comparison"):
         try:
             verdict = judge(document, thresholds)
-            files = write_report(out, document, verdict, command=command)
+            files = write_report(out, document, verdict, command=command, serving=serving)
         except (KeyError, TypeError, AttributeError, IndexError) as exc:
             raise PrecisionError(f"{path} is damaged or of another version (missing or malformed {exc}); "
                                  "recreate it with 'precision-check compare'") from exc
     return RunResult(out=out, verdict=verdict, comparison=document, files=files)
+
+
+def _serving_stage_document(run_dir: Path) -> dict | None:
+    """The serving stage's document of the run in ``run_dir`` (its report summarizes it), or None for a run without
+    [serving.NAME] tables or a directory that is not a run."""
+    from precision.io import read_result_json
+    from precision.names import SERVING_STAGE_DIRECTORY
+
+    record, stage = run_dir / "run.json", run_dir / SERVING_STAGE_DIRECTORY / "summary.json"
+    try:
+        has_tables = record.is_file() and bool(read_result_json(record).get("serving"))
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not has_tables:
+        return None
+    if not stage.is_file():
+        raise PrecisionError(f"{run_dir} had a serving stage ([serving.NAME] tables in its run.json) but {stage} is missing; "
+                             "its report cannot be rendered without it: run the run again (precision-check run --force)")
+    return read_result_json(stage)
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,12 @@ NEAR_TIE = "near_tie"
 TOKEN_MATCH_RATE = "token_match_rate"
 MATCHING_PREFIX = "matching_prefix"
 FIRST_DIVERGENCE = "first_divergence"
+SERVING_STAGE_DIRECTORY = "serving"
+"""The directory of run's serving stage inside the run directory (precision.serving.run_stage writes it,
+precision.report summarizes it)."""
+TOPK_DELTA = "topk_logprob_delta"
+"""At the prompt-logprobs level: per position, max over the configuration's top-K tokens of |logprob_configuration -
+logprob_baseline| (precision.serving.logprob_compare)."""
 DETAIL_LAYERS, DETAIL_LOGITS, DETAIL_PROMPT_LOGPROBS = "layers", LOGITS, "prompt-logprobs"
 """A serving configuration's level of detail (precision.serving): every site captured, only what runs outside a
 compiled graph (final norm and logits), or only the engine's own prompt_logprobs top-K."""

@@ -253,9 +253,9 @@ def _recomputed_rows(directory: Path, document: dict, tables: dict, readers: dic
     from precision.names import DETAIL_LOGITS
     from precision.reference_side import CpuSide
     from precision.serving.engine import ServingConfig
-    from precision.serving.parity import ParityConfig, _Context
+    from precision.serving.parity import ParityConfig, ParityContext
 
-    class StoredCaptures(_Context):
+    class StoredCaptures(ParityContext):
         def capture_configuration(self, serving, plan, out):  # the capture the stage made, instead of the engine
             return CaptureReader(directory / "captures" / f"serving-{serving.name}")
 

@@ -15,16 +15,11 @@ import json
 from typing import Any
 
 from precision.analysis.verdict import Status, worst
-from precision.names import DETAIL_PROMPT_LOGPROBS, RELATIVE_L2
+from precision.names import DETAIL_PROMPT_LOGPROBS, RELATIVE_L2, SERVING_STAGE_DIRECTORY, TOPK_DELTA
 
-STAGE_DIRECTORY = "serving"
-"""The stage's directory inside the run directory: precision.serving.run_stage.STAGE_DIRECTORY (precision.serving
-imports precision.report, so the name is written here too; a test holds the two equal)."""
+STAGE_DIRECTORY = SERVING_STAGE_DIRECTORY
 STAGE_SUMMARY, STAGE_REPORT = "summary.json", "report.html"
 """The stage document and its report, inside the stage's directory."""
-TOPK_DELTA = "topk_logprob_delta"
-"""The prompt-logprobs level's largest-difference key: precision.serving.logprob_compare.TOPK_DELTA (held equal by a test)."""
-
 
 def document_text(document: dict) -> str:
     """The JSON text precision.io.write_json_atomic writes for ``document``: the stage's summary.json, byte for byte."""
@@ -38,7 +33,7 @@ def document_sha256(document: dict) -> str:
     return hashlib.sha256(document_text(document).encode("utf-8")).hexdigest()
 
 
-def _logprob_level(row: dict) -> bool:
+def is_logprob_level(row: dict) -> bool:
     return row["level"] == DETAIL_PROMPT_LOGPROBS
 
 
@@ -54,14 +49,14 @@ def _bisection(row: dict) -> tuple[dict | None, str | None]:
 
 def configuration_entry(row: dict) -> dict[str, Any]:
     """One configuration of summary.json's serving section (precision.contract.results.ServingConfigurationSummary)."""
-    metric = TOPK_DELTA if _logprob_level(row) else RELATIVE_L2
+    metric = TOPK_DELTA if is_logprob_level(row) else RELATIVE_L2
     ratio = row.get("envelope_ratio")
     responsible, sentence = _bisection(row)
     return {
         "name": row["name"], "verdict": row["verdict"], "level": row["level"], "level_reason": row.get("level_reason"),
         "largest_metric": metric, "largest_value": row["largest"][metric], "largest_site": row["largest"].get("site"),
         "envelope_ratio": ratio["ratio"] if ratio else None, "envelope_ratio_site": ratio.get("site") if ratio else None,
-        "bitwise_identical": row.get("bitwise_identical"), "first_differing_site": None if _logprob_level(row) else row["first_bitwise_site"],
+        "bitwise_identical": row.get("bitwise_identical"), "first_differing_site": None if is_logprob_level(row) else row["first_bitwise_site"],
         "responsible": responsible, "bisection": sentence,
         "comparison": f"{STAGE_DIRECTORY}/{row['comparison']}" if row.get("comparison") else None,
     }
@@ -128,18 +123,18 @@ def responsible_cell(row: dict) -> str:
         return bisection["sentence"]
     named = ", ".join(f"{k}={v!r}" for k, v in bisection["responsible"].items())
     first = f" (first at {bisection['first_bitwise_site']})" if bisection.get("first_bitwise_site") else ""
-    return named + (" (at the prompt-logprobs level: no layer to name)" if _logprob_level(row) else first)
+    return named + (" (at the prompt-logprobs level: no layer to name)" if is_logprob_level(row) else first)
 
 
 def level_cell(row: dict) -> str:
     """The level of detail and, at the prompt-logprobs level, why (forced, or the fallback's short reason)."""
-    if not _logprob_level(row):
+    if not is_logprob_level(row):
         return row["level"]
     return f"{row['level']} ({row['level_reason'].split(' (')[0]})"
 
 
 def largest_cell(row: dict) -> str:
-    if _logprob_level(row):
+    if is_logprob_level(row):
         largest = row["largest"]
         where = f" ({largest['prompt']}, position {largest['position']})" if largest.get("prompt") is not None else ""
         return f"max |Δ logprob| {number(largest[TOPK_DELTA])} over the top {row['evidence']['top_k']}{where}"
@@ -154,12 +149,12 @@ def envelope_cell(row: dict) -> str:
         return "- (no envelope)"
     if not ratio.get("site"):
         return "0 (no difference)"
-    if _logprob_level(row):
+    if is_logprob_level(row):
         return f"{number(ratio['ratio'])}x ({number(ratio['configuration'])} vs the envelope's {number(ratio['envelope_max'])})"
     return f"{number(ratio['ratio'])}x at {ratio['site']}"
 
 
 def first_layer_cell(row: dict) -> str:
-    if _logprob_level(row):
+    if is_logprob_level(row):
         return "n/a (logprobs only)"
     return row["first_bitwise_site"] or "none: bitwise identical"

@@ -42,9 +42,8 @@ from precision.analysis.compare import ratio
 from precision.analysis.near_tie import classify_flips
 from precision.analysis.verdict import Finding, PromptVerdict, Status, Thresholds, Verdict, worst
 from precision.capture.reader import CaptureReader
-from precision.names import LOGITS, NEAR_TIE, POSITIONS, TOP1_AGREE, TOP1_AGREEMENT
+from precision.names import LOGITS, NEAR_TIE, POSITIONS, TOP1_AGREE, TOP1_AGREEMENT, TOPK_DELTA
 
-TOPK_DELTA = "topk_logprob_delta"
 ACTUAL_DELTA = "actual_logprob_delta"
 R_TOPK = "R_topk"
 ENVELOPE_TOPK_MAX = "envelope_topk_max"

@@ -149,7 +149,7 @@ def parity_document(config: ParityConfig, model, options: BackendOptions, cpu, b
     from precision.serving.report import write_parity_report
 
     started = time.perf_counter() if started is None else started
-    context = _Context(config, model, options, cpu, baseline, out)
+    context = ParityContext(config, model, options, cpu, baseline, out)
     rows = [context.check(serving) for serving in config.serving]
     document = {
         "format": PARITY_FORMAT, "schema_version": PARITY_SCHEMA_VERSION, "model": model.path, "prompts": str(config.prompts),
@@ -184,7 +184,7 @@ SCALE_TEXT = ("each configuration is compared with the eager baseline (vLLM, one
               "makes at that site")
 
 
-class _Context:
+class ParityContext:
     """What every configuration's check shares: the CPU side, the baseline, restricted views of them."""
 
     def __init__(self, config: ParityConfig, model, options: BackendOptions, cpu, baseline: CaptureReader, out: Path) -> None:

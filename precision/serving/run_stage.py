@@ -20,12 +20,12 @@ from precision.capture.reader import CaptureReader
 from precision.capture.writer import CapturePlan
 from precision.errors import PrecisionError
 from precision.io import write_json_atomic
+from precision.names import SERVING_STAGE_DIRECTORY
 from precision.outputs import claim_output_dir
 from precision.serving.engine import ServingBackend, ServingConfig
 from precision.serving.parity import PARITY_FORMAT, PARITY_SCHEMA_VERSION, ParityConfig, check_serving_tables, parity_document
 
-STAGE_DIRECTORY = "serving"
-"""The stage's directory inside the run directory."""
+STAGE_DIRECTORY = SERVING_STAGE_DIRECTORY
 
 
 def serving_configs(tables: dict[str, dict]) -> tuple[ServingConfig, ...]:
@@ -78,7 +78,7 @@ def run_serving_stage(run_config, model, target_options: BackendOptions, cpu, ba
               "max_new_tokens": config.max_new_tokens, "truth": config.truth, "serving": [s.to_json() for s in config.serving],
               "bisect": config.bisect, "command": config.command, "baseline_capture": str(baseline.path),
               "run_engine_args": dict(target_options.engine_args),
-              # parity's engines get the baseline's sequences as companions (precision.serving.parity._Context)
+              # parity's engines get the baseline's sequences as companions (precision.serving.parity.ParityContext)
               "engine_kwargs": _engine_kwargs(config.serving, model, options, [list(r.forced_ids) for r in baseline.prompts])}
     with claim_output_dir(out, "run", force=True, complete_marker="summary.json", inputs=[model.path, run_config.prompts]):
         write_json_atomic(out / "run.json", record)

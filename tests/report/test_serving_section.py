@@ -152,15 +152,6 @@ def test_verify_detects_an_edited_or_removed_stage_document(run_with_foreign_sta
     assert problems == ["serving/summary.json is missing: the run had a serving stage, whose document its report summarizes"]
 
 
-def test_the_names_written_twice_are_the_serving_packages():
-    """precision.serving imports precision.report, so the report names these itself: held equal here."""
-    from precision.report import serving as section
-    from precision.serving.logprob_compare import TOPK_DELTA
-    from precision.serving.run_stage import STAGE_DIRECTORY
-
-    assert (section.STAGE_DIRECTORY, section.TOPK_DELTA) == (STAGE_DIRECTORY, TOPK_DELTA)
-
-
 def test_junit_has_one_case_per_serving_configuration_and_fails_the_failing_one(fp16_subset_run, tmp_path):
     import xmlschema
 
